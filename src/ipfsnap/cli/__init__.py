@@ -1,0 +1,1 @@
+"""Command line: the only package that parses arguments and prints."""
