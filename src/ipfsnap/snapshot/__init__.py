@@ -1,1 +1,34 @@
-"""ipfsnap.snapshot"""
+"""ipfsnap.snapshot: containerd-model snapshot store, overlay mounts, safe layer unpacking.
+
+Remote (lazily fetched) layers come in only through the :class:`RemoteFileSystem` protocol;
+this package never imports the FUSE filesystem.
+"""
+
+from ipfsnap.snapshot.mount import mount_all, unmount
+from ipfsnap.snapshot.store import SnapshotStore
+from ipfsnap.snapshot.types import (
+    REMOTE_LABEL,
+    REMOTE_LABEL_PREFIX,
+    REMOTE_LABEL_VALUE,
+    TARGET_SNAPSHOT_LABEL,
+    Info,
+    Kind,
+    Mount,
+    RemoteFileSystem,
+    Usage,
+)
+
+__all__ = [
+    "REMOTE_LABEL",
+    "REMOTE_LABEL_PREFIX",
+    "REMOTE_LABEL_VALUE",
+    "TARGET_SNAPSHOT_LABEL",
+    "Info",
+    "Kind",
+    "Mount",
+    "RemoteFileSystem",
+    "SnapshotStore",
+    "Usage",
+    "mount_all",
+    "unmount",
+]
