@@ -1,0 +1,169 @@
+"""TOC JSON: writing it as the reference does (tab indent, Go field order, omitempty) and
+parsing untrusted TOC JSON into :class:`TOCEntry` objects with strict type checks."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from ipfsnap.estargz.errors import InvalidTOC
+from ipfsnap.estargz.types import ENTRY_TYPES, TOCEntry
+
+log = logging.getLogger(__name__)
+
+TOC_VERSION = 1
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
+#: Go's encoding/json escapes these for HTML safety; we do the same so TOCs look alike
+_GO_ESCAPES = {
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
+_GO_ESCAPE_RE = re.compile("[<>&\u2028\u2029]")
+_INT_MAX = (1 << 63) - 1
+
+
+def entry_to_json(e: TOCEntry) -> dict[str, Any]:
+    """The JSON object of one entry, keys in the reference's order, empty values omitted."""
+    d: dict[str, Any] = {"name": e.name, "type": e.type}
+    for key, value in (
+        ("size", e.size),
+        ("modtime", e.modtime),
+        ("linkName", e.link_name),
+        ("mode", e.mode),
+        ("uid", e.uid),
+        ("gid", e.gid),
+        ("userName", e.user_name),
+        ("groupName", e.group_name),
+        ("offset", e.offset),
+        ("devMajor", e.dev_major),
+        ("devMinor", e.dev_minor),
+    ):
+        if value:
+            d[key] = value
+    if e.xattrs:
+        d["xattrs"] = {k: base64.b64encode(v).decode("ascii") for k, v in sorted(e.xattrs.items())}
+    for key, value in (
+        ("digest", e.digest),
+        ("chunkOffset", e.chunk_offset),
+        ("chunkSize", e.chunk_size),
+        ("chunkDigest", e.chunk_digest),
+        ("innerOffset", e.inner_offset),
+    ):
+        if value:
+            d[key] = value
+    return d
+
+
+def toc_json(entries: Iterable[TOCEntry]) -> bytes:
+    """The TOC document, tab-indented, no trailing newline (as ``json.MarshalIndent``)."""
+    doc = {"version": TOC_VERSION, "entries": [entry_to_json(e) for e in entries]}
+    text = json.dumps(doc, indent="\t", ensure_ascii=False)
+    text = _GO_ESCAPE_RE.sub(lambda m: _GO_ESCAPES[m.group(0)], text)
+    # Names from tar headers may hold bytes that are not UTF-8 (kept as surrogates);
+    # Go replaces them with U+FFFD, and so do we.
+    return text.encode("utf-8", "replace")
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidTOC(f"TOC JSON: non-standard number {name}")
+
+
+def _int(d: dict[str, Any], key: str, where: str) -> int:
+    v = d.get(key, 0)
+    if v is None:
+        return 0
+    if type(v) is not int or not 0 <= v <= _INT_MAX:
+        raise InvalidTOC(f"{where}: field {key!r} must be a non-negative integer, got {v!r}")
+    return v
+
+
+def _str(d: dict[str, Any], key: str, where: str) -> str:
+    v = d.get(key, "")
+    if v is None:
+        return ""
+    if not isinstance(v, str):
+        raise InvalidTOC(f"{where}: field {key!r} must be a string, got {type(v).__name__}")
+    return v
+
+
+def _digest(d: dict[str, Any], key: str, where: str) -> str:
+    v = _str(d, key, where)
+    if v and not _DIGEST_RE.match(v):
+        raise InvalidTOC(f"{where}: field {key!r} is not a sha256 digest: {v[:80]!r}")
+    return v
+
+
+def entry_from_json(d: Any, index: int) -> TOCEntry:
+    where = f"TOC entry #{index}"
+    if not isinstance(d, dict):
+        raise InvalidTOC(f"{where}: not a JSON object")
+    name = d.get("name")
+    if not isinstance(name, str):
+        raise InvalidTOC(f"{where}: missing or non-string name")
+    where = f"TOC entry #{index} {name[:200]!r}"
+    typ = d.get("type")
+    if typ not in ENTRY_TYPES:
+        raise InvalidTOC(f"{where}: unknown type {typ!r}")
+    xattrs: dict[str, bytes] = {}
+    raw_x = d.get("xattrs")
+    if raw_x is not None:
+        if not isinstance(raw_x, dict):
+            raise InvalidTOC(f"{where}: xattrs must be an object")
+        for k, v in raw_x.items():
+            if not isinstance(v, str):
+                raise InvalidTOC(f"{where}: xattr {k!r} value must be base64 text")
+            try:
+                xattrs[k] = base64.b64decode(v, validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidTOC(f"{where}: xattr {k!r} value is not base64") from None
+    return TOCEntry(
+        name=name,
+        type=str(typ),
+        size=_int(d, "size", where),
+        modtime=_str(d, "modtime", where),
+        link_name=_str(d, "linkName", where),
+        mode=_int(d, "mode", where),
+        uid=_int(d, "uid", where),
+        gid=_int(d, "gid", where),
+        user_name=_str(d, "userName", where),
+        group_name=_str(d, "groupName", where),
+        dev_major=_int(d, "devMajor", where),
+        dev_minor=_int(d, "devMinor", where),
+        xattrs=xattrs,
+        digest=_digest(d, "digest", where),
+        offset=_int(d, "offset", where),
+        chunk_offset=_int(d, "chunkOffset", where),
+        chunk_size=_int(d, "chunkSize", where),
+        chunk_digest=_digest(d, "chunkDigest", where),
+        inner_offset=_int(d, "innerOffset", where),
+    )
+
+
+def parse_toc_json(data: bytes, blob: str, max_entries: int) -> list[TOCEntry]:
+    """Entries of an untrusted TOC document (limits on size are checked by the caller)."""
+    from ipfsnap.estargz.errors import TooManyEntries
+
+    try:
+        doc = json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidTOC(f"{blob}: TOC is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
+        raise InvalidTOC(f"{blob}: TOC JSON has no entries list")
+    version = doc.get("version")
+    if type(version) is not int:
+        raise InvalidTOC(f"{blob}: TOC version {version!r} is not an integer")
+    raw = doc["entries"]
+    if len(raw) > max_entries:
+        raise TooManyEntries(f"{blob}: TOC has {len(raw)} entries, limit is {max_entries}")
+    try:
+        return [entry_from_json(d, i) for i, d in enumerate(raw)]
+    except InvalidTOC as exc:
+        raise InvalidTOC(f"{blob}: {exc}") from None
