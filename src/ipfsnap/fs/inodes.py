@@ -1,0 +1,267 @@
+"""The inode table of a layer, built once from its :class:`LayerIndex`.
+
+Translation to what overlayfs expects of a lower layer (as containerd unpacks layers):
+- ``dir/.wh.NAME`` (a whiteout) becomes a char device 0/0 named ``NAME``;
+- ``dir/.wh..wh..opq`` (opaque marker) becomes ``trusted.overlay.opaque=y`` on ``dir``, and
+  the marker itself is hidden;
+- landmark files and the TOC entry are hidden;
+- hardlinks share one inode whose ``nlink`` counts the names.
+
+Memory: one small slotted object per inode plus one dict per directory; file chunks are not
+copied here (looked up in the index when a file is opened).
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Protocol
+
+from ipfsnap.estargz.types import LANDMARKS, TOC_TAR_NAME, TOCEntry
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+OPAQUE_XATTR = "trusted.overlay.opaque"
+
+_TYPE_BITS = {
+    "dir": stat.S_IFDIR,
+    "reg": stat.S_IFREG,
+    "symlink": stat.S_IFLNK,
+    "char": stat.S_IFCHR,
+    "block": stat.S_IFBLK,
+    "fifo": stat.S_IFIFO,
+}
+
+
+class IndexView(Protocol):
+    """What the inode table needs of an ``estargz.LayerIndex``."""
+
+    def walk(self) -> Iterable[tuple[str, TOCEntry]]: ...
+
+
+class Inode:
+    __slots__ = (
+        "children", "gid", "ino", "mode", "mtime_ns", "nlink", "path", "rdev", "size",
+        "target", "uid", "xattrs",
+    )
+
+    def __init__(self, ino: int, path: str, mode: int) -> None:
+        self.ino = ino
+        #: path in the layer of the entry holding the content (hardlink target for links)
+        self.path = path
+        self.mode = mode
+        self.uid = 0
+        self.gid = 0
+        self.size = 0
+        self.mtime_ns = 0
+        self.nlink = 1
+        self.rdev = 0
+        self.target = b""
+        self.xattrs: dict[str, bytes] | None = None
+        #: name -> inode number, directories only (insertion order = readdir order)
+        self.children: dict[bytes, int] | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+
+def parse_modtime(text: str) -> int:
+    """Nanoseconds since the epoch of an RFC 3339 ``modtime`` (0 when absent or invalid)."""
+    if not text:
+        return 0
+    try:
+        s = text.strip()
+        if s.endswith("Z"):
+            s = s[:-1] + "+00:00"
+        frac_ns = 0
+        # datetime keeps microseconds only: take the fraction apart to keep nanoseconds
+        if "." in s:
+            head, _, rest = s.partition(".")
+            digits = ""
+            while rest and rest[0].isdigit():
+                digits += rest[0]
+                rest = rest[1:]
+            frac_ns = int((digits + "000000000")[:9]) if digits else 0
+            s = head + rest
+        dt = datetime.fromisoformat(s)
+        return int(dt.timestamp()) * 1_000_000_000 + frac_ns
+    except (ValueError, OverflowError):
+        log.debug("unparseable modtime %r", text)
+        return 0
+
+
+def _clean(path: str) -> str:
+    return path.strip("/")
+
+
+def _split(path: str) -> tuple[str, str]:
+    parent, _, name = path.rpartition("/")
+    return parent, name
+
+
+class InodeTable:
+    def __init__(self) -> None:
+        self.inodes: list[Inode | None] = [None]  # inode numbers start at 1
+        self.by_path: dict[str, int] = {}
+        root = self._new("", stat.S_IFDIR | 0o755)
+        root.children = {}
+        root.nlink = 2
+
+    def _new(self, path: str, mode: int) -> Inode:
+        node = Inode(len(self.inodes), path, mode)
+        self.inodes.append(node)
+        self.by_path[path] = node.ino
+        return node
+
+    def get(self, ino: int) -> Inode | None:
+        if 0 < ino < len(self.inodes):
+            return self.inodes[ino]
+        return None
+
+    @property
+    def root(self) -> Inode:
+        node = self.inodes[ROOT_INODE]
+        assert node is not None
+        return node
+
+    def __len__(self) -> int:
+        return len(self.inodes) - 1
+
+    def _dir(self, path: str) -> Inode:
+        """The directory inode at ``path``, created (0755, root) if the TOC lacks it."""
+        ino = self.by_path.get(path)
+        if ino is not None:
+            node = self.inodes[ino]
+            assert node is not None
+            if node.children is None:
+                raise ValueError(f"{path!r} is used as a directory but is not one")
+            return node
+        parent_path, name = _split(path)
+        parent = self._dir(parent_path)
+        node = self._new(path, stat.S_IFDIR | 0o755)
+        node.children = {}
+        node.nlink = 2
+        assert parent.children is not None
+        parent.children[name.encode("utf-8", "surrogateescape")] = node.ino
+        parent.nlink += 1
+        return node
+
+    @classmethod
+    def build(cls, index: IndexView) -> InodeTable:
+        table = cls()
+        seen: dict[int, int] = {}
+        for raw_path, entry in index.walk():
+            path = _clean(raw_path)
+            first = False
+            if entry.type == "reg":
+                # an index may yield a hardlink as its resolved target entry: same object
+                ino = seen.get(id(entry))
+                if ino is not None:
+                    target = table.inodes[ino]
+                    assert target is not None
+                    entry = TOCEntry(name=path, type="hardlink", link_name=target.path)
+                else:
+                    first = True
+            try:
+                table._add(path, entry)
+            except ValueError as exc:
+                log.warning("layer entry %r ignored: %s", path, exc)
+                continue
+            if first and path in table.by_path:
+                seen[id(entry)] = table.by_path[path]
+        return table
+
+    def _add(self, path: str, entry: TOCEntry) -> None:
+        if path == "":
+            if entry.type == "dir":
+                self._fill(self.root, entry)
+            return
+        parent_path, name = _split(path)
+        if parent_path == "" and name == TOC_TAR_NAME:
+            return
+        if name in LANDMARKS and parent_path == "":
+            return
+        parent = self._dir(parent_path)
+        assert parent.children is not None
+        if name == OPAQUE_MARKER:
+            if parent.xattrs is None:
+                parent.xattrs = {}
+            parent.xattrs[OPAQUE_XATTR] = b"y"
+            return
+        if name.startswith(WHITEOUT_PREFIX):
+            hidden = name[len(WHITEOUT_PREFIX):]
+            if not hidden or hidden in (".", ".."):
+                log.warning("layer entry %r: invalid whiteout ignored", path)
+                return
+            node = self._new(path, stat.S_IFCHR)
+            node.rdev = 0
+            node.mtime_ns = parse_modtime(entry.modtime)
+            parent.children[hidden.encode("utf-8", "surrogateescape")] = node.ino
+            return
+        bname = name.encode("utf-8", "surrogateescape")
+        if entry.type == "hardlink":
+            target = _clean(entry.link_name)
+            tino = self.by_path.get(target)
+            tnode = self.inodes[tino] if tino is not None else None
+            if tnode is None or tnode.children is not None:
+                log.warning("layer entry %r: hardlink to missing %r ignored", path, target)
+                return
+            tnode.nlink += 1
+            self.by_path[path] = tnode.ino
+            parent.children[bname] = tnode.ino
+            return
+        if entry.type == "dir":
+            if path in self.by_path:
+                dnode = self._dir(path)
+            else:
+                dnode = self._new(path, stat.S_IFDIR)
+                dnode.children = {}
+                dnode.nlink = 2
+                parent.children[bname] = dnode.ino
+                parent.nlink += 1
+            self._fill(dnode, entry)
+            return
+        bits = _TYPE_BITS.get(entry.type)
+        if bits is None:
+            log.warning("layer entry %r: unsupported type %r ignored", path, entry.type)
+            return
+        node = self._new(path, bits)
+        self._fill(node, entry)
+        parent.children[bname] = node.ino
+
+    def _fill(self, node: Inode, entry: TOCEntry) -> None:
+        node.mode = stat.S_IFMT(node.mode) | (entry.mode & 0o7777)
+        node.uid = entry.uid
+        node.gid = entry.gid
+        node.mtime_ns = parse_modtime(entry.modtime)
+        if entry.xattrs:
+            if node.xattrs is None:
+                node.xattrs = {}
+            node.xattrs.update(entry.xattrs)
+        if entry.type == "reg":
+            node.size = entry.size
+        elif entry.type == "symlink":
+            node.target = entry.link_name.encode("utf-8", "surrogateescape")
+            node.size = len(node.target)
+        elif entry.type in ("char", "block"):
+            node.rdev = _makedev(entry.dev_major, entry.dev_minor)
+
+
+def _makedev(major: int, minor: int) -> int:
+    # Linux's encoding (glibc gnu_dev_makedev), computed here so a hostile TOC with huge
+    # numbers cannot make os.makedev raise
+    major &= 0xFFFFFFFF
+    minor &= 0xFFFFFFFF
+    return (
+        ((major & 0xFFF) << 8) | ((major & ~0xFFF) << 32) | (minor & 0xFF) | ((minor & ~0xFF) << 12)
+    )

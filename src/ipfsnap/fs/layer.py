@@ -1,0 +1,226 @@
+"""One lazily fetched layer: its inode table, chunk reads, prefetch and background fetch."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import trio
+
+from ipfsnap.errors import FormatError, IpfsnapError
+from ipfsnap.estargz.types import Chunk
+from ipfsnap.fs.cache import ChunkCache
+from ipfsnap.fs.fetcher import DEFAULT_MAX_SPAN, ChunkFetcher, Decompressor, coalesce
+from ipfsnap.fs.inodes import IndexView, Inode, InodeTable
+from ipfsnap.fs.source import BlobSource
+
+log = logging.getLogger(__name__)
+
+
+class LayerIndexView(IndexView, Protocol):
+    """What a lazy layer needs of an ``estargz.LayerIndex``."""
+
+    compression: str
+    blob_size: int
+    prefetch_end: int
+
+    def chunks(self, path: str) -> Sequence[Chunk]: ...
+
+
+@dataclass
+class LayerStatus:
+    """What ``ipfsnap snapshot status`` shows for one layer (the worker's status file)."""
+
+    state: str = "starting"  # starting|prefetching|ready|complete|failed|unmounted
+    mountpoint: str = ""
+    layer: str = ""
+    source: str = ""
+    pid: int = 0
+    #: blob size in bytes
+    size: int = 0
+    #: compressed bytes of all chunks / of the chunks verified in the cache
+    chunk_bytes: int = 0
+    cached_bytes: int = 0
+    percent: float = 0.0
+    #: bytes this worker read from the source (all requests)
+    fetched_bytes: int = 0
+    source_calls: int = 0
+    entries: int = 0
+    last_error: str = ""
+    updated: float = 0.0
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class LazyLayer:
+    def __init__(
+        self,
+        index: LayerIndexView,
+        source: BlobSource,
+        cache: ChunkCache,
+        *,
+        decompress: Decompressor,
+        max_concurrency: int = 2,
+        timeout: float = 300.0,
+        max_span: int = DEFAULT_MAX_SPAN,
+    ) -> None:
+        self.index = index
+        self.source = source
+        self.cache = cache
+        self.table = InodeTable.build(index)
+        self.fetcher = ChunkFetcher(
+            source, index.compression, cache, decompress=decompress,
+            max_concurrency=max_concurrency, timeout=timeout, max_span=max_span,
+        )
+        self.fetcher.on_fetched = self._fetched
+        self._file_chunks: dict[int, Sequence[Chunk]] = {}
+        # extent size per chunk digest, for status accounting
+        self._extent: dict[str, int] = {}
+        for c in self._all_chunks():
+            self._extent.setdefault(c.chunk_digest, c.end - c.offset)
+        self.chunk_bytes = sum(self._extent.values())
+        self._have = {d for d in cache.digests() if d in self._extent}
+        self.cached_bytes = sum(self._extent[d] for d in self._have)
+        self.status = LayerStatus(
+            size=index.blob_size, source=source.name, entries=len(self.table),
+            chunk_bytes=self.chunk_bytes,
+        )
+
+    # -- chunks ---------------------------------------------------------------------------
+    def _regular_files(self) -> Iterable[Inode]:
+        for node in self.table.inodes:
+            if node is not None and node.is_reg and node.size > 0 and node.path:
+                yield node
+
+    def _all_chunks(self) -> Iterable[Chunk]:
+        seen: set[int] = set()
+        for node in self._regular_files():
+            if node.ino in seen:
+                continue
+            seen.add(node.ino)
+            yield from self.index.chunks(node.path)
+
+    def chunks_of(self, node: Inode) -> Sequence[Chunk]:
+        chunks = self._file_chunks.get(node.ino)
+        if chunks is None:
+            chunks = self.index.chunks(node.path)
+            # keep the lists of recently read files only; the index holds them all anyway
+            if len(self._file_chunks) >= 1024:
+                self._file_chunks.pop(next(iter(self._file_chunks)))
+            self._file_chunks[node.ino] = chunks
+        return chunks
+
+    def _fetched(self, chunk: Chunk) -> None:
+        d = chunk.chunk_digest
+        if d in self._extent and d not in self._have:
+            self._have.add(d)
+            self.cached_bytes += self._extent[d]
+
+    @property
+    def complete(self) -> bool:
+        return len(self._have) == len(self._extent)
+
+    # -- reads ----------------------------------------------------------------------------
+    async def read(self, node: Inode, offset: int, size: int) -> bytes:
+        if offset >= node.size or size <= 0:
+            return b""
+        end = min(node.size, offset + size)
+        chunks = self.chunks_of(node)
+        needed = chunks_for_range(chunks, offset, end)
+        datas = await self.fetcher.get(needed)
+        out = bytearray()
+        for c, data in zip(needed, datas, strict=True):
+            lo = max(offset, c.chunk_offset) - c.chunk_offset
+            hi = min(end, c.chunk_offset + c.chunk_size) - c.chunk_offset
+            out += data[lo:hi]
+        if len(out) != end - offset:
+            raise FormatError(
+                f"layer file {node.path!r}: chunks cover {len(out)} of the {end - offset} "
+                f"bytes at offset {offset}"
+            )
+        return bytes(out)
+
+    # -- prefetch and background ----------------------------------------------------------
+    def _chunks_in_blob_order(self, limit: int | None = None) -> list[Chunk]:
+        by_digest: dict[str, Chunk] = {}
+        for c in self._all_chunks():
+            if limit is not None and c.offset >= limit:
+                continue
+            by_digest.setdefault(c.chunk_digest, c)
+        return sorted(by_digest.values(), key=lambda c: c.offset)
+
+    async def fetch_range(self, end: int, *, background: bool,
+                          pause: Callable[[], object] | None = None) -> None:
+        """Fetch every chunk starting before blob offset ``end`` that is not cached."""
+        todo = [c for c in self._chunks_in_blob_order(end) if c.chunk_digest not in self._have]
+        for run in coalesce(todo, self.fetcher.max_span):
+            if background:
+                await self.fetcher.wait_foreground_idle()
+            await self.fetcher.get(run, background=background)
+            self.update_status()
+
+    async def prefetch(self, end: int, timeout: float) -> bool:
+        """Fetch the prioritized range; False (logged) if it did not finish in time."""
+        if end <= 0:
+            return True
+        with trio.move_on_after(timeout if timeout > 0 else float("inf")) as scope:
+            await self.fetch_range(end, background=False)
+        if scope.cancelled_caught:
+            log.warning("%s: prefetch of %d bytes did not finish in %gs; continuing lazily",
+                        self.source.name, end, timeout)
+            return False
+        return True
+
+    async def background_fetch(self, retry_delay: float = 5.0) -> None:
+        """Fetch everything not cached yet, yielding to foreground reads; retries failed
+        ranges after ``retry_delay`` seconds until the layer is complete."""
+        end = self.index.blob_size + 1
+        while not self.complete:
+            try:
+                await self.fetch_range(end, background=True)
+            except IpfsnapError as exc:
+                self.status.last_error = str(exc)
+                log.warning("%s: background fetch: %s (retrying in %gs)",
+                            self.source.name, exc, retry_delay)
+                await trio.sleep(retry_delay)
+        self.update_status()
+        log.info("%s: all %d bytes of chunks cached", self.source.name, self.chunk_bytes)
+
+    # -- status ---------------------------------------------------------------------------
+    def update_status(self) -> LayerStatus:
+        st = self.status
+        st.chunk_bytes = self.chunk_bytes
+        st.cached_bytes = self.cached_bytes
+        st.percent = round(100.0 * self.cached_bytes / self.chunk_bytes, 1) if self.chunk_bytes \
+            else 100.0
+        st.fetched_bytes = self.fetcher.stats.fetched_bytes
+        st.source_calls = self.fetcher.stats.source_calls
+        if self.fetcher.stats.last_error:
+            st.last_error = self.fetcher.stats.last_error
+        if st.state == "ready" and self.complete:
+            st.state = "complete"
+        st.updated = time.time()
+        return st
+
+
+def chunks_for_range(chunks: Sequence[Chunk], start: int, end: int) -> list[Chunk]:
+    """The chunks (sorted by ``chunk_offset``) overlapping file bytes ``[start, end)``."""
+    lo, hi = 0, len(chunks)
+    while lo < hi:  # last chunk with chunk_offset <= start
+        mid = (lo + hi) // 2
+        if chunks[mid].chunk_offset <= start:
+            lo = mid + 1
+        else:
+            hi = mid
+    i = max(0, lo - 1)
+    out: list[Chunk] = []
+    while i < len(chunks) and chunks[i].chunk_offset < end:
+        c = chunks[i]
+        if c.chunk_offset + c.chunk_size > start:
+            out.append(c)
+        i += 1
+    return out

@@ -1,0 +1,347 @@
+"""``LayerMounter``: the ``snapshot.RemoteFileSystem`` that mounts lazy layers with workers.
+
+Labels read (the reference's names where it has one):
+
+==============================================  ===============================================
+``containerd.io/snapshot/remote/stargz.digest``  layer (blob) digest, required; names the cache
+``containerd.io/snapshot/stargz/toc.digest``     TOC digest, required: never mounted unverified
+``containerd.io/snapshot/remote/urls``           comma-separated urls; the first ``ipfs://CID``
+                                                 is the source
+``containerd.io/snapshot/remote/stargz.prefetch`` prefetch size in bytes (overrides config)
+``ipfsnap.io/layer.size``                        blob size (optional; else files/stat)
+``ipfsnap.io/layer.path``                        local blob file (optional; used instead of IPFS)
+==============================================  ===============================================
+
+Per mountpoint a run directory ``<state>/fs/workers/<sha256(mountpoint)[:16]>`` holds
+``spec.json``, ``status.json`` and ``worker.log``; chunks are cached in
+``<state>/fs/cache/<layer digest hex>/``. Workers run in their own session, so they outlive
+a restart of the snapshotter; a new ``LayerMounter`` finds them again by their status file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ipfsnap.config import Config
+from ipfsnap.fs.errors import LayerMountError, WorkerSpecError
+from ipfsnap.fs.spec import SourceSpec, WorkerSpec, read_status
+
+log = logging.getLogger(__name__)
+
+LAYER_DIGEST_LABEL = "containerd.io/snapshot/remote/stargz.digest"
+TOC_DIGEST_LABEL = "containerd.io/snapshot/stargz/toc.digest"
+URLS_LABEL = "containerd.io/snapshot/remote/urls"
+PREFETCH_SIZE_LABEL = "containerd.io/snapshot/remote/stargz.prefetch"
+SIZE_LABEL = "ipfsnap.io/layer.size"
+LOCAL_PATH_LABEL = "ipfsnap.io/layer.path"
+
+#: seconds a ``check`` waits for the mountpoint to answer a stat
+CHECK_TIMEOUT = 5.0
+#: seconds to wait for a worker to exit after its filesystem was unmounted
+EXIT_TIMEOUT = 10.0
+
+
+def _is_digest(value: str) -> bool:
+    algo, _, hexpart = value.partition(":")
+    return algo == "sha256" and len(hexpart) == 64 and all(
+        c in "0123456789abcdef" for c in hexpart
+    )
+
+
+def _cid_from_urls(urls: str) -> str | None:
+    for url in urls.split(","):
+        url = url.strip()
+        if url.startswith("ipfs://"):
+            cid = url[len("ipfs://"):].strip("/")
+            if cid and "/" not in cid:
+                return cid
+    return None
+
+
+def is_mountpoint(path: Path) -> bool:
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            target = os.path.realpath(path)
+            for line in f:
+                parts = line.split()
+                if len(parts) > 4:
+                    mp = parts[4].replace("\\040", " ").replace("\\011", "\t")
+                    if mp == target:
+                        return True
+    except OSError:
+        pass
+    return False
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child counts as dead
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class LayerMounter:
+    """Mount, check and unmount lazy layers; one worker process per mountpoint."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        run_dir: Path | None = None,
+        cache_root: Path | None = None,
+        python: str = sys.executable,
+        ready_timeout: float | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.run_dir = run_dir or config.state_dir / "fs" / "workers"
+        self.cache_root = cache_root or config.state_dir / "fs" / "cache"
+        self.python = python
+        # opening the TOC and prefetching are each bounded; allow both plus start-up
+        self.ready_timeout = ready_timeout if ready_timeout is not None else (
+            config.blob.fetching_timeout_sec + config.prefetch_timeout_sec + 30.0
+        )
+        #: extra WorkerSpec fields (tests: max_span, status_interval, log_level ...)
+        self.extra = dict(extra or {})
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._lock = threading.Lock()
+
+    # -- paths ----------------------------------------------------------------------------
+    def worker_dir(self, mountpoint: Path) -> Path:
+        key = hashlib.sha256(os.fsencode(os.path.abspath(mountpoint))).hexdigest()[:16]
+        return self.run_dir / key
+
+    def status(self, mountpoint: Path) -> dict[str, Any] | None:
+        """The worker's last status (see ``LayerStatus``), or None."""
+        return read_status(self.worker_dir(mountpoint) / "status.json")
+
+    def all_status(self) -> list[dict[str, Any]]:
+        out = []
+        if self.run_dir.is_dir():
+            for d in sorted(self.run_dir.iterdir()):
+                st = read_status(d / "status.json")
+                if st is not None:
+                    out.append(st)
+        return out
+
+    # -- spec -----------------------------------------------------------------------------
+    def spec_for(self, mountpoint: Path, labels: Mapping[str, str]) -> WorkerSpec:
+        layer = labels.get(LAYER_DIGEST_LABEL, "")
+        if not _is_digest(layer):
+            raise WorkerSpecError(f"layer at {mountpoint}: label {LAYER_DIGEST_LABEL} is "
+                                  f"missing or not a sha256 digest: {layer!r}")
+        toc = labels.get(TOC_DIGEST_LABEL, "")
+        if not _is_digest(toc):
+            raise WorkerSpecError(f"layer {layer}: label {TOC_DIGEST_LABEL} is missing or "
+                                  f"invalid ({toc!r}); not mounting an unverifiable layer")
+        local = labels.get(LOCAL_PATH_LABEL, "")
+        if local:
+            source = SourceSpec(kind="file", path=local)
+        else:
+            cid = _cid_from_urls(labels.get(URLS_LABEL, ""))
+            if cid is None:
+                raise WorkerSpecError(f"layer {layer}: no ipfs:// url in label {URLS_LABEL}")
+            api = self.config.ipfs_api
+            if not api:
+                api = self._discover_api()
+            source = SourceSpec(kind="ipfs", api=api, cid=cid, auth=self.config.ipfs_auth or "")
+        size: int | None = None
+        if labels.get(SIZE_LABEL):
+            try:
+                size = int(labels[SIZE_LABEL])
+            except ValueError:
+                raise WorkerSpecError(f"layer {layer}: label {SIZE_LABEL} is not a number: "
+                                      f"{labels[SIZE_LABEL]!r}") from None
+        prefetch = self.config.prefetch_size
+        if labels.get(PREFETCH_SIZE_LABEL):
+            try:
+                prefetch = int(labels[PREFETCH_SIZE_LABEL])
+            except ValueError:
+                log.warning("layer %s: ignoring bad %s label", layer, PREFETCH_SIZE_LABEL)
+        wdir = self.worker_dir(mountpoint)
+        cfg = self.config
+        spec = WorkerSpec(
+            mountpoint=os.path.abspath(mountpoint),
+            source=source,
+            toc_digest=toc,
+            cache_dir=str(self.cache_root / layer.partition(":")[2]),
+            status_path=str(wdir / "status.json"),
+            layer=layer,
+            blob_size=size,
+            noprefetch=cfg.noprefetch,
+            no_background_fetch=cfg.no_background_fetch,
+            prefetch_size=prefetch,
+            prefetch_timeout_sec=float(cfg.prefetch_timeout_sec),
+            max_concurrency=cfg.max_concurrency,
+            fetching_timeout_sec=float(cfg.blob.fetching_timeout_sec),
+            max_retries=cfg.blob.max_retries,
+            attr_timeout=cfg.fuse.attr_timeout,
+            entry_timeout=cfg.fuse.entry_timeout,
+        )
+        for key, value in self.extra.items():
+            if not hasattr(spec, key):
+                raise WorkerSpecError(f"layer worker: unknown option {key!r}")
+            setattr(spec, key, value)
+        return spec
+
+    def _discover_api(self) -> str:
+        try:
+            import importlib
+
+            ipfs: Any = importlib.import_module("ipfsnap.ipfs")
+            endpoint = ipfs.discover_api(explicit=None, auth=self.config.ipfs_auth)
+        except Exception as exc:
+            raise LayerMountError(f"no IPFS API configured or discoverable: {exc}") from exc
+        return str(getattr(endpoint, "url", endpoint))
+
+    # -- RemoteFileSystem -----------------------------------------------------------------
+    def mount(self, mountpoint: Path, labels: Mapping[str, str]) -> None:
+        mountpoint = Path(os.path.abspath(mountpoint))
+        spec = self.spec_for(mountpoint, labels)
+        if is_mountpoint(mountpoint):
+            raise LayerMountError(f"{mountpoint}: already a mountpoint")
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        wdir = self.worker_dir(mountpoint)
+        wdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        Path(spec.cache_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        status_path = Path(spec.status_path)
+        status_path.unlink(missing_ok=True)
+        spec_path = wdir / "spec.json"
+        spec_path.write_text(spec.to_json(), encoding="utf-8")
+        logfile = open(wdir / "worker.log", "ab")  # noqa: SIM115 - handed to the child
+        try:
+            proc = subprocess.Popen(
+                [self.python, "-m", "ipfsnap.fs.worker", str(spec_path)],
+                stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
+                start_new_session=True, close_fds=True,
+            )
+        finally:
+            logfile.close()
+        with self._lock:
+            self._procs[str(mountpoint)] = proc
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            st = read_status(status_path) or {}
+            state = st.get("state")
+            if state in ("ready", "complete") and is_mountpoint(mountpoint):
+                log.info("layer %s mounted lazily at %s (pid %d)", spec.layer, mountpoint,
+                         proc.pid)
+                return
+            code = proc.poll()
+            if state == "failed" or code is not None:
+                proc.wait()
+                reason = st.get("last_error") or self._log_tail(wdir)
+                raise LayerMountError(f"layer {spec.layer}: lazy mount at {mountpoint} failed: "
+                                      f"{reason}")
+            if time.monotonic() > deadline:
+                self._stop(proc, mountpoint)
+                raise LayerMountError(f"layer {spec.layer}: lazy mount at {mountpoint} not ready "
+                                      f"after {self.ready_timeout:g}s")
+            time.sleep(0.05)
+
+    def check(self, mountpoint: Path, labels: Mapping[str, str] | None = None) -> None:
+        mountpoint = Path(os.path.abspath(mountpoint))
+        st = self.status(mountpoint)
+        pid = int(st.get("pid", 0)) if st else 0
+        if not _pid_alive(pid):
+            raise LayerMountError(f"{mountpoint}: layer worker (pid {pid}) is not running")
+        if not is_mountpoint(mountpoint):
+            raise LayerMountError(f"{mountpoint}: not mounted")
+        result: list[BaseException | None] = []
+
+        def probe() -> None:
+            try:
+                os.stat(mountpoint)
+                os.listdir(mountpoint)
+                result.append(None)
+            except OSError as exc:
+                result.append(exc)
+
+        t = threading.Thread(target=probe, daemon=True)  # a hung FUSE must not hang us
+        t.start()
+        t.join(CHECK_TIMEOUT)
+        if not result:
+            raise LayerMountError(f"{mountpoint}: lazy layer does not answer within "
+                                  f"{CHECK_TIMEOUT:g}s")
+        if result[0] is not None:
+            raise LayerMountError(f"{mountpoint}: lazy layer fails: {result[0]}")
+
+    def unmount(self, mountpoint: Path) -> None:
+        mountpoint = Path(os.path.abspath(mountpoint))
+        st = self.status(mountpoint)
+        pid = int(st.get("pid", 0)) if st else 0
+        with self._lock:
+            proc = self._procs.pop(str(mountpoint), None)
+        if is_mountpoint(mountpoint):
+            fusermount = shutil.which("fusermount3") or "fusermount3"
+            res = subprocess.run([fusermount, "-u", str(mountpoint)], capture_output=True,
+                                 text=True, check=False)
+            if res.returncode != 0 and is_mountpoint(mountpoint):
+                log.warning("%s: busy (%s), lazy unmount", mountpoint, res.stderr.strip())
+                res = subprocess.run([fusermount, "-u", "-z", str(mountpoint)],
+                                     capture_output=True, text=True, check=False)
+                if res.returncode != 0 and is_mountpoint(mountpoint):
+                    raise LayerMountError(f"{mountpoint}: cannot unmount: {res.stderr.strip()}")
+        self._wait_exit(proc, pid, mountpoint)
+
+    # -- helpers --------------------------------------------------------------------------
+    def _wait_exit(self, proc: subprocess.Popen[bytes] | None, pid: int,
+                   mountpoint: Path) -> None:
+        deadline = time.monotonic() + EXIT_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc is not None:
+                if proc.poll() is not None:
+                    return
+            elif not _pid_alive(pid):
+                return
+            time.sleep(0.05)
+        target = proc.pid if proc is not None else pid
+        if target > 0 and _pid_alive(target):
+            log.warning("%s: worker %d did not exit after unmount, killing it", mountpoint,
+                        target)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(target, signal.SIGKILL)
+        if proc is not None:
+            proc.wait()
+
+    def _stop(self, proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(EXIT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if is_mountpoint(mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
+                           capture_output=True)
+
+    @staticmethod
+    def _log_tail(wdir: Path, lines: int = 5) -> str:
+        try:
+            text = (wdir / "worker.log").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "worker exited"
+        tail = [ln for ln in text.splitlines() if ln.strip()][-lines:]
+        return " | ".join(tail) or "worker exited"

@@ -1,0 +1,104 @@
+"""The JSON spec a layer worker is started with, and its status file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ipfsnap.fs.errors import WorkerSpecError
+
+
+@dataclass
+class SourceSpec:
+    """Where the blob is: ``kind`` "file" (``path``) or "ipfs" (``api`` + ``cid``)."""
+
+    kind: str
+    path: str = ""
+    api: str = ""
+    cid: str = ""
+    auth: str = ""
+
+
+@dataclass
+class WorkerSpec:
+    mountpoint: str
+    source: SourceSpec
+    #: expected TOC digest; the layer is never mounted unverified
+    toc_digest: str
+    #: directory of this layer's verified chunks (``<cache root>/<layer key>``)
+    cache_dir: str
+    #: JSON status file, rewritten atomically about every ``status_interval`` seconds
+    status_path: str
+    #: the layer's digest (for status and logs)
+    layer: str = ""
+    #: blob size; None = ask the source (file size or IPFS files/stat)
+    blob_size: int | None = None
+    noprefetch: bool = False
+    no_background_fetch: bool = False
+    #: bytes prefetched from the blob's start when it has no prefetch landmark
+    prefetch_size: int = 0
+    prefetch_timeout_sec: float = 10.0
+    max_concurrency: int = 2
+    fetching_timeout_sec: float = 300.0
+    max_retries: int = 5
+    #: bytes one coalesced source request may span
+    max_span: int = 8 << 20
+    attr_timeout: float = 1.0
+    entry_timeout: float = 1.0
+    status_interval: float = 1.0
+    #: estargz hostile-input limits (None = library defaults)
+    max_toc_size: int | None = None
+    max_entries: int | None = None
+    max_name_length: int | None = None
+    #: extra FUSE mount options
+    fuse_options: list[str] = field(default_factory=list)
+    log_level: str = "INFO"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict) or not isinstance(data.get("source"), dict):
+                raise TypeError("not an object with a source object")
+            known = {f.name for f in fields(cls)}
+            unknown = set(data) - known
+            if unknown:
+                raise TypeError(f"unknown keys {sorted(unknown)}")
+            src = SourceSpec(**data.pop("source"))
+            spec = cls(source=src, **data)
+        except (ValueError, TypeError) as exc:
+            raise WorkerSpecError(f"layer worker spec: invalid: {exc}") from None
+        if spec.source.kind not in ("file", "ipfs"):
+            raise WorkerSpecError(f"layer worker spec: unknown source kind {spec.source.kind!r}")
+        if not spec.toc_digest.startswith("sha256:"):
+            raise WorkerSpecError(f"layer worker spec: bad toc_digest {spec.toc_digest!r}")
+        return spec
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` so readers see the old or the new file, never a partial one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read_status(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

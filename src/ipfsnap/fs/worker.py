@@ -1,0 +1,204 @@
+"""One lazy layer served by one process: ``python -m ipfsnap.fs.worker SPEC.json``.
+
+pyfuse3 has a single FUSE session per process, so each layer gets its own worker. The
+worker opens and verifies the layer (TOC digest), prefetches the prioritized range, mounts
+read-only, reports ``state: ready`` in its status file (the readiness signal the mounter
+waits for), then fetches the rest in the background and serves reads until the filesystem
+is unmounted (``fusermount3 -u``) or it gets SIGTERM/SIGINT (it then unmounts itself).
+
+Mount options, and why:
+- ``ro``, ``default_permissions``: the kernel checks modes/owners from the TOC.
+- ``allow_other``: containers run as any uid, and overlayfs accesses lower layers with the
+  mounter's credentials only for some operations; without it other uids get EACCES. The
+  mountpoints live under the root-only (0700) state dir, so other users cannot reach the
+  mount except through a container's rootfs that was given to them.
+- ``suid`` (as the reference does): setuid binaries in images (su, ping, sudo) keep working
+  when the FUSE mount is used directly; ``nodev`` stays (libfuse's default), device nodes in
+  a layer cannot be opened through this mount. Whiteouts (char 0/0) still work for overlayfs,
+  which looks at the inode, not at the mount flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from ipfsnap.errors import IpfsnapError
+from ipfsnap.estargz.reader import decompress_chunk, open_layer
+from ipfsnap.estargz.types import DEFAULT_LIMITS, Limits
+from ipfsnap.fs.cache import ChunkCache
+from ipfsnap.fs.layer import LayerStatus, LazyLayer
+from ipfsnap.fs.ops import LayerOperations
+from ipfsnap.fs.source import BlobSource, IPFSSource, LocalFileSource
+from ipfsnap.fs.spec import WorkerSpec, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+FSNAME = "ipfsnap"
+
+
+def make_source(spec: WorkerSpec) -> BlobSource:
+    src = spec.source
+    if src.kind == "file":
+        return LocalFileSource(Path(src.path))
+    return IPFSSource(src.api, src.cid, timeout=spec.fetching_timeout_sec,
+                      retries=spec.max_retries, auth=src.auth or None, size=spec.blob_size)
+
+
+def limits_of(spec: WorkerSpec) -> Limits:
+    return Limits(
+        max_toc_size=spec.max_toc_size or DEFAULT_LIMITS.max_toc_size,
+        max_entries=spec.max_entries or DEFAULT_LIMITS.max_entries,
+        max_name_length=spec.max_name_length or DEFAULT_LIMITS.max_name_length,
+        max_chunk_size=DEFAULT_LIMITS.max_chunk_size,
+    )
+
+
+def mount_options(spec: WorkerSpec) -> set[str]:
+    opts = set(pyfuse3.default_options)
+    opts |= {f"fsname={FSNAME}", f"subtype={FSNAME}", "ro", "default_permissions",
+             "allow_other", "suid"}
+    opts |= set(spec.fuse_options)
+    return opts
+
+
+def open_lazy_layer(spec: WorkerSpec, source: BlobSource) -> LazyLayer:
+    size = spec.blob_size if spec.blob_size is not None else source.size()
+    index = open_layer(source, size, toc_digest=spec.toc_digest, limits=limits_of(spec),
+                       name=source.name)
+    cache = ChunkCache(Path(spec.cache_dir))
+
+    def decompress(compression: str, data: bytes, chunk: object) -> bytes:
+        return decompress_chunk(compression, data, chunk, name=source.name)  # type: ignore[arg-type]
+
+    return LazyLayer(index, source, cache, decompress=decompress,
+                     max_concurrency=spec.max_concurrency, timeout=spec.fetching_timeout_sec,
+                     max_span=spec.max_span)
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.status_path = Path(spec.status_path)
+        self.status = LayerStatus(mountpoint=spec.mountpoint, layer=spec.layer, pid=os.getpid())
+        self.layer: LazyLayer | None = None
+        self._terminated = False
+
+    def write_status(self) -> None:
+        if self.layer is not None:
+            self.layer.status.mountpoint = self.status.mountpoint
+            self.layer.status.layer = self.status.layer
+            self.layer.status.pid = self.status.pid
+            self.layer.status.state = self.status.state
+            st = self.layer.update_status()
+            self.status = st
+        else:
+            import time
+
+            self.status.updated = time.time()
+        try:
+            write_json_atomic(self.status_path, self.status.to_json())
+        except OSError as exc:
+            log.warning("status file %s: %s", self.status_path, exc)
+
+    def fail(self, message: str) -> int:
+        log.error("%s", message)
+        self.status.state = "failed"
+        self.status.last_error = message
+        self.write_status()
+        return 1
+
+    def run(self) -> int:
+        spec = self.spec
+        self.write_status()
+        try:
+            source = make_source(spec)
+            self.status.source = source.name
+            self.layer = open_lazy_layer(spec, source)
+        except IpfsnapError as exc:
+            return self.fail(f"layer {spec.layer or spec.mountpoint}: cannot open: {exc}")
+        log.info("%s: %d entries, %d bytes of chunks, %d cached", source.name,
+                 len(self.layer.table), self.layer.chunk_bytes, self.layer.cached_bytes)
+        try:
+            return trio.run(self._serve, self.layer)
+        finally:
+            source.close()
+
+    async def _serve(self, layer: LazyLayer) -> int:
+        spec = self.spec
+        if not spec.noprefetch:
+            end = layer.index.prefetch_end or spec.prefetch_size
+            if end > 0:
+                self.status.state = "prefetching"
+                self.write_status()
+                try:
+                    await layer.prefetch(min(end, layer.index.blob_size),
+                                         spec.prefetch_timeout_sec)
+                except IpfsnapError as exc:
+                    # best effort: the mount still works, reads fetch on demand
+                    log.warning("prefetch failed: %s", exc)
+                    self.status.last_error = str(exc)
+        ops = LayerOperations(layer, attr_timeout=spec.attr_timeout,
+                              entry_timeout=spec.entry_timeout)
+        try:
+            pyfuse3.init(ops, spec.mountpoint, mount_options(spec))
+        except RuntimeError as exc:
+            return self.fail(f"cannot mount {spec.mountpoint}: {exc}")
+        self.status.state = "ready"
+        self.write_status()
+        log.info("mounted %s at %s", layer.source.name, spec.mountpoint)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._status_loop)
+                nursery.start_soon(self._signals)
+                if not spec.no_background_fetch:
+                    nursery.start_soon(layer.background_fetch)
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=self._terminated)
+            self.status.state = "unmounted"
+            self.write_status()
+            log.info("unmounted %s", spec.mountpoint)
+        return 0
+
+    async def _status_loop(self) -> None:
+        while True:
+            await trio.sleep(self.spec.status_interval)
+            self.write_status()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal %d: unmounting %s", signum, self.spec.mountpoint)
+                self._terminated = True
+                pyfuse3.terminate()
+                return
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ipfsnap.fs.worker")
+    parser.add_argument("spec", type=Path, help="JSON worker spec")
+    args = parser.parse_args(argv)
+    try:
+        spec = WorkerSpec.from_json(args.spec.read_text(encoding="utf-8"))
+    except (OSError, IpfsnapError) as exc:
+        sys.stderr.write(f"ipfsnap layer worker: {args.spec}: {exc}\n")
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, spec.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        stream=sys.stderr,
+    )
+    return Worker(spec).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
