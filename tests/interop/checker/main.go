@@ -87,7 +87,8 @@ func cmdBuild(args []string) error {
 	chunkSize := fs.Int("chunk-size", 0, "chunk size in bytes (0 = library default)")
 	level := fs.Int("level", gzip.BestCompression, "gzip compression level")
 	useZstd := fs.Bool("zstd", false, "write zstd:chunked instead of gzip eStargz")
-	zstdLevel := fs.Int("zstd-level", 3, "zstd level (klauspost levels: 1 fastest .. 4 best)")
+	// klauspost's levels: 1 fastest, 2 default (about zstd's level 3), 3 better, 4 best
+	zstdLevel := fs.Int("zstd-level", int(zstd.SpeedDefault), "zstd encoder level (1..4)")
 	legacy := fs.Bool("legacy", false, "replace the 51-byte footer by the legacy 47-byte one")
 	procs := fs.Int("procs", 0, "GOMAXPROCS, which is also the number of parts Build splits into")
 	var prio stringList
@@ -268,7 +269,10 @@ func cmdRead(args []string) error {
 			Xattrs: e.Xattrs, ModTime: e.ModTime3339, NumLink: e.NumLink, Digest: e.Digest,
 		}
 		if e.Type == "reg" {
-			h, n, err := readVerified(r, ver, p, e)
+			// Read through the entry's own name: for a hardlink the walk hands over the
+			// target entry, and the reference's ChunkEntryForOffset only knows the chunks
+			// under the target's name.
+			h, n, err := readVerified(r, ver, e.Name, e)
 			if err != nil {
 				return err
 			}
