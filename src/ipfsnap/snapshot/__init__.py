@@ -4,6 +4,12 @@ Remote (lazily fetched) layers come in only through the :class:`RemoteFileSystem
 this package never imports the FUSE filesystem.
 """
 
+from ipfsnap.snapshot.apply import (
+    DEFAULT_APPLY_LIMITS,
+    ApplyLimits,
+    ApplyResult,
+    apply_layer,
+)
 from ipfsnap.snapshot.mount import mount_all, unmount
 from ipfsnap.snapshot.store import SnapshotStore
 from ipfsnap.snapshot.types import (
@@ -19,16 +25,20 @@ from ipfsnap.snapshot.types import (
 )
 
 __all__ = [
+    "DEFAULT_APPLY_LIMITS",
     "REMOTE_LABEL",
     "REMOTE_LABEL_PREFIX",
     "REMOTE_LABEL_VALUE",
     "TARGET_SNAPSHOT_LABEL",
+    "ApplyLimits",
+    "ApplyResult",
     "Info",
     "Kind",
     "Mount",
     "RemoteFileSystem",
     "SnapshotStore",
     "Usage",
+    "apply_layer",
     "mount_all",
     "unmount",
 ]

@@ -64,3 +64,7 @@ class LayerTooLarge(LimitExceeded):
 
 class DiffIDMismatch(IntegrityError):
     """The uncompressed layer does not hash to the expected diffID."""
+
+
+class LayerWriteError(SnapshotError):
+    """Writing a layer entry into the snapshot directory failed (disk full, permissions)."""

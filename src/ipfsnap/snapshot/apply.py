@@ -1,0 +1,496 @@
+"""Unpack a layer tar stream into a snapshot directory, safely.
+
+The stream may be an uncompressed tar, gzip (also multi-member, as eStargz) or zstd (also
+multi-frame, as zstd:chunked); the format is detected by its magic bytes. The diffID (sha256
+of the uncompressed tar) is computed while streaming.
+
+OCI whiteouts become overlayfs ones: ``.wh.<name>`` -> a 0/0 character device ``<name>``,
+``.wh..wh..opq`` -> xattr ``trusted.overlay.opaque=y`` on its directory.
+
+Safety: the layer is hostile input. Names with a ``..`` component or starting with ``/``
+are rejected. Every path is resolved one component at a time from a file descriptor of the
+snapshot directory, opening each directory with ``O_NOFOLLOW`` relative to its parent
+(``dir_fd``), and each final component is created with ``*at`` calls relative to its
+parent's descriptor; an existing final component is removed (unlinked, never followed)
+before it is replaced. So no symlink, planted by an earlier entry or otherwise, is ever
+followed while writing, and nothing can be created outside the directory. Hardlinks must
+name an entry inside the directory that is not a directory and not a symlink pointing
+outside. ``trusted.overlay.*`` xattrs from the layer are dropped: they would steer overlayfs
+(opaque, redirect, metacopy) in ways only the unpacker may decide. Sizes are bounded (the
+uncompressed stream, each entry's claimed size, the bytes written, the entry count), so a
+compression bomb or a header claiming a terabyte stops at the limit. On any error the
+partial output is removed and one error names the layer and the entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import logging
+import os
+import shutil
+import stat
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, BinaryIO, cast
+
+import zstandard
+
+from ipfsnap.errors import IpfsnapError
+from ipfsnap.snapshot.errors import (
+    DiffIDMismatch,
+    LayerFormatError,
+    LayerTooLarge,
+    LayerUnsafeEntry,
+    LayerWriteError,
+)
+
+log = logging.getLogger(__name__)
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_WHITEOUT = ".wh..wh..opq"
+OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
+_GIB = 1 << 30
+# Copy buffer: large enough to amortise syscalls, small enough to stay cache-friendly.
+_COPY_CHUNK = 1 << 20
+# Directory lookups never follow a symlink; O_PATH-free so the fd can be used for fchown.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class ApplyLimits:
+    """Bounds for hostile layers; all configurable."""
+
+    #: uncompressed tar bytes (and, separately, file bytes written; sparse files count
+    #: their full size). 64 GiB is far above real images (the python image is ~0.6 GiB).
+    max_size: int = 64 * _GIB
+    max_entries: int = 4_000_000
+    #: PATH_MAX on Linux.
+    max_name_length: int = 4096
+
+
+DEFAULT_APPLY_LIMITS = ApplyLimits()
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    diff_id: str  # "sha256:<hex>" of the uncompressed tar
+    size: int  # uncompressed tar bytes
+
+
+class _HashingReader(io.RawIOBase):
+    """Counts and hashes what is read from ``inner``; fails past ``limit`` bytes."""
+
+    def __init__(self, inner: IO[bytes], limit: int, layer: str) -> None:
+        self.inner = inner
+        self.limit = limit
+        self.layer = layer
+        self.hash = hashlib.sha256()
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = _COPY_CHUNK
+        # Never ask for more than one byte beyond the limit: a bomb is noticed while it
+        # is still being decompressed, not after.
+        n = min(n, self.limit + 1 - self.count)
+        data = self.inner.read(n) if n > 0 else b""
+        self.count += len(data)
+        if self.count > self.limit:
+            raise LayerTooLarge(
+                f"layer {self.layer}: uncompressed size exceeds the limit of {self.limit} bytes"
+            )
+        self.hash.update(data)
+        return data
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+class _Prefixed(io.RawIOBase):
+    """``head`` followed by the rest of ``inner`` (for sniffing magic bytes)."""
+
+    def __init__(self, head: bytes, inner: BinaryIO) -> None:
+        self.head = head
+        self.inner = inner
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self.head:
+            n = min(len(b), len(self.head))
+            b[:n] = self.head[:n]
+            self.head = self.head[n:]
+            return n
+        data = self.inner.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def _read_exactly(stream: BinaryIO, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = stream.read(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def decompressed(stream: BinaryIO) -> tuple[str, IO[bytes]]:
+    """Detect the compression of ``stream`` by magic; return (name, uncompressed reader)."""
+    head = _read_exactly(stream, len(ZSTD_MAGIC))
+    raw = io.BufferedReader(_Prefixed(head, stream), buffer_size=_COPY_CHUNK)
+    if head.startswith(GZIP_MAGIC):
+        return "gzip", cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb"))
+    if head == ZSTD_MAGIC:
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            raw, read_across_frames=True, closefd=False
+        )
+        return "zstd", reader
+    return "none", raw
+
+
+def _clean_parts(name: str, layer: str, what: str = "entry") -> list[str]:
+    """Split a tar name into components, rejecting absolute names and ``..``."""
+    if "\x00" in name:
+        raise LayerUnsafeEntry(f"layer {layer}: {what} {name!r}: NUL in name")
+    if name.startswith("/"):
+        raise LayerUnsafeEntry(f"layer {layer}: {what} {name!r}: absolute name")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise LayerUnsafeEntry(f"layer {layer}: {what} {name!r}: name contains '..'")
+    return parts
+
+
+def _symlink_escapes(link_parts: list[str], target: str) -> bool:
+    """Whether symlink ``link_parts`` with text ``target`` resolves (lexically) outside the
+    layer root. Absolute targets count as outside: on the host they are."""
+    if target.startswith("/"):
+        return True
+    depth = len(link_parts) - 1  # directory holding the link
+    for comp in target.split("/"):
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        else:
+            depth += 1
+    return False
+
+
+class _Writer:
+    def __init__(self, root_fd: int, layer: str, limits: ApplyLimits) -> None:
+        self.root_fd = root_fd
+        self.layer = layer
+        self.limits = limits
+        self.written = 0
+        # (parts, atime_ns, mtime_ns) of directories: set last, since writing their
+        # children changes them.
+        self.dir_times: list[tuple[list[str], int, int]] = []
+
+    def err(self, name: str, problem: str) -> str:
+        return f"layer {self.layer}: entry {name!r}: {problem}"
+
+    @contextlib.contextmanager
+    def parent(self, parts: list[str], name: str, create: bool = True) -> Iterator[int]:
+        """Yield an fd of the directory ``parts`` (creating missing ones), never following
+        a symlink."""
+        fd = os.dup(self.root_fd)
+        try:
+            for i, comp in enumerate(parts):
+                try:
+                    nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    os.mkdir(comp, 0o755, dir_fd=fd)
+                    nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    st = os.stat(comp, dir_fd=fd, follow_symlinks=False)
+                    where = "/".join(parts[: i + 1])
+                    if stat.S_ISLNK(st.st_mode):
+                        raise LayerUnsafeEntry(
+                            self.err(name, f"would be written through symlink {where!r}")
+                        ) from exc
+                    raise LayerFormatError(
+                        self.err(name, f"parent {where!r} is not a directory")
+                    ) from exc
+                os.close(fd)
+                fd = nfd
+            yield fd
+        finally:
+            os.close(fd)
+
+    def clear(self, dfd: int, base: str, keep_dir: bool) -> bool:
+        """Remove ``base`` in ``dfd`` unless it is a directory and ``keep_dir``; return
+        whether a (kept) directory exists."""
+        try:
+            st = os.stat(base, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            if keep_dir:
+                return True
+            shutil.rmtree(base, dir_fd=dfd)
+        else:
+            os.unlink(base, dir_fd=dfd)
+        return False
+
+    def meta_fd(self, fd: int, m: tarfile.TarInfo) -> None:
+        # chown first: it clears setuid/setgid, which chmod then sets.
+        os.fchown(fd, m.uid, m.gid)
+        os.fchmod(fd, m.mode & 0o7777)
+        for k, v in self.xattrs(m):
+            os.setxattr(fd, k, v)
+
+    def meta_path(self, dfd: int, base: str, m: tarfile.TarInfo, chmod: bool) -> None:
+        os.chown(base, m.uid, m.gid, dir_fd=dfd, follow_symlinks=False)
+        if chmod:  # a node just created by us (not a symlink): following is harmless
+            os.chmod(base, m.mode & 0o7777, dir_fd=dfd)
+        # setxattr has no *at form: go through this process's fd table, not following
+        # the final component.
+        proc = f"/proc/self/fd/{dfd}/{base}"
+        for k, v in self.xattrs(m):
+            os.setxattr(proc, k, v, follow_symlinks=False)
+        ns = self.mtime_ns(m)
+        os.utime(base, ns=(ns, ns), dir_fd=dfd, follow_symlinks=False)
+
+    def xattrs(self, m: tarfile.TarInfo) -> list[tuple[str, bytes]]:
+        out = []
+        for k, v in m.pax_headers.items():
+            if not k.startswith("SCHILY.xattr."):
+                continue
+            name = k[len("SCHILY.xattr.") :]
+            if name.startswith("trusted.overlay."):
+                log.warning("%s", self.err(m.name, f"dropping xattr {name!r}"))
+                continue
+            out.append((name, v.encode("utf-8", "surrogateescape")))
+        return out
+
+    @staticmethod
+    def mtime_ns(m: tarfile.TarInfo) -> int:
+        return int(m.mtime * 1_000_000_000)
+
+    # ---- entries ----------------------------------------------------------------------
+
+    def entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        parts = _clean_parts(m.name, self.layer)
+        if len(m.name.encode("utf-8", "surrogateescape")) > self.limits.max_name_length:
+            raise LayerUnsafeEntry(self.err(m.name[:100], "name too long"))
+        if not parts:  # the layer's root directory itself
+            if m.isdir():
+                self.meta_fd(self.root_fd, m)
+                self.dir_times.append(([], self.mtime_ns(m), self.mtime_ns(m)))
+            return
+        *dirs, base = parts
+        if base.startswith(WHITEOUT_PREFIX):
+            self.whiteout(dirs, base, m)
+            return
+        if m.size > self.limits.max_size:
+            raise LayerTooLarge(
+                self.err(m.name, f"claims {m.size} bytes, over the {self.limits.max_size} limit")
+            )
+        with self.parent(dirs, m.name) as dfd:
+            if m.isdir():
+                if not self.clear(dfd, base, keep_dir=True):
+                    os.mkdir(base, 0o700, dir_fd=dfd)
+                fd = os.open(base, _DIR_FLAGS, dir_fd=dfd)
+                try:
+                    self.meta_fd(fd, m)
+                finally:
+                    os.close(fd)
+                self.dir_times.append((parts, self.mtime_ns(m), self.mtime_ns(m)))
+            elif m.isreg():
+                self.clear(dfd, base, keep_dir=False)
+                self.regular(tf, m, dfd, base)
+            elif m.issym():
+                self.clear(dfd, base, keep_dir=False)
+                os.symlink(m.linkname, base, dir_fd=dfd)
+                self.meta_path(dfd, base, m, chmod=False)
+            elif m.islnk():
+                self.hardlink(m, dfd, base, parts)
+            elif m.ischr() or m.isblk() or m.isfifo():
+                self.clear(dfd, base, keep_dir=False)
+                if m.isfifo():
+                    os.mkfifo(base, 0o600, dir_fd=dfd)
+                else:
+                    kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
+                    dev = os.makedev(m.devmajor, m.devminor)
+                    os.mknod(base, kind | 0o600, dev, dir_fd=dfd)
+                self.meta_path(dfd, base, m, chmod=True)
+            else:
+                log.warning("%s", self.err(m.name, f"skipping unsupported type {m.type!r}"))
+
+    def regular(self, tf: tarfile.TarFile, m: tarfile.TarInfo, dfd: int, base: str) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(base, flags, 0o600, dir_fd=dfd)
+        try:
+            src = tf.extractfile(m)
+            if src is not None and m.size:
+                while chunk := src.read(_COPY_CHUNK):
+                    self.written += len(chunk)
+                    if self.written > self.limits.max_size:
+                        raise LayerTooLarge(
+                            self.err(m.name, f"layer writes more than {self.limits.max_size} bytes")
+                        )
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+            self.meta_fd(fd, m)
+            ns = self.mtime_ns(m)
+            os.utime(fd, ns=(ns, ns))
+        finally:
+            os.close(fd)
+
+    def hardlink(self, m: tarfile.TarInfo, dfd: int, base: str, parts: list[str]) -> None:
+        tparts = _clean_parts(m.linkname, self.layer, what=f"hardlink {m.name!r} -> target")
+        if not tparts:
+            raise LayerUnsafeEntry(self.err(m.name, "hardlink to the layer root"))
+        if tparts == parts:
+            raise LayerFormatError(self.err(m.name, "hardlink to itself"))
+        *tdirs, tbase = tparts
+        try:
+            with self.parent(tdirs, m.name, create=False) as tfd:
+                st = os.stat(tbase, dir_fd=tfd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    raise LayerUnsafeEntry(self.err(m.name, "hardlink to a directory"))
+                if stat.S_ISLNK(st.st_mode):
+                    text = os.readlink(tbase, dir_fd=tfd)
+                    if _symlink_escapes(tparts, text):
+                        raise LayerUnsafeEntry(
+                            self.err(
+                                m.name,
+                                f"hardlink to symlink {m.linkname!r} pointing "
+                                f"outside the layer ({text!r})",
+                            )
+                        )
+                self.clear(dfd, base, keep_dir=False)
+                # follow_symlinks=False: linkat without AT_SYMLINK_FOLLOW links the
+                # symlink itself, never what it points to.
+                os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError as exc:
+            raise LayerFormatError(
+                self.err(m.name, f"hardlink target {m.linkname!r} is not in the layer")
+            ) from exc
+
+    def whiteout(self, dirs: list[str], base: str, m: tarfile.TarInfo) -> None:
+        if base == OPAQUE_WHITEOUT:
+            with self.parent(dirs, m.name) as dfd:
+                os.setxattr(dfd, OVERLAY_OPAQUE_XATTR, b"y")
+            return
+        if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
+            # Other AUFS metadata (.wh..wh.plnk, .wh..wh.aufs): meaningless for overlayfs.
+            log.debug("%s", self.err(m.name, "skipping AUFS metadata"))
+            return
+        target = base[len(WHITEOUT_PREFIX) :]
+        if target in ("", ".", ".."):
+            raise LayerUnsafeEntry(self.err(m.name, f"whiteout of {target!r}"))
+        with self.parent(dirs, m.name) as dfd:
+            self.clear(dfd, target, keep_dir=False)
+            # overlayfs' whiteout: a character device with device number 0/0.
+            os.mknod(target, stat.S_IFCHR | 0, os.makedev(0, 0), dir_fd=dfd)
+            os.chown(target, m.uid, m.gid, dir_fd=dfd, follow_symlinks=False)
+
+    def finish(self) -> None:
+        # Deepest first is not required (utime of a dir does not touch its parent), but
+        # later entries for the same dir win, as in the tar.
+        for parts, atime, mtime in self.dir_times:
+            try:
+                with self.parent(parts, "/".join(parts) or ".", create=False) as fd:
+                    os.utime(fd, ns=(atime, mtime))
+            except (FileNotFoundError, LayerUnsafeEntry, LayerFormatError):
+                continue  # replaced by a later entry
+
+
+def _clear_dir(root_fd: int) -> None:
+    for name in os.listdir(root_fd):
+        st = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(name, dir_fd=root_fd)
+        else:
+            os.unlink(name, dir_fd=root_fd)
+    with contextlib.suppress(OSError):
+        os.removexattr(root_fd, OVERLAY_OPAQUE_XATTR)
+
+
+def apply_layer(
+    dest: Path | str,
+    stream: BinaryIO,
+    *,
+    expected_diff_id: str | None = None,
+    limits: ApplyLimits = DEFAULT_APPLY_LIMITS,
+    layer: str | None = None,
+) -> ApplyResult:
+    """Unpack the (compressed or not) layer tar ``stream`` into directory ``dest``.
+
+    ``layer`` names the layer in errors (default: ``dest``). With ``expected_diff_id``,
+    the uncompressed stream must hash to it. On any error the partial output in ``dest``
+    is removed before the error is raised.
+    """
+    name = layer or str(dest)
+    root_fd = os.open(dest, _DIR_FLAGS)
+    try:
+        try:
+            result = _apply(root_fd, stream, name, limits)
+            if expected_diff_id is not None and result.diff_id != expected_diff_id:
+                raise DiffIDMismatch(
+                    f"layer {name}: diffID is {result.diff_id}, expected {expected_diff_id}"
+                )
+        except BaseException:
+            try:
+                _clear_dir(root_fd)
+            except OSError as exc:
+                log.error("layer %s: cannot remove partial output in %s: %s", name, dest, exc)
+            raise
+        return result
+    finally:
+        os.close(root_fd)
+
+
+def _apply(root_fd: int, stream: BinaryIO, name: str, limits: ApplyLimits) -> ApplyResult:
+    writer = _Writer(root_fd, name, limits)
+    current = ""
+    try:
+        compression, plain = decompressed(stream)
+        hashing = _HashingReader(plain, limits.max_size, name)
+        log.debug("layer %s: %s compressed", name, compression)
+        with tarfile.open(
+            fileobj=hashing, mode="r|", encoding="utf-8", errors="surrogateescape"
+        ) as tf:
+            count = 0
+            while (m := tf.next()) is not None:
+                current = m.name
+                count += 1
+                if count > limits.max_entries:
+                    raise LayerTooLarge(f"layer {name}: more than {limits.max_entries} entries")
+                writer.entry(tf, m)
+                # The stream reader keeps every member; we need none of them.
+                tf.members.clear()  # type: ignore[attr-defined]
+            writer.finish()
+            # Hash the end-of-archive padding too: the diffID covers the whole stream.
+            while hashing.read(_COPY_CHUNK):
+                pass
+    except IpfsnapError:
+        raise
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError) as exc:
+        where = f" at entry {current!r}" if current else ""
+        raise LayerFormatError(f"layer {name}: unreadable tar stream{where}: {exc}") from exc
+    except OSError as exc:
+        raise LayerWriteError(f"layer {name}: entry {current!r}: {exc}") from exc
+    return ApplyResult(diff_id="sha256:" + hashing.hash.hexdigest(), size=hashing.count)
