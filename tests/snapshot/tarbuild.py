@@ -1,0 +1,71 @@
+"""Build test layer tars entry by entry (bytes of an uncompressed PAX tar)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from dataclasses import dataclass, field
+
+
+@dataclass
+class E:
+    """One tar entry: ``kind`` is f(ile), d(ir), l(symlink), h(ardlink), c(har), b(lock),
+    p (fifo)."""
+
+    name: str
+    kind: str = "f"
+    data: bytes = b""
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 1_600_000_000
+    link: str = ""
+    dev: tuple[int, int] = (0, 0)
+    xattrs: dict[str, str] = field(default_factory=dict)
+
+
+_TYPES = {
+    "f": tarfile.REGTYPE,
+    "d": tarfile.DIRTYPE,
+    "l": tarfile.SYMTYPE,
+    "h": tarfile.LNKTYPE,
+    "c": tarfile.CHRTYPE,
+    "b": tarfile.BLKTYPE,
+    "p": tarfile.FIFOTYPE,
+}
+
+
+def tarinfo(e: E) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(e.name)
+    ti.type = _TYPES[e.kind]
+    ti.mode = e.mode
+    ti.uid, ti.gid = e.uid, e.gid
+    ti.mtime = e.mtime
+    ti.linkname = e.link
+    ti.devmajor, ti.devminor = e.dev
+    ti.size = len(e.data) if e.kind == "f" else 0
+    if e.xattrs:
+        ti.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in e.xattrs.items()}
+    return ti
+
+
+def make_tar(entries: list[E]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(
+        fileobj=buf,
+        mode="w",
+        format=tarfile.PAX_FORMAT,
+        encoding="utf-8",
+        errors="surrogateescape",
+    ) as tf:
+        for e in entries:
+            ti = tarinfo(e)
+            tf.addfile(ti, io.BytesIO(e.data) if e.kind == "f" else None)
+    return buf.getvalue()
+
+
+def raw_header(e: E, claimed_size: int) -> bytes:
+    """A lone ustar/PAX header claiming ``claimed_size`` bytes of data (none follow)."""
+    ti = tarinfo(e)
+    ti.size = claimed_size
+    return ti.tobuf(format=tarfile.PAX_FORMAT)
