@@ -18,7 +18,7 @@ import secrets
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from ipfsnap.content.errors import BlobNotFound
 from ipfsnap.errors import StoreError
@@ -32,6 +32,13 @@ CHUNK = 1 << 20
 TEMP_PREFIX = ".ingest-"
 
 
+@runtime_checkable
+class Readable(Protocol):
+    """Anything with ``read(n)`` (files, HTTP responses, tar members)."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -40,8 +47,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _chunks(src: BinaryIO | Iterable[bytes]) -> Iterator[bytes]:
-    if hasattr(src, "read"):
+def _chunks(src: Readable | Iterable[bytes]) -> Iterator[bytes]:
+    if isinstance(src, Readable):
         while True:
             block = src.read(CHUNK)
             if not block:
@@ -112,7 +119,7 @@ class BlobStore:
 
     def ingest(
         self,
-        src: BinaryIO | Iterable[bytes],
+        src: Readable | Iterable[bytes],
         digest: str,
         size: int | None = None,
         *,
@@ -131,7 +138,7 @@ class BlobStore:
         return True
 
     def ingest_unknown(
-        self, src: BinaryIO | Iterable[bytes], *, what: str = "blob",
+        self, src: Readable | Iterable[bytes], *, what: str = "blob",
         progress: Progress | None = None,
     ) -> tuple[str, int]:
         """Store a stream whose digest is not known in advance; returns (digest, size)."""
@@ -146,7 +153,7 @@ class BlobStore:
 
     def _write(
         self,
-        src: BinaryIO | Iterable[bytes],
+        src: Readable | Iterable[bytes],
         *,
         expect: str | None,
         size: int | None,
