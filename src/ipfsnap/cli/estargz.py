@@ -127,6 +127,9 @@ def cmd_build(args: argparse.Namespace, ctx: Context) -> int:
             prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else "."
         )
         try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
             with os.fdopen(fd, "wb") as dst:
                 result = build(src, dst, opts, progress=progress_for())
                 dst.flush()
