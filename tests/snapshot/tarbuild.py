@@ -15,7 +15,7 @@ class E:
     name: str
     kind: str = "f"
     data: bytes = b""
-    mode: int = 0o644
+    mode: int | None = None  # default: 0o755 for dirs, 0o777 symlinks, else 0o644
     uid: int = 0
     gid: int = 0
     mtime: int = 1_600_000_000
@@ -38,7 +38,7 @@ _TYPES = {
 def tarinfo(e: E) -> tarfile.TarInfo:
     ti = tarfile.TarInfo(e.name)
     ti.type = _TYPES[e.kind]
-    ti.mode = e.mode
+    ti.mode = e.mode if e.mode is not None else {"d": 0o755, "l": 0o777}.get(e.kind, 0o644)
     ti.uid, ti.gid = e.uid, e.gid
     ti.mtime = e.mtime
     ti.linkname = e.link

@@ -34,7 +34,7 @@ import shutil
 import stat
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO, cast
@@ -195,8 +195,11 @@ def _symlink_escapes(link_parts: list[str], target: str) -> bool:
 
 
 class _Writer:
-    def __init__(self, root_fd: int, layer: str, limits: ApplyLimits) -> None:
+    def __init__(
+        self, root_fd: int, layer: str, limits: ApplyLimits, parent_fds: Sequence[int] = ()
+    ) -> None:
         self.root_fd = root_fd
+        self.parent_fds = parent_fds
         self.layer = layer
         self.limits = limits
         self.written = 0
@@ -221,6 +224,7 @@ class _Writer:
                         raise
                     os.mkdir(comp, 0o755, dir_fd=fd)
                     nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                    self.implied_dir(nfd, parts[: i + 1])
                 except OSError as exc:
                     st = os.stat(comp, dir_fd=fd, follow_symlinks=False)
                     where = "/".join(parts[: i + 1])
@@ -236,6 +240,27 @@ class _Writer:
             yield fd
         finally:
             os.close(fd)
+
+    def implied_dir(self, fd: int, parts: list[str]) -> None:
+        """Give a directory the layer implies (no entry of its own) the metadata of the
+        same directory in the nearest lower layer, so that it does not mask that one's
+        mode and owner in the merged view (as containerd does)."""
+        for pfd in self.parent_fds:
+            cur = os.dup(pfd)
+            try:
+                for comp in parts:
+                    nxt = os.open(comp, _DIR_FLAGS, dir_fd=cur)
+                    os.close(cur)
+                    cur = nxt
+                st = os.fstat(cur)
+            except OSError:
+                continue  # not in this lower layer (or not a plain directory path)
+            finally:
+                os.close(cur)
+            os.fchown(fd, st.st_uid, st.st_gid)
+            os.fchmod(fd, stat.S_IMODE(st.st_mode))
+            self.dir_times.append((list(parts), st.st_atime_ns, st.st_mtime_ns))
+            return
 
     def clear(self, dfd: int, base: str, keep_dir: bool) -> bool:
         """Remove ``base`` in ``dfd`` unless it is a directory and ``keep_dir``; return
@@ -436,18 +461,24 @@ def apply_layer(
     expected_diff_id: str | None = None,
     limits: ApplyLimits = DEFAULT_APPLY_LIMITS,
     layer: str | None = None,
+    parents: Sequence[Path | str] = (),
 ) -> ApplyResult:
     """Unpack the (compressed or not) layer tar ``stream`` into directory ``dest``.
 
-    ``layer`` names the layer in errors (default: ``dest``). With ``expected_diff_id``,
+    ``layer`` names the layer in errors (default: ``dest``). ``parents`` are the lower
+    layers' directories, nearest first: a directory the layer only implies (an entry
+    ``a/b`` with no ``a``) gets the metadata of ``a`` there. With ``expected_diff_id``,
     the uncompressed stream must hash to it. On any error the partial output in ``dest``
     is removed before the error is raised.
     """
     name = layer or str(dest)
     root_fd = os.open(dest, _DIR_FLAGS)
+    parent_fds: list[int] = []
     try:
+        for p in parents:
+            parent_fds.append(os.open(p, _DIR_FLAGS))
         try:
-            result = _apply(root_fd, stream, name, limits)
+            result = _apply(root_fd, stream, name, limits, parent_fds)
             if expected_diff_id is not None and result.diff_id != expected_diff_id:
                 raise DiffIDMismatch(
                     f"layer {name}: diffID is {result.diff_id}, expected {expected_diff_id}"
@@ -460,11 +491,14 @@ def apply_layer(
             raise
         return result
     finally:
-        os.close(root_fd)
+        for fd in [root_fd, *parent_fds]:
+            os.close(fd)
 
 
-def _apply(root_fd: int, stream: BinaryIO, name: str, limits: ApplyLimits) -> ApplyResult:
-    writer = _Writer(root_fd, name, limits)
+def _apply(
+    root_fd: int, stream: BinaryIO, name: str, limits: ApplyLimits, parent_fds: Sequence[int]
+) -> ApplyResult:
+    writer = _Writer(root_fd, name, limits, parent_fds)
     current = ""
     try:
         compression, plain = decompressed(stream)

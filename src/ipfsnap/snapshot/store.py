@@ -508,6 +508,12 @@ class SnapshotStore:
         with self._tx(write=False) as db:
             return self.fs_path(self._get(db, key).id)
 
+    def parent_paths(self, key: str) -> list[Path]:
+        """The ``fs`` directories of ``key``'s ancestors, nearest first (the lower layers
+        :func:`~ipfsnap.snapshot.apply.apply_layer` copies implied directories from)."""
+        with self._tx(write=False) as db:
+            return [self.fs_path(r.id) for r in self._chain(db, self._get(db, key))]
+
     # ---- maintenance ----------------------------------------------------------------
 
     def cleanup(self) -> list[Path]:
