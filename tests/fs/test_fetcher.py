@@ -121,7 +121,7 @@ def test_concurrent_reads_of_one_chunk_are_merged(every_type_blob: Blob, tmp_pat
 
 
 def test_cache_survives_new_layer_and_is_atomic(every_type_blob: Blob, tmp_path: Path) -> None:
-    layer, src = make_layer(every_type_blob, tmp_path / "cache")
+    layer, _src = make_layer(every_type_blob, tmp_path / "cache")
     node = layer.table.get(layer.table.by_path["data/exact"])
     assert node is not None
     trio.run(layer.read, node, 0, node.size)
@@ -161,7 +161,7 @@ def test_corrupt_blob_raises_and_serves_nothing(every_type_blob: Blob, tmp_path:
     chunk = layer.index.chunks("data/exact")[1]
     raw[(chunk.offset + chunk.end) // 2] ^= 0x55
     bad.write_bytes(bytes(raw))
-    layer, src = make_layer(every_type_blob, tmp_path / "cache", CountingSource(bad))
+    layer, _src = make_layer(every_type_blob, tmp_path / "cache", CountingSource(bad))
     node = layer.table.get(layer.table.by_path["data/exact"])
     assert node is not None
     # the intact first chunk reads fine; the damaged one raises an integrity/format error

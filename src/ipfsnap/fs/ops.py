@@ -92,6 +92,7 @@ class LayerOperations(pyfuse3.Operations):
         self.entry_timeout = entry_timeout
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
         self._next_fh = 1
+        self._debug = log.isEnabledFor(logging.DEBUG)
 
     # -- helpers --------------------------------------------------------------------------
     def _node(self, ino: int) -> Inode:
@@ -214,6 +215,8 @@ class LayerOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        if self._debug:
+            log.debug("read inode %d offset %d size %d", fh, off, size)
         return await self.layer.read(self._node(fh), off, size)
 
     @fuse_errors
