@@ -1,11 +1,231 @@
-"""``ipfsnap ipfs daemon|swarm-key-gen|bootstrap``: the managed node and private networks."""
+"""``ipfsnap ipfs daemon|swarm-key-gen|bootstrap``: the managed node and private networks.
+
+Also :func:`ensure_api`, which commands that need IPFS call: it returns a reachable API
+address, starting the managed node in the background when none is found.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
 from typing import Any
+
+from ipfsnap.cli.common import Context
+from ipfsnap.config import Config
+from ipfsnap.ipfs.node import (
+    LOG_FILE,
+    ManagedNode,
+    NodeError,
+    api_url_from_multiaddr,
+    node_identity,
+    read_api_file,
+    rpc_call,
+)
+from ipfsnap.ipfs.pnet import generate_swarm_key
+
+log = logging.getLogger(__name__)
+
+#: a discovered API must answer `id` this fast to count as reachable (it answers in ms)
+_PROBE_TIMEOUT = 2.0
+#: bootstrap edits are config writes on the daemon; they return at once
+_RPC_TIMEOUT = 30.0
+
+
+class NoIPFSAPI(NodeError):
+    """No IPFS API is reachable and the managed node is disabled."""
 
 
 def register(group: argparse._SubParsersAction[Any]) -> None:
     """Add the managed-node sub-commands to the ``ipfs`` group."""
+    p = group.add_parser(
+        "daemon",
+        help="run the managed IPFS node in the foreground (Kubo if on PATH, else js-ipfs)",
+        description="Run a real IPFS node (loopback only, no public bootstrap) until "
+        "SIGTERM/SIGINT. Honours REPO/swarm.key and LIBP2P_FORCE_PNET=1.",
+    )
+    p.add_argument("--repo", metavar="DIR", help="IPFS repo (default STATE_DIR/ipfs)")
+    p.add_argument(
+        "--api", metavar="ADDR", help="API listen multiaddr (default loopback, free port)"
+    )
+    p.add_argument(
+        "--swarm",
+        metavar="ADDR",
+        action="append",
+        help="swarm listen multiaddr (repeatable; default loopback, free port)",
+    )
+    p.add_argument("--offline", action="store_true", help="no swarm: serve local content only")
+    p.set_defaults(func=cmd_daemon)
+
+    p = group.add_parser(
+        "swarm-key-gen",
+        help="print a new private-network key (save it as REPO/swarm.key)",
+    )
+    p.set_defaults(func=cmd_swarm_key_gen)
+
+    p = group.add_parser("bootstrap", help="edit a daemon's bootstrap list through its RPC API")
+    sub = p.add_subparsers(dest="bootstrap_command", metavar="ACTION")
+    sub.required = True
+    q = sub.add_parser("list", help="print the bootstrap peers")
+    q.set_defaults(func=cmd_bootstrap_list)
+    q = sub.add_parser("add", help="add a bootstrap peer")
+    q.add_argument("multiaddr", metavar="MULTIADDR", help="/ip4/.../tcp/.../p2p/PEERID")
+    q.set_defaults(func=cmd_bootstrap_add)
+    q = sub.add_parser("rm", help="remove bootstrap peers")
+    q.add_argument("multiaddr", metavar="MULTIADDR", nargs="?", help="peer to remove")
+    q.add_argument("--all", action="store_true", help="remove every bootstrap peer")
+    q.set_defaults(func=cmd_bootstrap_rm)
+
+
+# --------------------------------------------------------------------------------------------
+# finding or starting an API
+
+
+def _candidate_api_files(config: Config) -> list[Path]:
+    out = []
+    if os.environ.get("IPFS_PATH"):
+        out.append(Path(os.environ["IPFS_PATH"]) / "api")
+    out.append(Path.home() / ".ipfs" / "api")
+    out.append(config.ipfs_repo / "api")
+    return out
+
+
+def find_api(config: Config) -> str | None:
+    """The explicit API, else the first discovered one that answers ``id``."""
+    if config.ipfs_api:
+        return config.ipfs_api
+    for path in _candidate_api_files(config):
+        maddr = read_api_file(path.parent)
+        if maddr is None:
+            continue
+        try:
+            node_identity(api_url_from_multiaddr(maddr), timeout=_PROBE_TIMEOUT)
+        except NodeError as exc:
+            log.info("IPFS API %s (from %s) does not answer: %s", maddr, path, exc)
+            continue
+        return maddr
     return None
+
+
+def ensure_api(config: Config) -> str:
+    """A reachable IPFS API multiaddr: explicit, discovered, or a managed node started now.
+
+    The managed node runs detached in the background (repo ``config.ipfs_repo``, log
+    ``<repo>/daemon.log``) and outlives this process; stop it with ``kill`` on the pid in
+    ``<repo>/ipfsnap-node.pid`` or run ``ipfsnap ipfs daemon`` in the foreground instead.
+    """
+    found = find_api(config)
+    if found is not None:
+        return found
+    if not config.managed_ipfs:
+        raise NoIPFSAPI(
+            "no IPFS API found (--ipfs-api, $IPFS_PATH/api, ~/.ipfs/api, "
+            f"{config.ipfs_repo / 'api'}) and managed_ipfs is off"
+        )
+    node = ManagedNode(config.ipfs_repo, log_path=config.ipfs_repo / LOG_FILE)
+    log.warning(
+        "no IPFS API found: starting a managed IPFS node (%s) in the background, repo %s",
+        node.implementation,
+        config.ipfs_repo,
+    )
+    node.start()
+    node.detach()
+    log.warning("managed IPFS node ready: API %s, log %s", node.api_multiaddr, node.log_path)
+    return node.api_multiaddr
+
+
+def _api_url_for_commands(ctx: Context) -> str:
+    maddr = find_api(ctx.config)
+    if maddr is None:
+        raise NoIPFSAPI(
+            "no IPFS API found: pass --ipfs-api, set IPFS_PATH, or run ipfsnap ipfs daemon"
+        )
+    if maddr.startswith(("http://", "https://")):
+        return maddr.rstrip("/")
+    return api_url_from_multiaddr(maddr)
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+
+
+class _Stop(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop(signum)
+
+
+def cmd_daemon(args: argparse.Namespace, ctx: Context) -> int:
+    repo = Path(args.repo) if args.repo else ctx.config.ipfs_repo
+    node = ManagedNode(repo, api=args.api, swarm=args.swarm, offline=args.offline)
+    old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            node.start()
+            sys.stdout.write(
+                f"IPFS node ready: API {node.api_multiaddr} peer {node.peer_id} "
+                f"({node.implementation}, repo {repo})\n"
+            )
+            sys.stdout.flush()
+            code = node.wait()
+        except _Stop as stop:
+            log.info("signal %d: stopping the IPFS node", stop.signum)
+            # a second signal while stopping must not abandon the daemon half-way
+            for s in old:
+                signal.signal(s, signal.SIG_IGN)
+            node.stop()
+            return 0
+        raise NodeError(f"IPFS node {repo}: daemon exited with status {code}; see {node.log_path}")
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def cmd_swarm_key_gen(args: argparse.Namespace, ctx: Context) -> int:
+    sys.stdout.write(generate_swarm_key().to_text())
+    sys.stdout.flush()
+    return 0
+
+
+def _peers(reply: Any) -> list[str]:
+    if isinstance(reply, dict) and isinstance(reply.get("Peers"), list):
+        return [str(p) for p in reply["Peers"]]
+    return []
+
+
+def cmd_bootstrap_list(args: argparse.Namespace, ctx: Context) -> int:
+    url = _api_url_for_commands(ctx)
+    for peer in _peers(rpc_call(url, "bootstrap/list", timeout=_RPC_TIMEOUT)):
+        sys.stdout.write(peer + "\n")
+    return 0
+
+
+def cmd_bootstrap_add(args: argparse.Namespace, ctx: Context) -> int:
+    url = _api_url_for_commands(ctx)
+    reply = rpc_call(url, "bootstrap/add", timeout=_RPC_TIMEOUT, arg=args.multiaddr)
+    for peer in _peers(reply):
+        sys.stdout.write(f"added {peer}\n")
+    return 0
+
+
+def cmd_bootstrap_rm(args: argparse.Namespace, ctx: Context) -> int:
+    if args.all == (args.multiaddr is not None):
+        from ipfsnap.errors import UsageError
+
+        raise UsageError("bootstrap rm: give either MULTIADDR or --all")
+    url = _api_url_for_commands(ctx)
+    if args.all:
+        reply = rpc_call(url, "bootstrap/rm", timeout=_RPC_TIMEOUT, all="true")
+    else:
+        reply = rpc_call(url, "bootstrap/rm", timeout=_RPC_TIMEOUT, arg=args.multiaddr)
+    for peer in _peers(reply):
+        sys.stdout.write(f"removed {peer}\n")
+    return 0

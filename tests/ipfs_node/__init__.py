@@ -1,0 +1,1 @@
+"""Tests of the managed IPFS node and private networks."""
