@@ -157,6 +157,12 @@ def reference_read(
     return out, summary
 
 
+def reference_verify(checker: Path, blob: Path, toc_digest: str) -> int:
+    """Open + VerifyTOC + every chunk read and verified once; returns the chunk count."""
+    out = _run([str(checker), "verify", "-blob", str(blob), "-toc-digest", toc_digest])
+    return int(json.loads(out)["chunksVerified"])
+
+
 def reference_toc(checker: Path, blob: Path) -> bytes:
     """The blob's TOC JSON bytes, as the reference decompresses them."""
     proc = subprocess.run(

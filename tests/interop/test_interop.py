@@ -34,6 +34,7 @@ from tests.interop.readers import (
     reference_build,
     reference_read,
     reference_toc,
+    reference_verify,
     sha256_file,
     toc_without_offsets,
 )
@@ -116,10 +117,17 @@ def test_reference_reads_its_own_blobs(
 def test_reference_rejects_wrong_toc_digest(go_checker: Path, feature_tar: Path,
                                             ref_blob: Builder) -> None:
     """The oracle does check the digest it is given (else direction A proves nothing)."""
-    blob, _info = ref_blob(feature_tar, chunk_size=SMALL)
+    blob, info = ref_blob(feature_tar, chunk_size=SMALL)
     wrong = "sha256:" + ("0" * 64)
     with pytest.raises(AssertionError, match="invalid TOC JSON"):
         reference_read(go_checker, blob, wrong)
+    with pytest.raises(AssertionError, match="invalid TOC JSON"):
+        reference_verify(go_checker, blob, wrong)
+    # verify (what the benchmark times) reads each file once, hardlinked or not
+    got, _ = reference_read(go_checker, blob, info.toc_digest)
+    expected = fixtures.expected_entries(feature_tar)
+    files = [got[p].chunks for p, e in expected.items() if e.type == "reg"]  # no hardlinks
+    assert reference_verify(go_checker, blob, info.toc_digest) == sum(files) + 1  # + landmark
 
 
 # -- direction A: ipfsnap builds, the reference reads --------------------------------------
