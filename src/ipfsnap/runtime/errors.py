@@ -1,0 +1,33 @@
+"""Errors of the container runtime (bundles, runc, container records)."""
+
+from __future__ import annotations
+
+from ipfsnap.errors import AlreadyExistsError, NotFoundError, RuntimeFailure, UsageError
+
+
+class BadRunOption(UsageError):
+    """A run option (``--mount``, ``--user``, ``--env``, ``--net``...) is malformed."""
+
+
+class UserNotFound(RuntimeFailure):
+    """A ``--user``/image User name is not in the rootfs's /etc/passwd or /etc/group."""
+
+
+class BundleError(RuntimeFailure):
+    """The OCI bundle (config.json, resolv.conf, hosts...) cannot be written."""
+
+
+class RuncError(RuntimeFailure):
+    """runc failed (could not start, create, kill or delete a container)."""
+
+
+class ContainerExists(AlreadyExistsError):
+    """A container id is already in use in this state dir."""
+
+
+class ContainerNotFound(NotFoundError):
+    """No container with this id in this state dir."""
+
+
+class ContainerRunning(RuntimeFailure):
+    """The container is still running (``rm`` without ``-f``)."""
