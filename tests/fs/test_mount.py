@@ -161,7 +161,7 @@ def test_mount_refuses_unverifiable_layers(every_type_blob: Blob, tmp_path: Path
         m.mount(mp, labels)
     assert not is_mountpoint(mp)
     del labels[TOC_DIGEST_LABEL]
-    with pytest.raises(WorkerSpecError, match="toc.digest"):
+    with pytest.raises(WorkerSpecError, match=r"toc\.digest"):
         m.mount(mp, labels)
     not_estargz = tmp_path / "plain.bin"
     not_estargz.write_bytes(pseudo_random(10000, 5))

@@ -35,8 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from ipfsnap.config import Config
+from ipfsnap.errors import IpfsnapError
 from ipfsnap.fs.errors import LayerMountError, WorkerSpecError
 from ipfsnap.fs.spec import SourceSpec, WorkerSpec, read_status
+from ipfsnap.ipfs import endpoint_from_config
 
 log = logging.getLogger(__name__)
 
@@ -208,13 +210,10 @@ class LayerMounter:
 
     def _discover_api(self) -> str:
         try:
-            import importlib
-
-            ipfs: Any = importlib.import_module("ipfsnap.ipfs")
-            endpoint = ipfs.discover_api(explicit=None, auth=self.config.ipfs_auth)
-        except Exception as exc:
-            raise LayerMountError(f"no IPFS API configured or discoverable: {exc}") from exc
-        return str(getattr(endpoint, "url", endpoint))
+            endpoint = endpoint_from_config(self.config)
+        except IpfsnapError as exc:
+            raise LayerMountError(f"no IPFS API for lazy layers: {exc}") from exc
+        return endpoint.url
 
     # -- RemoteFileSystem -----------------------------------------------------------------
     def mount(self, mountpoint: Path, labels: Mapping[str, str]) -> None:

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from ipfsnap.errors import IpfsnapError
 from ipfsnap.fs.errors import FetchError
+from ipfsnap.ipfs import IPFSClient, RetryPolicy, normalize_cid
 
 log = logging.getLogger(__name__)
+
+#: seconds one socket operation with the IPFS daemon may wait (a stalled daemon)
+SOCKET_TIMEOUT = 30.0
 
 
 class BlobSource(Protocol):
@@ -73,77 +75,35 @@ class LocalFileSource:
 class IPFSSource:
     """A blob named by a CID, read with ``cat?offset=&length=`` through the Kubo RPC API.
 
-    Wraps ``ipfsnap.ipfs.IPFSClient``, which owns retries with backoff, per-call timeouts
-    and the byte-count check; this class only adapts it (one client per thread, because a
-    pooled HTTP connection must not be shared by two requests at once).
+    Wraps ``ipfsnap.ipfs.IPFSClient`` (thread-safe, pooled keep-alive connections), which owns
+    bounded retries with backoff, per-call timeouts and the byte-count check.
     """
 
     def __init__(self, api: str, cid: str, *, timeout: float, retries: int,
                  auth: str | None = None, size: int | None = None) -> None:
-        self.name = f"ipfs://{cid}"
-        self.cid = cid
-        self._api = api
-        self._auth = auth
-        self._timeout = timeout
-        self._retries = retries
+        self.cid = normalize_cid(cid)
+        self.name = f"ipfs://{self.cid}"
+        # a socket wait longer than this is a stalled daemon; the whole fetch, retries
+        # included, is bounded by ``timeout`` (fetching_timeout_sec)
+        per_call = min(timeout, SOCKET_TIMEOUT) if timeout > 0 else SOCKET_TIMEOUT
+        self._client = IPFSClient(
+            api, auth=auth, timeout=per_call,
+            retry=RetryPolicy(max_retries=retries, total=timeout if timeout > 0 else 300.0),
+        )
         self._size = size
-        self._local = threading.local()
-
-    def _client(self) -> Any:
-        client = getattr(self._local, "client", None)
-        if client is None:
-            # Imported lazily: the IPFS client is another package, only needed here.
-            from ipfsnap import ipfs
-
-            client = _make_client(ipfs, self._api, self._auth, self._timeout, self._retries)
-            self._local.client = client
-        return client
 
     def size(self) -> int:
         if self._size is None:
-            try:
-                self._size = int(self._client().file_size(self.cid))
-            except IpfsnapError:
-                raise
-            except Exception as exc:  # a bug or transport error we did not wrap
-                raise FetchError(f"{self.name}: files/stat failed: {exc}") from exc
+            self._size = self._client.file_size(self.cid)
         return self._size
 
     def read_at(self, offset: int, length: int) -> bytes:
-        try:
-            data = self._client().cat(self.cid, offset=offset, length=length)
-        except IpfsnapError:
-            raise
-        except Exception as exc:
-            raise FetchError(f"{self.name}: cat at {offset}+{length} failed: {exc}") from exc
-        if len(data) != length:
+        data = self._client.cat(self.cid, offset=offset, length=length)
+        if len(data) != length:  # the client checks too; never trust a short body
             raise FetchError(
                 f"{self.name}: cat at {offset} returned {len(data)} bytes, wanted {length}"
             )
-        return bytes(data)
+        return data
 
     def close(self) -> None:
-        client = getattr(self._local, "client", None)
-        close = getattr(client, "close", None)
-        if callable(close):
-            close()
-
-
-def _make_client(mod: Any, api: str, auth: str | None, timeout: float, retries: int) -> Any:
-    """Build an ``IPFSClient`` passing only the options its signature accepts."""
-    import inspect
-
-    cls = mod.IPFSClient
-    endpoint: Any = api
-    discover = getattr(mod, "discover_api", None)
-    if callable(discover):
-        try:
-            endpoint = discover(explicit=api, auth=auth)
-        except TypeError:
-            endpoint = discover(api)
-    params = inspect.signature(cls).parameters
-    kwargs: dict[str, Any] = {}
-    for name, value in (("timeout", timeout), ("retries", retries), ("max_retries", retries)):
-        if name in params:
-            kwargs[name] = value
-    return cls(endpoint, **kwargs)
+        self._client.close()
