@@ -167,28 +167,38 @@ class BlobStore:
             h = hashlib.sha256()
             n = 0
             with out:
+                # errors raised by the source (network, archive) propagate unchanged; only
+                # our own file operations become StoreError
                 for block in _chunks(src):
                     n += len(block)
                     if size is not None and n > size:
                         raise DigestMismatch(f"{label}: more than the expected {size} bytes")
                     h.update(block)
-                    out.write(block)
+                    try:
+                        out.write(block)
+                    except OSError as exc:
+                        raise StoreError(f"content store: writing {label} failed: {exc}"
+                                         ) from exc
                     if progress is not None and expect:
                         progress.update(expect[7:19], "writing", n, size or 0)
-                out.flush()
-                os.fsync(out.fileno())
+                try:
+                    out.flush()
+                    os.fsync(out.fileno())
+                except OSError as exc:
+                    raise StoreError(f"content store: writing {label} failed: {exc}") from exc
             if size is not None and n != size:
                 raise DigestMismatch(f"{label}: got {n} bytes, expected {size} (truncated?)")
             digest = "sha256:" + h.hexdigest()
             if expect is not None and digest != expect:
                 raise DigestMismatch(f"{label}: content hashes to {digest}")
-            os.replace(tmp, self.path(digest))
-            _fsync_dir(self.dir)
+            try:
+                os.replace(tmp, self.path(digest))
+                _fsync_dir(self.dir)
+            except OSError as exc:
+                raise StoreError(f"content store: storing {label} failed: {exc}") from exc
             ok = True
             log.debug("stored blob %s (%d bytes)", digest, n)
             return digest, n
-        except OSError as exc:
-            raise StoreError(f"content store: writing {label} failed: {exc}") from exc
         finally:
             if not ok:
                 with contextlib.suppress(FileNotFoundError):
