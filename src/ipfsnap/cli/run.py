@@ -1,11 +1,413 @@
-"""`ipfsnap run ...` commands."""
+"""``ipfsnap run``, ``ipfsnap ps``, ``ipfsnap rm``, ``ipfsnap logs``.
+
+``run`` follows ``ctr run``: ``ipfsnap run [OPTIONS] REF ID [CMD ...]``. Options come before
+REF (everything after REF belongs to the container), and a given CMD replaces the image's
+Entrypoint *and* Cmd, as ctr does (docker would keep the Entrypoint). ``--rootfs DIR`` runs a
+plain directory instead of an image (as ``ctr run --rootfs``): then the positionals are
+``ID [CMD ...]`` and the directory is bind mounted read-write as the container's root.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ipfsnap.cli.common import Context, print_json
+from ipfsnap.errors import MountError, UsageError
+from ipfsnap.runtime import (
+    BindMount,
+    ContainerConfig,
+    ContainerRecord,
+    ContainerStore,
+    image_args,
+    merge_env,
+    parse_env,
+    parse_mount,
+    validate_id,
+)
+from ipfsnap.runtime.containers import MountRootfs, Release
+from ipfsnap.runtime.errors import ContainerNotFound
+
+if TYPE_CHECKING:
+    from ipfsnap.content import ResolvedImage
+    from ipfsnap.snapshot import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+SNAPSHOTTERS = ("overlayfs", "stargz")
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add this area's sub-commands to the top-level parser."""
-    return None
+    p = sub.add_parser(
+        "run",
+        help="run a container from an image (or a rootfs directory)",
+        description="Run a container: ipfsnap run [OPTIONS] REF ID [CMD ...]. A given CMD "
+        "replaces the image's Entrypoint and Cmd (as ctr run).",
+    )
+    p.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    p.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
+    p.add_argument("-d", "--detach", action="store_true", help="run in the background")
+    p.add_argument(
+        "--snapshotter",
+        choices=SNAPSHOTTERS,
+        default="overlayfs",
+        help="stargz: lazy layers from IPFS; overlayfs: layers fetched whole (default)",
+    )
+    p.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
+    p.add_argument("--cwd", metavar="DIR", help="working directory (default: the image's)")
+    p.add_argument("-u", "--user", metavar="U", help="uid[:gid] or name[:group]")
+    p.add_argument(
+        "--mount",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="type=bind,src=HOST,dst=CONTAINER[,ro] (repeatable)",
+    )
+    p.add_argument(
+        "--net",
+        "--network",
+        dest="net",
+        choices=("none", "host"),
+        default="none",
+        help="none: own network namespace with only lo (default); host: the host's",
+    )
+    p.add_argument("--hostname", metavar="H", help="hostname (default: the container id)")
+    p.add_argument(
+        "--rootfs",
+        metavar="DIR",
+        help="run this directory as the root instead of an image; positionals are ID [CMD ...]",
+    )
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="REF ID [CMD ...]")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("ps", help="list containers (JSON lines when not a terminal)")
+    p.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
+    p.set_defaults(func=cmd_ps)
+
+    p = sub.add_parser("rm", help="remove containers, their snapshots and mounts")
+    p.add_argument("-f", "--force", action="store_true", help="kill a running container first")
+    p.add_argument("ids", nargs="+", metavar="ID")
+    p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("logs", help="print the output of a detached container")
+    p.add_argument("id", metavar="ID")
+    p.set_defaults(func=cmd_logs)
+
+
+# ---------------------------------------------------------------------------------------------
+# rootfs providers
+
+
+def _bind_rootfs(source: Path) -> MountRootfs:
+    from ipfsnap.snapshot import Mount, mount_all
+
+    def mount(target: Path) -> None:
+        if not source.is_dir():
+            raise UsageError(f"--rootfs {source}: not a directory")
+        mount_all([Mount(type="bind", source=str(source), options=["rbind", "rw"])], target)
+
+    return mount
+
+
+def release_for(ctx: Context) -> Release:
+    """The callback that frees what a container's record says it holds (its snapshot)."""
+
+    def release(record: ContainerRecord) -> None:
+        if not record.snapshot_key:
+            return
+        from ipfsnap.snapshot.errors import SnapshotNotFound
+
+        with open_snapshots(ctx) as snaps, contextlib.suppress(SnapshotNotFound):
+            snaps.remove(record.snapshot_key)
+
+    return release
+
+
+# ---------------------------------------------------------------------------------------------
+# images -> layer snapshots -> the container's active snapshot
+#
+# The seam for the lazy path: a LayerSnapshots provider turns an image's layers into committed
+# snapshots (bottom first) and returns the key of the top one; run then prepares the
+# container's active snapshot on it. "overlayfs" unpacks each layer fully (cached: committed
+# snapshots are keyed by chain ID, so a second run unpacks nothing). The stargz snapshotter
+# registers its provider in LAYER_PROVIDERS["stargz"]; until it does, stargz falls back to
+# the full unpack.
+
+#: directory of the snapshot store under the state dir (shared with the snapshotter service)
+SNAPSHOT_ROOT = "snapshotter"
+
+
+class LayerSnapshots(Protocol):
+    def __call__(self, ctx: Context, snaps: SnapshotStore, image: ResolvedImage) -> str:
+        """Make sure every layer of ``image`` is a committed snapshot; return the top key."""
+        ...
+
+
+@contextlib.contextmanager
+def open_snapshots(ctx: Context) -> Iterator[SnapshotStore]:
+    from ipfsnap.snapshot import SnapshotStore
+
+    store = SnapshotStore(ctx.config.state_dir / SNAPSHOT_ROOT, restore=False)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def chain_ids(diff_ids: Sequence[str]) -> list[str]:
+    """OCI chain IDs: ChainID(L0) = DiffID(L0), ChainID(Ln) = sha256(ChainID(Ln-1) + " " +
+    DiffID(Ln)); containerd names committed layer snapshots by them."""
+    out: list[str] = []
+    for diff_id in diff_ids:
+        if not out:
+            out.append(diff_id)
+        else:
+            digest = hashlib.sha256(f"{out[-1]} {diff_id}".encode()).hexdigest()
+            out.append(f"sha256:{digest}")
+    return out
+
+
+def unpack_layers(ctx: Context, snaps: SnapshotStore, image: ResolvedImage) -> str:
+    """The full (non-lazy) path: unpack each local layer blob into a committed snapshot."""
+    from ipfsnap.content import ImageStore
+    from ipfsnap.snapshot.apply import apply_layer
+    from ipfsnap.snapshot.errors import SnapshotExists, SnapshotNotFound
+
+    layers = image.layers
+    diff_ids = image.config.diff_ids
+    if len(diff_ids) != len(layers):
+        raise UsageError(
+            f"image {image.record.name}: config has {len(diff_ids)} diff_ids "
+            f"for {len(layers)} layers"
+        )
+    blobs = ImageStore(ctx.config.state_dir).blobs
+    parent = ""
+    for layer, diff_id, chain in zip(layers, diff_ids, chain_ids(diff_ids), strict=True):
+        try:
+            snaps.stat(chain)
+            parent = chain
+            continue
+        except SnapshotNotFound:
+            pass
+        if not blobs.exists(layer.digest):
+            raise UsageError(
+                f"image {image.record.name}: layer {layer.digest} is not in the local store"
+                " (use --snapshotter=stargz for lazily pulled images)"
+            )
+        # a private key, committed under the chain ID: concurrent runs of the same image
+        # each unpack, the first commit wins, the other drops its copy (as containerd does)
+        tmp = f"extract-{os.getpid()}-{secrets.token_hex(4)} {chain}"
+        snaps.prepare(tmp, parent)
+        try:
+            with blobs.open(layer.digest) as stream:
+                apply_layer(
+                    snaps.path(tmp),
+                    stream,
+                    expected_diff_id=diff_id,
+                    layer=f"{image.record.name} {layer.digest}",
+                    parents=snaps.parent_paths(tmp),
+                )
+            try:
+                snaps.commit(chain, tmp)
+            except SnapshotExists:
+                snaps.remove(tmp)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                snaps.remove(tmp)
+            raise
+        log.info("unpacked layer %s as snapshot %s", layer.digest, chain)
+        parent = chain
+    return parent
+
+
+LAYER_PROVIDERS: dict[str, LayerSnapshots] = {"overlayfs": unpack_layers}
+
+
+def resolve_image(ctx: Context, ref: str) -> ResolvedImage:
+    """A local image by name, ``ipfs://CID``, ``/ipfs/CID`` or bare CID."""
+    from ipfsnap.content import ImageNotFound, ImageStore
+
+    store = ImageStore(ctx.config.state_dir)
+    candidates = [ref]
+    if ref.startswith("/ipfs/"):
+        candidates = ["ipfs://" + ref[len("/ipfs/") :]]
+    elif "://" not in ref and "/" not in ref and ":" not in ref and "@" not in ref:
+        candidates.append("ipfs://" + ref)
+    first: Exception | None = None
+    for name in candidates:
+        try:
+            return store.resolve(name)
+        except (ImageNotFound, UsageError) as exc:
+            first = first or exc
+    assert first is not None
+    raise first
+
+
+def container_config(
+    image: ResolvedImage,
+    args: argparse.Namespace,
+    cmd: list[str],
+    env: list[str],
+    mounts: list[BindMount],
+) -> ContainerConfig:
+    """The image's Entrypoint/Cmd/Env/WorkingDir/User under the command line's overrides."""
+    cfg = image.config
+    return ContainerConfig(
+        args=image_args(cfg.entrypoint, cfg.cmd, cmd),
+        env=merge_env(cfg.env, env),
+        cwd=args.cwd or cfg.working_dir or "/",
+        user=args.user if args.user is not None else cfg.user,
+        hostname=args.hostname or "",
+        tty=args.tty,
+        mounts=mounts,
+        net=args.net,
+    )
+
+
+def image_rootfs(ctx: Context, image: ResolvedImage, snapshotter: str, key: str) -> MountRootfs:
+    """The mount_rootfs callback: layer snapshots, the container's active snapshot on top,
+    mounted at the target."""
+
+    def mount(target: Path) -> None:
+        from ipfsnap.snapshot import mount_all
+
+        provider = LAYER_PROVIDERS.get(snapshotter)
+        if provider is None:
+            log.warning("snapshotter %s is not available here: unpacking layers fully", snapshotter)
+            provider = unpack_layers
+        with open_snapshots(ctx) as snaps:
+            top = provider(ctx, snaps, image)
+            mounts = snaps.prepare(key, top)
+        mount_all(mounts, target)
+
+    return mount
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
+    argv: list[str] = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if args.rootfs:
+        if not argv:
+            raise UsageError("run --rootfs DIR: missing container ID")
+        ref, cid, cmd = "", argv[0], argv[1:]
+    else:
+        if len(argv) < 2:
+            raise UsageError("run: need REF and ID (ipfsnap run [OPTIONS] REF ID [CMD ...])")
+        ref, cid, cmd = argv[0], argv[1], argv[2:]
+    validate_id(cid)
+    if args.detach and args.tty:
+        raise UsageError("run: -d and -t cannot be combined (no console to attach later)")
+    if args.detach and args.rm:
+        raise UsageError("run: -d and --rm cannot be combined; remove it with ipfsnap rm")
+    mounts = [parse_mount(m) for m in args.mount]
+    env = parse_env(args.env)
+    store = ContainerStore(ctx.config.state_dir)
+
+    if args.rootfs:
+        cfg = ContainerConfig(
+            args=cmd,
+            env=merge_env(env),
+            cwd=args.cwd or "/",
+            user=args.user or "",
+            hostname=args.hostname or "",
+            tty=args.tty,
+            mounts=mounts,
+            net=args.net,
+        )
+        if not cfg.args:
+            raise UsageError("run --rootfs: no command given")
+        record = store.create(
+            cid, image="", snapshotter="", detached=args.detach, rm=args.rm, args=cmd
+        )
+        mount_rootfs = _bind_rootfs(Path(args.rootfs).absolute())
+    else:
+        image = resolve_image(ctx, ref)
+        cfg = container_config(image, args, cmd, env, mounts)
+        if not cfg.args:
+            raise UsageError(f"image {image.record.name}: no Entrypoint/Cmd; give a command")
+        key = f"ipfsnap-container {cid}"
+        record = store.create(
+            cid,
+            image=image.record.name,
+            snapshot_key=key,
+            snapshotter=args.snapshotter,
+            detached=args.detach,
+            rm=args.rm,
+            args=cfg.args,
+        )
+        mount_rootfs = image_rootfs(ctx, image, args.snapshotter, key)
+    code = store.run(record, cfg, mount_rootfs=mount_rootfs, release=release_for(ctx))
+    if args.detach:
+        sys.stdout.write(cid + "\n")
+    return code
+
+
+def cmd_ps(args: argparse.Namespace, ctx: Context) -> int:
+    store = ContainerStore(ctx.config.state_dir)
+    rows = store.list()
+    if args.json or not sys.stdout.isatty():
+        for st in rows:
+            print_json(
+                {
+                    "id": st.record.id,
+                    "image": st.record.image,
+                    "status": st.status,
+                    "created": st.record.created,
+                    "pid": st.pid,
+                    "exitCode": st.record.exit_code,
+                    "command": st.record.args,
+                }
+            )
+        return 0
+    fmt = "{:<24} {:<40} {:<12} {}\n"
+    sys.stdout.write(fmt.format("ID", "IMAGE", "STATUS", "CREATED"))
+    for st in rows:
+        status = st.status
+        if st.status == "exited" and st.record.exit_code is not None:
+            status = f"exited({st.record.exit_code})"
+        image = st.record.image or "(rootfs)"
+        sys.stdout.write(fmt.format(st.record.id, image[:40], status, st.record.created))
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace, ctx: Context) -> int:
+    store = ContainerStore(ctx.config.state_dir)
+    release = release_for(ctx)
+    failed = 0
+    for cid in args.ids:
+        try:
+            store.destroy(validate_id(cid), release, force=args.force)
+        except (ContainerNotFound, MountError) as exc:
+            sys.stderr.write(f"ipfsnap: {exc}\n")
+            failed += 1
+            continue
+        sys.stdout.write(cid + "\n")
+    return 1 if failed else 0
+
+
+def cmd_logs(args: argparse.Namespace, ctx: Context) -> int:
+    store = ContainerStore(ctx.config.state_dir)
+    store.load(validate_id(args.id))  # a clear error for an unknown id
+    path = store.log_path(args.id)
+    if not path.exists():
+        return 0
+    out = sys.stdout.buffer
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 16):
+            out.write(chunk)
+    out.flush()
+    return 0
