@@ -21,6 +21,7 @@ from ipfsnap.snapshot.types import (
     Kind,
     Mount,
     RemoteFileSystem,
+    Snapshotter,
     Usage,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "Mount",
     "RemoteFileSystem",
     "SnapshotStore",
+    "Snapshotter",
     "Usage",
     "apply_layer",
     "mount_all",

@@ -72,3 +72,28 @@ class RemoteFileSystem(Protocol):
     def check(self, mountpoint: Path, labels: Mapping[str, str]) -> None: ...
 
     def unmount(self, mountpoint: Path) -> None: ...
+
+
+class Snapshotter(Protocol):
+    """containerd's snapshots API as the rest of ipfsnap uses it.
+
+    Implemented in-process by :class:`ipfsnap.snapshot.SnapshotStore` and, over the
+    snapshotter service's socket, by the service client, so image code (rpull, run) works
+    with either.
+    """
+
+    def prepare(
+        self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
+    ) -> list[Mount]: ...
+
+    def view(
+        self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
+    ) -> list[Mount]: ...
+
+    def mounts(self, key: str) -> list[Mount]: ...
+
+    def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None: ...
+
+    def remove(self, key: str) -> None: ...
+
+    def stat(self, key: str) -> Info: ...
