@@ -400,3 +400,58 @@ def test_ipfsnap_same_bytes_whatever_workers(feature_tar: Path, ipfsnap_blob: Bu
     _, two = ipfsnap_blob(feature_tar, chunk_size=SMALL, compression="gzip", workers=2)
     assert one.blob_digest == two.blob_digest
     assert one.toc_digest == two.toc_digest
+
+
+@pytest.mark.parametrize("prioritized", [True, False], ids=["prioritized", "no-prefetch"])
+def test_reference_prefetch_landmark_seen_by_ipfsnap(
+    prioritized: bool, go_checker: Path, feature_tar: Path, ref_blob: Builder
+) -> None:
+    """The reference snapshotter prefetches the blob up to the offset of
+    ``.prefetch.landmark``; ipfsnap's ``prefetch_end`` must be that offset (0 with
+    ``.no.prefetch.landmark``), and every chunk of a prioritized file must lie before it."""
+    from ipfsnap.estargz import FileRangeReader, open_layer
+
+    prio = ("files/3-chunks-plus-1", "unicode/日本語/файл-é.txt") if prioritized else ()
+    blob, info = ref_blob(feature_tar, chunk_size=SMALL, prioritize=prio)
+    toc = json.loads(reference_toc(go_checker, blob))["entries"]
+    marks = {e["name"]: e.get("offset", 0) for e in toc if "landmark" in e["name"]}
+    with blob.open("rb") as f:
+        index = open_layer(FileRangeReader(f), blob.stat().st_size, toc_digest=info.toc_digest)
+        if prioritized:
+            assert set(marks) == {".prefetch.landmark"}
+            assert index.prefetch_end == marks[".prefetch.landmark"] > 0
+            for path in prio:
+                assert all(c.end <= index.prefetch_end for c in index.chunks(path)), path
+        else:
+            assert set(marks) == {".no.prefetch.landmark"}
+            assert index.prefetch_end == 0
+
+
+def test_corrupted_reference_blob_never_read_wrong(
+    go_checker: Path, feature_tar: Path, ref_blob: Builder, tmp_path: Path
+) -> None:
+    """A byte flipped anywhere in the payload of a reference blob: ipfsnap either raises
+    one of its errors or returns exactly the tar's content (a flip in tar header bytes,
+    which no digest covers and no reader needs, may go unnoticed)."""
+    from ipfsnap.errors import IpfsnapError
+
+    blob, info = ref_blob(feature_tar, chunk_size=SMALL)
+    data = blob.read_bytes()
+    entries = json.loads(reference_toc(go_checker, blob))["entries"]
+    last_data = max(e.get("offset", 0) for e in entries)  # the last member with file data
+    expected = fixtures.expected_entries(feature_tar)
+    raised = 0
+    positions = [i * last_data // 23 + 11 for i in range(23)]
+    for pos in positions:
+        bad = bytearray(data)
+        bad[pos] ^= 0x5A
+        path = tmp_path / f"flip-{pos}.blob"
+        path.write_bytes(bytes(bad))
+        try:
+            got, _ = ipfsnap_read(path, info.toc_digest)
+        except IpfsnapError:
+            raised += 1
+            continue
+        problems = compare(expected, got, check_uname=False, check_gname=False)
+        assert not problems, f"byte {pos} flipped: wrong data returned: {problems[:5]}"
+    assert raised > len(positions) // 2, f"only {raised} of {len(positions)} flips detected"
