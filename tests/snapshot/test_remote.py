@@ -226,3 +226,6 @@ def test_mounts_report_unavailable_layers(store_root: Path, tmp_path: Path) -> N
         store.view("v", "sha256:c1")
     fake.broken = False
     assert store.mounts("container")[0].type == "overlay"
+    mp = store.path("sha256:c1")
+    store.close(unmount_remote=True)  # the snapshotter stopping
+    assert ("unmount", mp) in fake.calls and not is_mountpoint(mp)

@@ -25,6 +25,7 @@ partial output is removed and one error names the layer and the entry.
 from __future__ import annotations
 
 import contextlib
+import decimal
 import gzip
 import hashlib
 import io
@@ -310,7 +311,13 @@ class _Writer:
 
     @staticmethod
     def mtime_ns(m: tarfile.TarInfo) -> int:
-        return int(m.mtime * 1_000_000_000)
+        # A PAX mtime has up to nanosecond decimals, more than a float holds at today's
+        # epoch (~19 significant digits): parse the text exactly.
+        text = m.pax_headers.get("mtime")
+        if text is not None:
+            with contextlib.suppress(decimal.InvalidOperation, ValueError):
+                return int(decimal.Decimal(text).scaleb(9).to_integral_value(decimal.ROUND_FLOOR))
+        return int(m.mtime) * 1_000_000_000
 
     # ---- entries ----------------------------------------------------------------------
 

@@ -145,8 +145,19 @@ class SnapshotStore:
 
     # ---- plumbing -------------------------------------------------------------------
 
-    def close(self) -> None:
+    def close(self, *, unmount_remote: bool = False) -> None:
+        """Close the database; with ``unmount_remote`` also unmount every remote layer
+        (the snapshotter stopping). Without it the mounts stay, and the next open's
+        :meth:`restore_remote` checks them."""
         with self._lock:
+            if unmount_remote:
+                rows = [
+                    self._row(r)
+                    for r in self._db.execute(f"SELECT {self._COLS} FROM snapshots ORDER BY id")
+                ]
+                for row in reversed(rows):  # children before parents
+                    if REMOTE_LABEL in row.labels:
+                        self._unmount_remote(self.fs_path(row.id))
             self._db.close()
 
     def __enter__(self) -> SnapshotStore:
