@@ -66,6 +66,10 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
+def _line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 class _Source(Protocol):
     label: str
 
@@ -108,7 +112,11 @@ class _TarSource:
             self.tar = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by close()
             members = self.tar.getmembers()
         except _ARCHIVE_ERRORS as exc:
-            raise ArchiveError(f"{self.label}: not a readable tar archive: {exc}") from None
+            reason = str(exc).strip().splitlines()
+            if len(reason) != 1:  # tarfile lists every compression it tried
+                reason = ["not plain, gzip, bzip2 or xz tar data"]
+            raise ArchiveError(f"{self.label}: not a readable tar archive: {reason[0]}"
+                               ) from None
         self.members: dict[str, tarfile.TarInfo] = {}
         for m in members:
             if m.isfile() or m.issym() or m.islnk():
@@ -126,7 +134,7 @@ class _TarSource:
         try:
             f = self.tar.extractfile(member)
         except _ARCHIVE_ERRORS as exc:
-            raise ArchiveError(f"{self.label}: cannot read {path}: {exc}") from None
+            raise ArchiveError(f"{self.label}: cannot read {path}: {_line(exc)}") from None
         if f is None:
             raise ArchiveError(f"{self.label}: {path} is not a regular file")
         return cast(BinaryIO, io.BufferedReader(_GuardedReader(f, self.label, path)))
@@ -148,8 +156,9 @@ class _GuardedReader(io.RawIOBase):
         try:
             return self._f.read(n)
         except _ARCHIVE_ERRORS as exc:
-            raise ArchiveError(f"{self._label}: {self._path} is truncated or corrupt: {exc}"
-                               ) from None
+            raise ArchiveError(
+                f"{self._label}: {self._path} is truncated or corrupt: {_line(exc)}"
+            ) from None
 
     def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
         data = self.read(len(b))
@@ -185,11 +194,25 @@ class _Importer:
         self.created: set[str] = set()
 
     def ingest(self, desc: Descriptor, what: str) -> None:
-        if self.store.blobs.exists(desc.digest):
-            return
         path = _blob_path(desc.digest)
         if not self.src.has(path):
             raise ArchiveError(f"{self.src.label}: {what} blob {desc.digest} is missing")
+        if self.store.blobs.exists(desc.digest):
+            # already stored (and verified then); still check the archive's copy, so a broken
+            # archive fails the same way whatever the store holds
+            h = hashlib.sha256()
+            n = 0
+            with self.src.open(path) as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+                    n += len(block)
+            verify_digest = "sha256:" + h.hexdigest()
+            if n != desc.size:
+                raise DigestMismatch(f"{what} {desc.digest}: got {n} bytes, expected"
+                                     f" {desc.size} (truncated?)")
+            if verify_digest != desc.digest:
+                raise DigestMismatch(f"{what} {desc.digest}: content hashes to {verify_digest}")
+            return
         with self.src.open(path) as f:
             if self.store.blobs.ingest(f, desc.digest, desc.size, what=what,
                                        progress=self.progress):
@@ -301,11 +324,12 @@ def _docker_layer(imp: _Importer, path: str, diff_id: str, what: str) -> Descrip
         head = f.read(4)
     comp = _compression(head)
 
+    # plain tars are named by their diff_id; only a blob new to the store may be undone
+    existed = comp == "" and imp.store.blobs.exists(diff_id)
     with src.open(path) as f:
         digest, size = imp.store.blobs.ingest_unknown(f, what=what)
-    if not imp.store.blobs.exists(digest):  # pragma: no cover - ingest_unknown stored it
-        raise IncompleteImage(f"{what}: not stored")
-    imp.created.add(digest)
+    if not existed:
+        imp.created.add(digest)
     # a path like blobs/sha256/<hex> names the blob's digest: it must match
     base = posixpath.basename(path)
     if path.startswith("blobs/sha256/") and "sha256:" + base != digest:
