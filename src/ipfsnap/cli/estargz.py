@@ -41,6 +41,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     b.add_argument(
         "--prioritize",
         nargs="+",
+        action="extend",
         default=[],
         metavar="PATH",
         help="files to put first, before the .prefetch.landmark",
