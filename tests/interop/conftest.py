@@ -8,6 +8,7 @@ the tests (never skips them).
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,10 @@ from tests.support import require, require_tool
 def go_checker(request: pytest.FixtureRequest) -> Path:
     """The checker binary; fails (never skips) when Go or the reference is missing."""
     require_tool("go")
-    cache = Path(request.config.cache.mkdir("interop-go-checker"))
+    if getattr(request.config, "cache", None) is not None:
+        cache = Path(request.config.cache.mkdir("interop-go-checker"))
+    else:  # pytest run with -p no:cacheprovider
+        cache = Path(tempfile.gettempdir()) / "ipfsnap-interop-go-checker"
     try:
         return build_checker(cache)
     except CheckerUnavailable as e:
