@@ -8,6 +8,7 @@ every request so tests can check what the client sent.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -111,12 +112,13 @@ class FakeKubo:
 
     def close(self) -> None:
         self._stop.set()
+        with contextlib.suppress(OSError):
+            # wakes the thread blocked in accept(); close() alone does not on Linux
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         for c in self._conns:
-            try:
+            with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             c.close()
         for t in self._threads:
             t.join(timeout=5)

@@ -1,0 +1,462 @@
+"""The RPC client against recorded Kubo/js-ipfs replies served by a scripted loopback server.
+
+Every test runs on both faces (``sync``: IPFSClient, ``trio``: AsyncIPFSClient), which drive the
+same plans, so it also proves the faces behave alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from ipfsnap.ipfs import (
+    AsyncIPFSClient,
+    BadReply,
+    DaemonUnreachable,
+    IPFSClient,
+    IPFSHTTPError,
+    IPFSNotFound,
+    IPFSTimeout,
+    RetryPolicy,
+    ShortRead,
+    StreamError,
+    normalize_cid,
+    raw_cid,
+)
+from ipfsnap.ipfs.cid import parse_cid
+from tests.ipfs.fakekubo import (
+    CLOSE,
+    STALL,
+    FakeKubo,
+    Seen,
+    http_reply,
+    kubo_cat,
+    kubo_error,
+    kubo_json,
+)
+
+DATA = hashlib.sha256(b"seed").digest() * 4096  # 128 KiB of non-repeating-ish bytes
+CID = raw_cid(DATA)
+CID_V0 = "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG"
+FAST = RetryPolicy(max_retries=3, min_wait=0.001, max_wait=0.005, total=30)
+
+
+class Face:
+    """Calls a client method on either face with the same syntax."""
+
+    def __init__(self, kind: str, api: str, **kw: Any) -> None:
+        self.kind = kind
+        kw.setdefault("retry", FAST)
+        self.client: Any = IPFSClient(api, **kw) if kind == "sync" else AsyncIPFSClient(api, **kw)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.client, name)
+        if self.kind == "sync":
+            return method  # type: ignore[no-any-return]
+
+        def call(*args: Any, **kw: Any) -> Any:
+            async def main() -> Any:
+                return await method(*args, **kw)
+
+            return trio.run(main)
+
+        return call
+
+    def close(self) -> None:
+        self.client._rpc.pool.close_all()
+
+
+@pytest.fixture(params=["sync", "trio"])
+def face_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def serve(face_kind: str) -> Iterator[Callable[..., tuple[FakeKubo, Face]]]:
+    servers: list[FakeKubo] = []
+    faces: list[Face] = []
+
+    def make(handler: Callable[[Seen], bytes], **kw: Any) -> tuple[FakeKubo, Face]:
+        srv = FakeKubo(handler)
+        servers.append(srv)
+        face = Face(face_kind, srv.api, **kw)
+        faces.append(face)
+        return srv, face
+
+    yield make
+    for f in faces:
+        f.close()
+    for s in servers:
+        s.close()
+
+
+def range_handler(seen: Seen) -> bytes:
+    p = dict(seen.params)
+    off = int(p.get("offset", 0))
+    length = int(p["length"]) if "length" in p else len(DATA) - off
+    return kubo_cat(DATA[off:off + length])
+
+
+def test_cat_range_sends_normalised_cid_offset_length_timeout(serve: Any) -> None:
+    srv, c = serve(range_handler)
+    assert c.cat(CID, 1000, 5000) == DATA[1000:6000]
+    req = srv.seen[-1]
+    assert req.method == "POST" and req.path == "/api/v0/cat"
+    p = dict(req.params)
+    assert p["arg"] == f"/ipfs/{CID}" and p["offset"] == "1000" and p["length"] == "5000"
+    assert p["timeout"].endswith("s") and int(p["timeout"][:-1]) > 0
+    assert c.cat(CID) == DATA
+    # a CIDv0 is sent as its CIDv1 base32
+    c.cat(CID_V0, 0, 10)
+    assert dict(srv.seen[-1].params)["arg"] == f"/ipfs/{normalize_cid(CID_V0)}"
+
+
+def test_cat_reuses_one_keepalive_connection(serve: Any) -> None:
+    srv, c = serve(range_handler)
+    for i in range(10):
+        assert c.cat(CID, i * 100, 100) == DATA[i * 100:i * 100 + 100]
+    assert srv.connections == 1
+    assert {s.conn_id for s in srv.seen} == {1}
+
+
+def test_length_zero_makes_no_request(serve: Any) -> None:
+    srv, c = serve(range_handler)
+    assert c.cat(CID, 10, 0) == b""
+    assert srv.seen == []
+
+
+def test_cat_into_streams_to_sink(serve: Any) -> None:
+    _srv, c = serve(range_handler)
+    pieces: list[bytes] = []
+    assert c.cat_into(CID, 0, None, pieces.append) == len(DATA)
+    assert b"".join(pieces) == DATA and len(pieces) > 1
+
+
+def test_stream_error_trailer_after_200_is_retried(serve: Any) -> None:
+    calls = []
+
+    def handler(seen: Seen) -> bytes:
+        calls.append(seen)
+        if len(calls) == 1:
+            # Kubo: 200, some body, then the error in the trailer
+            return kubo_cat(DATA[:100], stream_error="context canceled", declared=100)
+        return range_handler(seen)
+
+    _srv, c = serve(handler)
+    assert c.cat(CID, 0, 100) == DATA[:100]
+    assert len(calls) == 2
+
+
+def test_stream_error_trailer_is_reported(serve: Any) -> None:
+    srv, c = serve(lambda s: kubo_cat(DATA[:10], stream_error="merkledag: broken link"),
+                   retry=RetryPolicy(max_retries=0))
+    with pytest.raises(StreamError) as info:
+        c.cat(CID, 0, 10)
+    msg = str(info.value)
+    assert "merkledag: broken link" in msg and CID in msg and "cat" in msg
+    assert f"127.0.0.1:{srv.port}" in msg
+
+
+def test_short_body_is_resumed_where_it_stopped(serve: Any) -> None:
+    calls: list[Seen] = []
+
+    def handler(seen: Seen) -> bytes:
+        calls.append(seen)
+        if len(calls) == 1:
+            # announces 5000 bytes, sends 1234: a cut stream
+            return kubo_cat(DATA[0:5000], cut=1234)
+        return range_handler(seen)
+
+    _srv, c = serve(handler)
+    assert c.cat(CID, 0, 5000) == DATA[:5000]
+    p = dict(calls[1].params)
+    assert p["offset"] == "1234" and p["length"] == str(5000 - 1234)
+
+
+def test_short_body_without_length_header_is_retried_then_fails(serve: Any) -> None:
+    calls: list[Seen] = []
+
+    def handler(seen: Seen) -> bytes:
+        calls.append(seen)
+        return http_reply(200, DATA[:10], chunked=True)  # js-ipfs style: no X-Content-Length
+
+    _srv, c = serve(handler)
+    with pytest.raises(ShortRead) as info:
+        c.cat(CID, 0, 100)
+    assert len(calls) == FAST.max_retries + 1
+    assert "of 100 bytes at offset 0" in str(info.value) and CID in str(info.value)
+
+
+def test_range_beyond_the_end_fails_without_retry(serve: Any) -> None:
+    calls: list[Seen] = []
+
+    def handler(seen: Seen) -> bytes:
+        calls.append(seen)
+        return kubo_cat(DATA[-50:])  # Kubo: fewer bytes, announced as such
+
+    _srv, c = serve(handler)
+    with pytest.raises(ShortRead) as info:
+        c.cat(CID, len(DATA) - 50, 100)
+    assert len(calls) == 1 and "beyond" in str(info.value)
+
+
+def test_too_many_bytes_is_a_bad_reply(serve: Any) -> None:
+    _srv, c = serve(lambda s: kubo_cat(DATA[:200]))
+    with pytest.raises(BadReply):
+        c.cat(CID, 0, 100)
+
+
+def test_json_error_body_gives_the_daemons_message(serve: Any) -> None:
+    srv, c = serve(lambda s: kubo_error("invalid path \"/ipfs/x\": bad CID", 400))
+    with pytest.raises(IPFSHTTPError) as info:
+        c.cat(CID, 0, 10)
+    assert info.value.status == 400
+    assert "bad CID" in str(info.value) and "HTTP 400" in str(info.value)
+    assert len(srv.seen) == 1  # 400 is not retried
+
+
+def test_not_found_and_daemon_timeout(serve: Any) -> None:
+    srv, c = serve(lambda s: kubo_error("block was not found locally (offline): ipld: could "
+                                        "not find bafkreia"))
+    with pytest.raises(IPFSNotFound):
+        c.cat(CID, 0, 10)
+    assert len(srv.seen) == 1
+    srv2, c2 = serve(lambda s: kubo_error("context deadline exceeded"))
+    with pytest.raises(IPFSTimeout):
+        c2.cat(CID, 0, 10)
+    assert len(srv2.seen) == FAST.max_retries + 1
+
+
+def test_retries_then_success(serve: Any) -> None:
+    calls: list[Seen] = []
+
+    def handler(seen: Seen) -> bytes:
+        calls.append(seen)
+        if len(calls) <= 2:
+            return kubo_error("daemon restarting", 503)
+        return range_handler(seen)
+
+    _srv, c = serve(handler)
+    assert c.cat(CID, 5, 5) == DATA[5:10]
+    assert len(calls) == 3
+
+
+def test_connection_refused(face_kind: str) -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    c = Face(face_kind, f"/ip4/127.0.0.1/tcp/{port}")
+    with pytest.raises(DaemonUnreachable) as info:
+        c.cat(CID, 0, 1)
+    assert f"127.0.0.1:{port}" in str(info.value) and "cannot connect" in str(info.value)
+
+
+def test_stalling_server_times_out(serve: Any) -> None:
+    srv, c = serve(lambda s: STALL, timeout=0.3, retry=RetryPolicy(max_retries=1,
+                                                                   min_wait=0.001))
+    with pytest.raises(IPFSTimeout) as info:
+        c.cat(CID, 0, 10)
+    assert "no reply within 0.3 s" in str(info.value)
+    assert len(srv.seen) == 2
+
+
+def test_closed_pooled_connection_is_replaced_transparently(serve: Any) -> None:
+    calls: list[Seen] = []
+
+    def handler(seen: Seen) -> bytes:
+        calls.append(seen)
+        if seen.path.endswith("/id"):
+            return CLOSE  # the server drops the kept-alive connection on the next request
+        return range_handler(seen)
+
+    _srv, c = serve(handler, retry=RetryPolicy(max_retries=0))
+    assert c.cat(CID, 0, 10) == DATA[:10]
+    # the next request on the pooled connection meets a closed socket: with no retries
+    # allowed it still must fail cleanly, not hang
+    with pytest.raises(DaemonUnreachable):
+        c.id()
+
+
+def test_server_closing_idle_connection_is_not_an_error(serve: Any) -> None:
+    # the server answers and closes every connection without saying so (no Connection: close)
+    state = {"n": 0}
+
+    def handler(seen: Seen) -> bytes:
+        state["n"] += 1
+        return range_handler(seen)
+
+    srv, c = serve(handler, retry=RetryPolicy(max_retries=0))
+    assert c.cat(CID, 0, 10) == DATA[:10]
+    for conn in srv._conns:
+        conn.shutdown(socket.SHUT_RDWR)
+    assert c.cat(CID, 10, 10) == DATA[10:20]
+    assert srv.connections == 2
+
+
+def test_authorization_header(serve: Any) -> None:
+    srv, c = serve(lambda s: kubo_json({"ID": "12D3KooW", "AgentVersion": "kubo/0.29.0"}),
+                   auth="Bearer tok")
+    assert c.id()["ID"] == "12D3KooW"
+    assert srv.seen[-1].headers["authorization"] == "Bearer tok"
+
+
+KUBO_ADD = (b'{"Name":"blob","Hash":"bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"'
+            b',"Size":"0"}\n')
+
+
+def add_handler(reply: bytes) -> Callable[[Seen], bytes]:
+    def handler(seen: Seen) -> bytes:
+        return http_reply(200, reply, headers=[("Content-Type", "application/json"),
+                                               ("X-Chunked-Output", "1")],
+                          chunked=True, trailers=[("X-Stream-Error", "")])
+
+    return handler
+
+
+def test_add_kubo_reply_and_streamed_multipart(serve: Any, tmp_path: Path) -> None:
+    src = tmp_path / "layer.bin"
+    payload = DATA * 24  # 3 MiB: sent in several HTTP chunks
+    src.write_bytes(payload)
+    big_size = f'{{"Name":"layer.bin","Hash":"{CID}","Size":"3145899"}}\n'.encode()
+    srv, c = serve(add_handler(big_size))
+    result = c.add(src)
+    assert result.cid == CID and result.size == len(payload) and result.dag_size == 3145899
+    req = srv.seen[-1]
+    p = dict(req.params)
+    assert p["cid-version"] == "1" and p["pin"] == "true" and p["raw-leaves"] == "true"
+    assert p["chunker"] == "size-262144"
+    assert req.headers["transfer-encoding"] == "chunked"
+    ctype = req.headers["content-type"]
+    assert ctype.startswith("multipart/form-data; boundary=")
+    boundary = ctype.split("boundary=")[1].encode()
+    head, rest = req.body.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"--" + boundary)
+    assert b"Content-Type: application/octet-stream" in head and b'filename="layer.bin"' in head
+    assert rest == payload + b"\r\n--" + boundary + b"--\r\n"
+
+
+def test_add_jsipfs_numeric_size_and_base58_hash(serve: Any) -> None:
+    reply = (json.dumps({"Name": "blob", "Hash": CID_V0, "Size": 123}) + "\n").encode()
+    srv, c = serve(add_handler(reply))
+    result = c.add(b"x" * 10, pin=False)
+    assert result.cid == normalize_cid(CID_V0) and result.dag_size == 123 and result.size == 10
+    assert dict(srv.seen[-1].params)["pin"] == "false"
+
+
+def test_add_takes_the_last_object_and_sees_stream_errors(serve: Any) -> None:
+    reply = (b'{"Name":"blob","Bytes":262144}\n' + KUBO_ADD)
+    _srv, c = serve(add_handler(reply))
+    assert c.add(b"").cid == "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"
+    _srv2, c2 = serve(add_handler(b'{"Message":"write: no space left on device","Code":0,'
+                                 b'"Type":"error"}\n'))
+    with pytest.raises(IPFSHTTPError) as info:
+        c2.add(b"abc")
+    assert "no space left" in str(info.value)
+
+
+def test_add_file_object_is_not_retried(serve: Any, tmp_path: Path) -> None:
+    srv, c = serve(lambda s: kubo_error("busy", 503))
+    src = tmp_path / "f"
+    src.write_bytes(b"abc")
+    with open(src, "rb") as f, pytest.raises(IPFSHTTPError):
+        c.add(f)
+    assert len(srv.seen) == 1
+
+
+def test_json_calls_parse_recorded_replies(serve: Any) -> None:
+    block = b"hello block"
+    bcid = raw_cid(block)
+    replies = {
+        "version": {"Version": "0.29.0", "Commit": "", "Repo": "15", "System": "amd64/linux",
+                    "Golang": "go1.22.4"},
+        "files/stat": {"Hash": CID_V0, "Size": 1000, "CumulativeSize": 1100, "Blocks": 4,
+                       "Type": "file"},
+        "block/stat": {"Key": bcid, "Size": len(block)},
+        "pin/add": {"Pins": [CID_V0]},
+        "swarm/connect": {"Strings": ["connect 12D3KooWA success"]},
+        "swarm/peers": {"Peers": [{"Addr": "/ip4/127.0.0.1/tcp/4001", "Peer": "12D3KooWA",
+                                   "Latency": "", "Muxer": "", "Direction": 0,
+                                   "Streams": None}]},
+        "bootstrap/rm": {"Peers": ["/dnsaddr/bootstrap.libp2p.io/p2p/QmNnooDu"]},
+        "bootstrap/add": {"Peers": ["/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWA"]},
+        "bootstrap/list": {"Peers": None},
+    }
+
+    def handler(seen: Seen) -> bytes:
+        name = seen.path.removeprefix("/api/v0/")
+        if name == "block/get":
+            return http_reply(200, block, chunked=True)
+        if name == "shutdown":
+            return http_reply(200, b"")
+        return kubo_json(replies[name])
+
+    srv, c = serve(handler)
+    assert c.version()["Version"] == "0.29.0"
+    st = c.files_stat(CID)
+    assert st.size == 1000 and st.cid == normalize_cid(CID_V0) and st.type == "file"
+    assert c.file_size(CID) == 1000
+    assert c.block_stat(bcid).size == len(block)
+    assert c.block_get(bcid) == block
+    assert c.pin_add(CID_V0) == [normalize_cid(CID_V0)]
+    assert dict(srv.seen[-1].params)["arg"] == f"/ipfs/{normalize_cid(CID_V0)}"
+    assert c.swarm_connect("/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWA") == [
+        "connect 12D3KooWA success"]
+    assert [(p.peer_id, p.addr) for p in c.swarm_peers()] == [
+        ("12D3KooWA", "/ip4/127.0.0.1/tcp/4001")]
+    assert c.bootstrap_rm_all() == ["/dnsaddr/bootstrap.libp2p.io/p2p/QmNnooDu"]
+    assert dict(srv.seen[-1].params) == {"all": "true"}
+    assert c.bootstrap_add("/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWA") == [
+        "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWA"]
+    assert c.bootstrap_list() == []
+    c.shutdown()
+    assert srv.seen[-1].path == "/api/v0/shutdown"
+
+
+def test_block_get_checks_the_hash(serve: Any) -> None:
+    srv, c = serve(lambda s: http_reply(200, b"not the block", chunked=True))
+    with pytest.raises(BadReply) as info:
+        c.block_get(raw_cid(b"the block"))
+    assert "does not match" in str(info.value)
+    assert len(srv.seen) == FAST.max_retries + 1
+
+
+def test_not_json_is_a_bad_reply(serve: Any) -> None:
+    _srv, c = serve(lambda s: http_reply(200, b"<html>proxy</html>"))
+    with pytest.raises(BadReply):
+        c.id()
+
+
+def test_unknown_endpoint(serve: Any) -> None:
+    _srv, c = serve(lambda s: http_reply(404, b"404 page not found\n"))
+    with pytest.raises(IPFSHTTPError) as info:
+        c.bootstrap_list()
+    assert "does not know /api/v0/bootstrap/list" in str(info.value)
+
+
+def test_trio_cancellation_closes_the_connection() -> None:
+    srv = FakeKubo(lambda s: STALL)
+    client = AsyncIPFSClient(srv.api, timeout=30)
+
+    async def main() -> bool:
+        with trio.move_on_after(0.3) as scope:
+            await client.cat(CID, 0, 10)
+        return scope.cancelled_caught
+
+    try:
+        assert trio.run(main) is True
+        assert client._rpc.pool.take() is None  # the cancelled connection was not pooled
+    finally:
+        srv.close()
+
+
+def test_parse_cid_of_results() -> None:
+    # keep the constants honest: CID is the raw CID of DATA
+    assert parse_cid(CID).digest == hashlib.sha256(DATA).digest()
