@@ -220,6 +220,17 @@ def write_feature_tar(path: Path, chunk_size: int = SMALL_CHUNK, *, prefix: str 
     return path
 
 
+def write_duplicates_tar(path: Path) -> Path:
+    """A tar naming one file twice (layers made by appending do): the last one wins."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        b = _TarBuilder(tf)
+        b.dir("a")
+        b.file("a/f", b"first version\n", mode=0o600)
+        b.file("a/g", b"between\n")
+        b.file("a/f", b"second, longer version\n", mode=0o644, uid=7)
+    return path
+
+
 def write_big_tar(path: Path) -> Path:
     """A tar with one 50 MiB file (not a multiple of any power-of-two chunk size + 1 byte)."""
     rng = random.Random(7)

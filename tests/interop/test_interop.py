@@ -455,3 +455,23 @@ def test_corrupted_reference_blob_never_read_wrong(
         problems = compare(expected, got, check_uname=False, check_gname=False)
         assert not problems, f"byte {pos} flipped: wrong data returned: {problems[:5]}"
     assert raised > len(positions) // 2, f"only {raised} of {len(positions)} flips detected"
+
+
+def test_duplicate_names_last_wins_both_ways(
+    go_checker: Path, interop_dir: Path, ipfsnap_blob: Builder, ref_blob: Builder
+) -> None:
+    """A name given twice in the tar: every reader shows the last one. (The reference's
+    builder also drops the earlier entry from the TOC; the TOC need not match for this.)"""
+    tar = fixtures.write_duplicates_tar(interop_dir / "duplicates.tar")
+    expected = fixtures.expected_entries(tar)
+    assert expected["a/f"].uid == 7
+    ours, oinfo = ipfsnap_blob(tar, chunk_size=SMALL)
+    got, _ = reference_read(go_checker, ours, oinfo.toc_digest)
+    _no_problems(compare(expected, got, check_gname=False), "ipfsnap blob, reference reader")
+    theirs, tinfo = ref_blob(tar, chunk_size=SMALL)
+    got2, _ = ipfsnap_read(theirs, tinfo.toc_digest)
+    _no_problems(compare(expected, got2, check_uname=False, check_gname=False),
+                 "reference blob, ipfsnap reader")
+    got3, _ = ipfsnap_read(ours, oinfo.toc_digest)
+    _no_problems(compare(expected, got3, check_uname=False, check_gname=False),
+                 "ipfsnap blob, ipfsnap reader")
