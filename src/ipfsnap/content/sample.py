@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import io
 import json
@@ -338,7 +339,7 @@ def build_busybox(
 # -- Debian bookworm + python3 (slow, cached) -----------------------------------------------
 
 #: bump when the recipe changes, so cached builds are rebuilt
-PYTHON_IMAGE_VERSION = "1"
+PYTHON_IMAGE_VERSION = "2"
 PYTHON_NAME = "ipfsnap-test/python:3-bookworm"
 DEFAULT_CACHE = Path("/var/cache/ipfsnap-test")
 
@@ -424,16 +425,28 @@ def build_python(cache_dir: Path = DEFAULT_CACHE, *, name: str = PYTHON_NAME) ->
     meta = base / "sample.json"
     if meta.is_file():
         return _load_cached(base, meta)
+    base.mkdir(parents=True, exist_ok=True)
+    # one builder at a time (parallel test runs); the others wait and reuse its result
+    with open(base / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if meta.is_file():
+            return _load_cached(base, meta)
+        return _build_python(base, meta, name)
+
+
+def _build_python(base: Path, meta: Path, name: str) -> SampleImage:
     if os.geteuid() != 0:
         raise SampleBuildError("sample image: building the python image needs root")
     if shutil.which("debootstrap") is None:
         raise SampleBuildError("sample image: debootstrap not installed")
-    base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="build-", dir=base))
     try:
         rootfs = work / "rootfs"
         _run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), apt_mirror()],
              "debootstrap")
+        # debootstrap leaves the downloaded .debs behind (~60 MB); no image ships them
+        for deb in (rootfs / "var/cache/apt/archives").glob("*.deb"):
+            deb.unlink()
         layer1 = work / "layer1.tar"
         tar_directory(rootfs, layer1, root_owned=False)
         upper, ovwork, merged = work / "upper", work / "ovwork", work / "merged"

@@ -1,0 +1,106 @@
+"""Sample image builders: reproducible busybox image, overlay upperdir -> layer tar, the cached
+Debian + python3 image."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+from ipfsnap.content import ImageStore, import_image
+from ipfsnap.content.sample import (
+    BUSYBOX_APPLETS,
+    REMOVED_FILE,
+    SampleImage,
+    build_busybox,
+    upperdir_to_tar,
+)
+from ipfsnap.oci import digest_hex, parse_config, sha256_digest
+from tests.support import require_root
+
+
+def _members(tar_bytes: bytes) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        return {m.name: m for m in tar.getmembers()}
+
+
+def test_busybox_is_reproducible(tmp_path: Path, busybox_image: SampleImage) -> None:
+    again = build_busybox(tmp_path / "again")
+    assert again.target == busybox_image.target
+    assert again.layer_digests == busybox_image.layer_digests
+    assert again.oci_archive is not None and busybox_image.oci_archive is not None
+    assert again.oci_archive.read_bytes() == busybox_image.oci_archive.read_bytes()
+    assert again.docker_archive is not None and busybox_image.docker_archive is not None
+    assert again.docker_archive.read_bytes() == busybox_image.docker_archive.read_bytes()
+
+
+def test_busybox_layers(busybox_image: SampleImage) -> None:
+    lower, upper = (_members(t) for t in busybox_image.layer_tars)
+    assert lower["bin/busybox"].mode == 0o755 and lower["bin/busybox"].isfile()
+    for applet in BUSYBOX_APPLETS:
+        assert lower[f"bin/{applet}"].issym() and lower[f"bin/{applet}"].linkname == "busybox"
+    assert REMOVED_FILE in lower and lower["tmp"].mode == 0o1777
+    assert upper["etc/.wh.removed.txt"].isfile() and upper["etc/.wh.removed.txt"].size == 0
+    assert upper["hello-link.txt"].islnk() and upper["hello-link.txt"].linkname == "hello.txt"
+    assert {m.mtime for m in [*lower.values(), *upper.values()]} == {1_700_000_000}
+    blobs = busybox_image.blobs
+    for digest, diff_id, tar in zip(busybox_image.layer_digests, busybox_image.diff_ids,
+                                    busybox_image.layer_tars, strict=True):
+        raw = (blobs / digest_hex(digest)).read_bytes()
+        assert sha256_digest(raw) == digest
+        assert gzip.decompress(raw) == tar and sha256_digest(tar) == diff_id
+    config = parse_config((blobs / digest_hex(busybox_image.config_digest)).read_bytes())
+    assert config.diff_ids == busybox_image.diff_ids and config.cmd == ["/bin/sh"]
+    assert busybox_image.files["hello.txt"] == b"Hello from layer 2\n"
+
+
+def test_upperdir_to_tar(tmp_path: Path) -> None:
+    """A real overlay mount: deleted files become whiteouts, a replaced directory gets an
+    opaque marker, a new directory (also marked opaque by overlay) does not."""
+    require_root()
+    lower, upper, work, merged = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
+    for d in (lower, upper, work, merged):
+        d.mkdir()
+    (lower / "keep.txt").write_text("keep")
+    (lower / "gone.txt").write_text("gone")
+    (lower / "dir").mkdir()
+    (lower / "dir" / "old.txt").write_text("old")
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)],
+                   check=True)
+    try:
+        (merged / "gone.txt").unlink()
+        (merged / "dir" / "old.txt").unlink()
+        os.rmdir(merged / "dir")
+        (merged / "dir").mkdir()
+        (merged / "dir" / "new.txt").write_text("new")
+        (merged / "fresh").mkdir()
+        (merged / "fresh" / "f.txt").write_text("f")
+    finally:
+        subprocess.run(["umount", str(merged)], check=True)
+    out = tmp_path / "layer.tar"
+    upperdir_to_tar(upper, lower, out)
+    members = _members(out.read_bytes())
+    assert ".wh.gone.txt" in members
+    assert "dir/.wh..wh..opq" in members and "dir/new.txt" in members
+    assert "fresh/f.txt" in members and "fresh/.wh..wh..opq" not in members
+    assert "keep.txt" not in members
+
+
+def test_python_image(python_image: SampleImage, tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "state")
+    assert python_image.oci_archive is not None
+    (rec,) = import_image(store, python_image.oci_archive)
+    res = store.resolve(rec.name)
+    assert res.config.cmd == ["/usr/bin/python3"]
+    assert len(res.layers) == 2
+    with store.blobs.open(res.layers[1].digest) as f, tarfile.open(fileobj=f, mode="r:gz") as t:
+        names = set(t.getnames())
+    assert "usr/bin/python3" in names
+    with store.blobs.open(res.layers[0].digest) as f, tarfile.open(fileobj=f, mode="r:gz") as t:
+        lower = set(t.getnames())
+    assert ("usr/bin/python3" not in lower and "bin/bash" in lower) or "usr/bin/bash" in lower
+    assert not any(n.endswith(".deb") for n in lower)
