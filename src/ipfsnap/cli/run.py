@@ -34,7 +34,7 @@ from ipfsnap.runtime import (
     validate_id,
 )
 from ipfsnap.runtime.containers import MountRootfs, Release
-from ipfsnap.runtime.errors import ContainerNotFound
+from ipfsnap.runtime.errors import ContainerNotFound, Interrupted
 
 if TYPE_CHECKING:
     from ipfsnap.content import ResolvedImage
@@ -350,7 +350,11 @@ def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
             args=cfg.args,
         )
         mount_rootfs = image_rootfs(ctx, image, args.snapshotter, key)
-    code = store.run(record, cfg, mount_rootfs=mount_rootfs, release=release_for(ctx))
+    try:
+        code = store.run(record, cfg, mount_rootfs=mount_rootfs, release=release_for(ctx))
+    except Interrupted as exc:
+        sys.stderr.write(f"ipfsnap: run {cid}: {exc}\n")
+        return 128 + exc.signum
     if args.detach:
         sys.stdout.write(cid + "\n")
     return code

@@ -18,6 +18,7 @@ from ipfsnap.runtime.errors import (
     ContainerExists,
     ContainerNotFound,
     ContainerRunning,
+    Interrupted,
     RuncError,
     UserNotFound,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "ContainerRunning",
     "ContainerStatus",
     "ContainerStore",
+    "Interrupted",
     "ResolvedUser",
     "Runc",
     "RuncError",

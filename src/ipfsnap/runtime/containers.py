@@ -38,6 +38,7 @@ from ipfsnap.runtime.errors import (
     ContainerExists,
     ContainerNotFound,
     ContainerRunning,
+    Interrupted,
 )
 from ipfsnap.runtime.runc import FORWARDED_SIGNALS, Runc
 from ipfsnap.runtime.spec import ContainerConfig, write_bundle
@@ -124,6 +125,29 @@ def unmount_all(path: Path) -> None:
                 return
             raise MountError(f"unmount {path}: {os.strerror(err)}")
     raise MountError(f"unmount {path}: still mounted after 64 unmounts")
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """While preparing a container, turn SIGTERM/SIGHUP/SIGINT into :class:`Interrupted`, so
+    ``finally`` blocks run (Python's default SIGTERM action would end the process without
+    them, leaving mounts and snapshots behind). Only possible in the main thread."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    sigs = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    old = {s: signal.signal(s, handler) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 @contextlib.contextmanager
@@ -292,32 +316,35 @@ class ContainerStore:
         interrupted. Detached: returns 0 once runc has started the container; a failure to
         start removes it again.
         """
-        if record.detached and cfg.tty:
-            raise BadRunOption("-d with -t: a detached container cannot have a terminal here")
-        if record.detached and record.rm:
-            raise BadRunOption("-d with --rm: no monitor removes a detached container; use rm")
         d = self.path(record.id)
         started = False
-        code = 1
-        try:
-            mount_rootfs(d / "rootfs")
-            write_bundle(
-                d,
-                cfg,
-                container_id=record.id,
-                rootfs=d / "rootfs",
-                cgroups_path=self.cgroups_path(record.id),
-            )
-            if record.detached:
-                self.runc.run_detached(record.id, d, d / "log")
+        with signals_raise():
+            try:
+                if record.detached and cfg.tty:
+                    raise BadRunOption("-d with -t: a detached container cannot have a terminal")
+                if record.detached and record.rm:
+                    raise BadRunOption("-d with --rm: no monitor would remove it; use rm later")
+                mount_rootfs(d / "rootfs")
+                write_bundle(
+                    d,
+                    cfg,
+                    container_id=record.id,
+                    rootfs=d / "rootfs",
+                    cgroups_path=self.cgroups_path(record.id),
+                )
+                if record.detached:
+                    self.runc.run_detached(record.id, d, d / "log")
+                    started = True
+                    return 0
+                # forwardable signals are blocked and passed on to runc in there
+                code = self.runc.run_foreground(
+                    record.id, d, stdin=stdin, stdout=stdout, stderr=stderr
+                )
                 started = True
-                return 0
-            code = self.runc.run_foreground(record.id, d, stdin=stdin, stdout=stdout, stderr=stderr)
-            started = True
-            record.exit_code = code
-            self.save(record)
-            return code
-        finally:
-            if record.rm or not started:
-                with signals_deferred():
-                    self.destroy(record.id, release, force=True)
+                record.exit_code = code
+                self.save(record)
+                return code
+            finally:
+                if record.rm or not started:
+                    with signals_deferred():
+                        self.destroy(record.id, release, force=True)

@@ -31,3 +31,15 @@ class ContainerNotFound(NotFoundError):
 
 class ContainerRunning(RuntimeFailure):
     """The container is still running (``rm`` without ``-f``)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM/SIGHUP/SIGINT arrived while a container was being prepared or cleaned up.
+
+    A BaseException (as KeyboardInterrupt) so no ``except Exception`` swallows it; the CLI
+    exits with 128 + ``signum``.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum
