@@ -4,11 +4,14 @@ bounded and verified chunk decompression, and ranged reads of files."""
 from __future__ import annotations
 
 import bisect
+import collections
 import hashlib
 import io
 import logging
+import os
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
@@ -506,16 +509,34 @@ def verify_blob(
     toc_digest: str | None = None,
     limits: Limits = DEFAULT_LIMITS,
     name: str = "blob",
+    workers: int = 0,
 ) -> VerifyResult:
     """Open the blob (checking the TOC digest if given) and verify every chunk's digest."""
     index = open_layer(reader, size, toc_digest=toc_digest, limits=limits, name=name)
-    extent: tuple[int, int] = (-1, -1)
-    data = b""
+    # Chunks that share a compressed extent (innerOffset) are checked from one read.
+    groups: dict[tuple[int, int], list[Chunk]] = {}
     for _path, c in index.all_chunks:
-        if (c.offset, c.end) != extent:
-            extent = (c.offset, c.end)
-            data = reader.read_at(c.offset, c.end - c.offset)
-        decompress_chunk(index.compression, data, c, name=name)
+        groups.setdefault((c.offset, c.end), []).append(c)
+
+    def check(extent: tuple[int, int]) -> None:
+        data = reader.read_at(extent[0], extent[1] - extent[0])
+        for c in groups[extent]:
+            decompress_chunk(index.compression, data, c, name=name)
+
+    n = workers or len(os.sched_getaffinity(0))
+    if n <= 1:
+        for extent in groups:
+            check(extent)
+    else:
+        # inflate and sha256 release the GIL; keep a bounded number of extents in flight
+        with ThreadPoolExecutor(n, "estargz-verify") as pool:
+            pending: collections.deque[Future[None]] = collections.deque()
+            for extent in groups:
+                pending.append(pool.submit(check, extent))
+                if len(pending) > 2 * n:
+                    pending.popleft().result()
+            while pending:
+                pending.popleft().result()
     return VerifyResult(
         index.toc_digest, len(index.toc_entries), index.compression, len(index.all_chunks)
     )

@@ -69,7 +69,11 @@ def toc_json(entries: Iterable[TOCEntry]) -> bytes:
     text = _GO_ESCAPE_RE.sub(lambda m: _GO_ESCAPES[m.group(0)], text)
     # Names from tar headers may hold bytes that are not UTF-8 (kept as surrogates);
     # Go replaces them with U+FFFD, and so do we.
-    return text.encode("utf-8", "replace")
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace").encode("utf-8")
 
 
 def _reject_constant(name: str) -> Any:
