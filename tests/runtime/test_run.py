@@ -410,3 +410,30 @@ def test_two_state_dirs_do_not_see_each_other(
     finally:
         if (other / "containers" / "same").exists():
             ContainerStore(other).destroy("same", force=True)
+
+
+def test_tty_without_a_terminal_falls_back(runtime_state: Path, rootfs: Path) -> None:
+    # scripts and CI pass -t (as the seed workflow) with no terminal anywhere: runc alone would
+    # fail to find a console; ipfsnap runs without one and says so on stderr
+    p = subprocess.run(
+        ipfsnap(
+            runtime_state,
+            "run",
+            "--rm",
+            "-t",
+            "--rootfs",
+            str(rootfs),
+            "nt",
+            "sh",
+            "-c",
+            "test -t 1 || echo NOTTY; exit 3",
+        ),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        start_new_session=True,
+    )
+    assert p.returncode == 3, p.stderr
+    assert p.stdout == "NOTTY\n" and "-t ignored" in p.stderr
+    assert_no_trace(runtime_state, "nt")

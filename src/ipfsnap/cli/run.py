@@ -35,6 +35,7 @@ from ipfsnap.runtime import (
 )
 from ipfsnap.runtime.containers import MountRootfs, Release
 from ipfsnap.runtime.errors import ContainerNotFound, Interrupted
+from ipfsnap.runtime.runc import have_terminal
 
 if TYPE_CHECKING:
     from ipfsnap.content import ResolvedImage
@@ -313,6 +314,11 @@ def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
         raise UsageError("run: -d and -t cannot be combined (no console to attach later)")
     if args.detach and args.rm:
         raise UsageError("run: -d and --rm cannot be combined; remove it with ipfsnap rm")
+    if args.tty and not have_terminal():
+        # runc fails outright without a console to attach; scripts and CI often pass -t
+        # (as the seed workflow does), so run without a terminal and say so
+        log.warning("run %s: -t ignored: no terminal on stdin/stdout/stderr", cid)
+        args.tty = False
     mounts = [parse_mount(m) for m in args.mount]
     env = parse_env(args.env)
     store = ContainerStore(ctx.config.state_dir)

@@ -66,6 +66,19 @@ class RuncState:
     bundle: str
 
 
+def have_terminal() -> bool:
+    """Whether ``runc run`` with a terminal can find our console: one of stdin/stdout/stderr
+    is a tty, or this process has a controlling terminal (runc tries them in that order)."""
+    if any(os.isatty(fd) for fd in (0, 1, 2)):
+        return True
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
 def exit_status(returncode: int) -> int:
     """A shell-style status: 128+N for a child killed by signal N."""
     return 128 - returncode if returncode < 0 else returncode
