@@ -134,6 +134,8 @@ def test_every_entry_type_metadata() -> None:
     assert hard is idx.entry("d/file") and hard is not None and hard.type == "reg"
     assert idx.nlink("d/file") == 2 and idx.nlink("other/hard") == 2
     assert lr.read("other/hard") == b"hello"
+    again = idx.entry("d/again")
+    assert again is not None and (again.user_name, again.group_name) == ("big", "biggrp")
     assert idx.entry("xattr") is not None
     assert idx.entry("xattr").xattrs == {"user.k": "vé".encode(), "security.capability": b"c"}  # type: ignore[union-attr]
     assert lr.read("ünïcødé/文件") == b"utf8"

@@ -335,3 +335,52 @@ def test_every_error_is_one_line_and_in_the_tree(sample: tuple[bytes, Any]) -> N
             open_bytes(bad, name="layer-x")
         assert isinstance(ei.value, IpfsnapError)
         assert "layer-x" in str(ei.value) and "\n" not in str(ei.value)
+
+
+@pytest.fixture(scope="module")
+def zsample() -> tuple[bytes, Any]:
+    items = [Item("a", data=bytes(range(256)) * 20), Item("b", data=b"bee")]
+    return build_bytes(make_tar(items), chunk_size=C, compression="zstd")
+
+
+def _zstd_with_footer(blob: bytes, off: int, csize: int, rsize: int) -> bytes:
+    from ipfsnap.estargz.footer import skippable_frame, zstd_footer
+
+    return blob[:-48] + skippable_frame(zstd_footer(off, csize, rsize))
+
+
+def test_zstd_hostile_footers_and_tocs(zsample: tuple[bytes, Any]) -> None:
+    from ipfsnap.estargz.footer import parse_zstd_footer
+
+    blob, res = zsample
+    f = parse_zstd_footer(blob[-40:])
+    assert open_bytes(blob, toc_digest=res.toc_digest).compression == "zstd"
+    with pytest.raises(BadFooter):
+        open_bytes(_zstd_with_footer(blob, len(blob) + 5, f.toc_compressed_size, f.toc_size))
+    with pytest.raises(BadFooter):
+        open_bytes(_zstd_with_footer(blob, f.toc_offset, len(blob), f.toc_size))
+    with pytest.raises(InvalidTOC):
+        open_bytes(_zstd_with_footer(blob, f.toc_offset, f.toc_compressed_size, f.toc_size - 1))
+    with pytest.raises(TOCTooLarge):
+        open_bytes(blob, limits=Limits(max_toc_size=f.toc_size - 1))
+    with pytest.raises(TOCDigestMismatch):
+        open_bytes(blob, toc_digest="sha256:" + "0" * 64)
+    bad = bytearray(blob)
+    bad[f.toc_offset + 6] ^= 0xFF
+    with pytest.raises((BadCompression, InvalidTOC)):
+        open_bytes(bytes(bad))
+
+
+def test_zstd_corrupt_chunk_never_returns_wrong_data(zsample: tuple[bytes, Any]) -> None:
+    blob, _ = zsample
+    idx = open_bytes(blob)
+    c = idx.chunks("a")[2]
+    assert c.end - c.offset > 8
+    for pos in range(c.offset, c.end):
+        bad = bytearray(blob)
+        bad[pos] ^= 0x21
+        try:
+            out = decompress_chunk("zstd", bytes(bad[c.offset : c.end]), c)
+        except (BadCompression, ChunkDigestMismatch, TruncatedBlob):
+            continue
+        assert out == (bytes(range(256)) * 20)[2048:3072]

@@ -134,6 +134,10 @@ class LayerIndex:
         last_reg: TOCEntry | None = None
         last_pieces: list[TOCEntry] = []
         regs: list[tuple[TOCEntry, list[TOCEntry]]] = []
+        # Writers omit a user/group name equal to the last one written for the same id;
+        # carry the names forward so every entry has them.
+        users: dict[int, str] = {}
+        groups: dict[int, str] = {}
         for i, raw in enumerate(self.toc_entries):
             what = f"{blob}: TOC entry #{i} {raw.name[:200]!r}"
             name = _checked_name(raw.name, what, limits)
@@ -143,6 +147,14 @@ class LayerIndex:
                     raise InvalidTOC(f"{what}: chunk entry does not follow its file's entry")
                 last_pieces.append(e)
                 continue
+            if e.user_name:
+                users[e.uid] = e.user_name
+            else:
+                e.user_name = users.get(e.uid, "")
+            if e.group_name:
+                groups[e.gid] = e.group_name
+            else:
+                e.group_name = groups.get(e.gid, "")
             if e.type == "reg":
                 last_reg, last_pieces = e, [e]
                 regs.append((e, last_pieces))
