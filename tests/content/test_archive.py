@@ -79,8 +79,9 @@ def test_import_docker_archive(tmp_path: Path, busybox_image: SampleImage) -> No
     assert renamed.target == record.target
 
 
-def test_export_import_round_trip(tmp_path: Path, busybox_image: SampleImage,
-                                  busybox_multiarch: SampleImage) -> None:
+def test_export_import_round_trip(
+    tmp_path: Path, busybox_image: SampleImage, busybox_multiarch: SampleImage
+) -> None:
     for image in (busybox_image, busybox_multiarch):
         store = ImageStore(tmp_path / "a")
         import_image(store, image.layout)
@@ -115,14 +116,14 @@ def test_import_multiarch_keeps_index(tmp_path: Path, busybox_multiarch: SampleI
         assert store.blobs.exists(desc.digest)
 
 
-def test_import_unnamed_entries_with_name(tmp_path: Path, busybox_multiarch: SampleImage
-                                          ) -> None:
+def test_import_unnamed_entries_with_name(tmp_path: Path, busybox_multiarch: SampleImage) -> None:
     """An OCI layout with several unnamed manifests + --name: wrapped in a new index."""
     layout = tmp_path / "layout"
     shutil.copytree(busybox_multiarch.layout, layout)
     entries = list(busybox_multiarch.manifests.values())
-    (layout / "index.json").write_text(json.dumps(
-        {"schemaVersion": 2, "manifests": [e.to_dict() for e in entries]}))
+    (layout / "index.json").write_text(
+        json.dumps({"schemaVersion": 2, "manifests": [e.to_dict() for e in entries]})
+    )
     store = ImageStore(tmp_path / "s")
     with pytest.raises(AmbiguousImport, match="no name"):
         import_image(store, layout)
@@ -140,8 +141,9 @@ def _copy_layout(image: SampleImage, dest: Path) -> Path:
     return dest
 
 
-def _rewrite_manifest(layout: Path, image: SampleImage,
-                      edit: Callable[[dict[str, Any]], None]) -> None:
+def _rewrite_manifest(
+    layout: Path, image: SampleImage, edit: Callable[[dict[str, Any]], None]
+) -> None:
     blobs = layout / "blobs" / "sha256"
     doc = json.loads((blobs / digest_hex(image.target.digest)).read_bytes())
     edit(doc)

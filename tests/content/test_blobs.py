@@ -109,7 +109,8 @@ def test_crash_mid_ingest_leaves_no_blob(tmp_path: Path) -> None:
     digest = sha256_digest(data)
     proc = subprocess.Popen(
         [sys.executable, "-c", CRASH_SCRIPT, str(tmp_path), digest],
-        stdout=subprocess.PIPE, cwd=ROOT,
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
     )
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"writing\n"
@@ -150,14 +151,16 @@ def test_concurrent_threads_same_blob(tmp_path: Path) -> None:
 
 
 def _proc_ingest(root: str, n: int) -> None:
-    BlobStore(Path(root)).ingest([DATA[i:i + n] for i in range(0, len(DATA), n)], DIGEST,
-                                 len(DATA))
+    BlobStore(Path(root)).ingest(
+        [DATA[i : i + n] for i in range(0, len(DATA), n)], DIGEST, len(DATA)
+    )
 
 
 def test_concurrent_processes_same_blob(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_proc_ingest, args=(str(tmp_path), 4096 * (i + 1)))
-             for i in range(4)]
+    procs = [
+        ctx.Process(target=_proc_ingest, args=(str(tmp_path), 4096 * (i + 1))) for i in range(4)
+    ]
     for p in procs:
         p.start()
     for p in procs:

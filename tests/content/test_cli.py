@@ -16,8 +16,9 @@ def run(state: Path, *args: str) -> int:
     return main(["--state-dir", str(state), "image", *args])
 
 
-def test_image_commands(state_dir: Path, tmp_path: Path, busybox_image: SampleImage,
-                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_image_commands(
+    state_dir: Path, tmp_path: Path, busybox_image: SampleImage, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert busybox_image.oci_archive is not None
     assert run(state_dir, "import", str(busybox_image.oci_archive)) == 0
     out = capsys.readouterr().out
@@ -54,12 +55,16 @@ def test_image_commands(state_dir: Path, tmp_path: Path, busybox_image: SampleIm
         (["import", "/nonexistent/file.tar"], 1, "/nonexistent/file.tar: no such file"),
         (["rm", "Bad:Name:x"], 2, "invalid image reference"),
         (["pull", "--platform", "linux", "x"], 2, "invalid platform 'linux'"),
-        (["pull", "ipfs://bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"], 2,
-         "rpull"),
+        (
+            ["pull", "ipfs://bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"],
+            2,
+            "rpull",
+        ),
     ],
 )
-def test_errors(state_dir: Path, capsys: pytest.CaptureFixture[str], args: list[str],
-                code: int, needle: str) -> None:
+def test_errors(
+    state_dir: Path, capsys: pytest.CaptureFixture[str], args: list[str], code: int, needle: str
+) -> None:
     assert run(state_dir, *args) == code
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -67,8 +72,9 @@ def test_errors(state_dir: Path, capsys: pytest.CaptureFixture[str], args: list[
     assert needle in captured.err
 
 
-def test_import_corrupt_exit_code(state_dir: Path, tmp_path: Path, busybox_image: SampleImage,
-                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_import_corrupt_exit_code(
+    state_dir: Path, tmp_path: Path, busybox_image: SampleImage, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert busybox_image.oci_archive is not None
     data = busybox_image.oci_archive.read_bytes()
     cut = tmp_path / "cut.tar"

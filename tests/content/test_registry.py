@@ -24,8 +24,9 @@ from tests.support import require_tool
 
 
 @pytest.fixture
-def registry(tmp_path: Path, busybox_image: SampleImage,
-             busybox_multiarch: SampleImage) -> Iterator[str]:
+def registry(
+    tmp_path: Path, busybox_image: SampleImage, busybox_multiarch: SampleImage
+) -> Iterator[str]:
     binary = require_tool("docker-registry")
     with run_registry(tmp_path / "registry", binary) as reg:
         push_layout(reg.host, "test/busybox", "1", busybox_image.layout)
@@ -33,8 +34,9 @@ def registry(tmp_path: Path, busybox_image: SampleImage,
         yield reg.host
 
 
-def test_pull_real_registry(registry: str, state_dir: Path, busybox_image: SampleImage,
-                            busybox_multiarch: SampleImage) -> None:
+def test_pull_real_registry(
+    registry: str, state_dir: Path, busybox_image: SampleImage, busybox_multiarch: SampleImage
+) -> None:
     store = ImageStore(state_dir)
     rec = pull_image(store, f"{registry}/test/busybox:1")
     assert rec.name == f"{registry}/test/busybox:1"
@@ -51,8 +53,9 @@ def test_pull_real_registry(registry: str, state_dir: Path, busybox_image: Sampl
     store.remove(by_digest.name)
     store.gc()
     assert list(store.blobs.list()) == []
-    multi = pull_image(store, f"{registry}/test/busybox:multi",
-                       platform=parse_platform("linux/arm64"))
+    multi = pull_image(
+        store, f"{registry}/test/busybox:multi", platform=parse_platform("linux/arm64")
+    )
     assert multi.target == busybox_multiarch.target
     assert store.blobs.exists(arm.digest)
     assert not store.blobs.exists(amd.digest)
@@ -63,8 +66,9 @@ def test_pull_real_registry(registry: str, state_dir: Path, busybox_image: Sampl
         pull_image(store, f"{registry}/test/busybox:multi", platform=parse_platform("linux/s390x"))
 
 
-def test_pull_errors_real_registry(registry: str, state_dir: Path,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_pull_errors_real_registry(
+    registry: str, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     store = ImageStore(state_dir)
     with pytest.raises(ImageNotFound, match="HTTP 404"):
         pull_image(store, f"{registry}/test/busybox:nope")
@@ -91,8 +95,11 @@ def test_parse_challenge() -> None:
         'Bearer realm="https://auth.example/token",service="reg",scope="repository:a/b:pull"'
     )
     assert kind == "bearer"
-    assert params == {"realm": "https://auth.example/token", "service": "reg",
-                      "scope": "repository:a/b:pull"}
+    assert params == {
+        "realm": "https://auth.example/token",
+        "service": "reg",
+        "scope": "repository:a/b:pull",
+    }
 
 
 # -- a fake registry with token auth -----------------------------------------------------
@@ -114,8 +121,7 @@ def _handler(fake: Fake) -> type[http.server.BaseHTTPRequestHandler]:
         def log_message(self, *args: object) -> None:
             return None
 
-        def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None
-                  ) -> None:
+        def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
             self.send_response(status)
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
@@ -137,21 +143,27 @@ def _handler(fake: Fake) -> type[http.server.BaseHTTPRequestHandler]:
                 return
             if self.headers.get("Authorization") != f"Bearer {fake.token}":
                 realm = f"http://127.0.0.1:{fake.port}/token"
-                self._send(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {
-                    "WWW-Authenticate": f'Bearer realm="{realm}",service="fake",'
-                                        'scope="repository:test/app:pull"'})
+                self._send(
+                    401,
+                    b'{"errors":[{"code":"UNAUTHORIZED"}]}',
+                    {
+                        "WWW-Authenticate": f'Bearer realm="{realm}",service="fake",'
+                        'scope="repository:test/app:pull"'
+                    },
+                )
                 return
             m = re.fullmatch(r"/v2/test/app/manifests/(.+)", self.path)
             if m:
                 ref = fake.tags.get(m.group(1), m.group(1))
                 path = fake.layout / "blobs/sha256" / ref.removeprefix("sha256:")
                 if not path.is_file():
-                    self._send(404, b'{"errors":[{"code":"MANIFEST_UNKNOWN",'
-                                    b'"message":"manifest unknown"}]}')
+                    self._send(
+                        404,
+                        b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}',
+                    )
                     return
                 data = path.read_bytes()
-                digest = "sha256:" + ("0" * 64 if fake.wrong_header_digest
-                                      else path.name)
+                digest = "sha256:" + ("0" * 64 if fake.wrong_header_digest else path.name)
                 ctype = json.loads(data).get("mediaType", "application/json")
                 self._send(200, data, {"Content-Type": ctype, "Docker-Content-Digest": digest})
                 return
@@ -166,8 +178,7 @@ def _handler(fake: Fake) -> type[http.server.BaseHTTPRequestHandler]:
 
 @pytest.fixture
 def fake_registry(busybox_multiarch: SampleImage) -> Iterator[Fake]:
-    fake = Fake(busybox_multiarch.layout,
-                {"multi": busybox_multiarch.target.digest})
+    fake = Fake(busybox_multiarch.layout, {"multi": busybox_multiarch.target.digest})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
     fake.port = server.server_address[1]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -180,11 +191,15 @@ def fake_registry(busybox_multiarch: SampleImage) -> Iterator[Fake]:
         thread.join()
 
 
-def test_token_auth_and_redirects(fake_registry: Fake, state_dir: Path,
-                                  busybox_multiarch: SampleImage) -> None:
+def test_token_auth_and_redirects(
+    fake_registry: Fake, state_dir: Path, busybox_multiarch: SampleImage
+) -> None:
     store = ImageStore(state_dir)
-    rec = pull_image(store, f"127.0.0.1:{fake_registry.port}/test/app:multi",
-                     platform=parse_platform("linux/amd64"))
+    rec = pull_image(
+        store,
+        f"127.0.0.1:{fake_registry.port}/test/app:multi",
+        platform=parse_platform("linux/amd64"),
+    )
     assert rec.target == busybox_multiarch.target
     assert len(fake_registry.token_requests) == 1  # token reused for every later request
     assert "scope=repository%3Atest%2Fapp%3Apull" in fake_registry.token_requests[0]
@@ -198,8 +213,9 @@ def test_bad_token_is_refused(fake_registry: Fake, state_dir: Path) -> None:
         pull_image(ImageStore(state_dir), f"127.0.0.1:{fake_registry.port}/test/app:multi")
 
 
-def test_corrupt_blob_leaves_store_unchanged(fake_registry: Fake, state_dir: Path,
-                                             busybox_multiarch: SampleImage) -> None:
+def test_corrupt_blob_leaves_store_unchanged(
+    fake_registry: Fake, state_dir: Path, busybox_multiarch: SampleImage
+) -> None:
     fake_registry.corrupt.add(busybox_multiarch.layer_digests[1])
     store = ImageStore(state_dir)
     with pytest.raises(DigestMismatch, match=busybox_multiarch.layer_digests[1]):
@@ -215,11 +231,13 @@ def test_header_digest_mismatch(fake_registry: Fake, state_dir: Path) -> None:
     assert list(store.blobs.list()) == []
 
 
-def test_pull_by_wrong_digest(fake_registry: Fake, state_dir: Path,
-                              busybox_multiarch: SampleImage) -> None:
+def test_pull_by_wrong_digest(
+    fake_registry: Fake, state_dir: Path, busybox_multiarch: SampleImage
+) -> None:
     """Asking for digest A but getting other bytes: the digest in the reference wins."""
     amd = busybox_multiarch.manifests["linux/amd64"]
     fake_registry.tags["sha256:" + "a" * 64] = amd.digest
     with pytest.raises(DigestMismatch, match="hashing to"):
-        pull_image(ImageStore(state_dir),
-                   f"127.0.0.1:{fake_registry.port}/test/app@sha256:{'a' * 64}")
+        pull_image(
+            ImageStore(state_dir), f"127.0.0.1:{fake_registry.port}/test/app@sha256:{'a' * 64}"
+        )

@@ -47,8 +47,9 @@ def test_busybox_layers(busybox_image: SampleImage) -> None:
     assert upper["hello-link.txt"].islnk() and upper["hello-link.txt"].linkname == "hello.txt"
     assert {m.mtime for m in [*lower.values(), *upper.values()]} == {1_700_000_000}
     blobs = busybox_image.blobs
-    for digest, diff_id, tar in zip(busybox_image.layer_digests, busybox_image.diff_ids,
-                                    busybox_image.layer_tars, strict=True):
+    for digest, diff_id, tar in zip(
+        busybox_image.layer_digests, busybox_image.diff_ids, busybox_image.layer_tars, strict=True
+    ):
         raw = (blobs / digest_hex(digest)).read_bytes()
         assert sha256_digest(raw) == digest
         assert gzip.decompress(raw) == tar and sha256_digest(tar) == diff_id
@@ -68,9 +69,18 @@ def test_upperdir_to_tar(tmp_path: Path) -> None:
     (lower / "gone.txt").write_text("gone")
     (lower / "dir").mkdir()
     (lower / "dir" / "old.txt").write_text("old")
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                    f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)],
-                   check=True)
+    subprocess.run(
+        [
+            "mount",
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            f"lowerdir={lower},upperdir={upper},workdir={work}",
+            str(merged),
+        ],
+        check=True,
+    )
     try:
         (merged / "gone.txt").unlink()
         (merged / "dir" / "old.txt").unlink()

@@ -40,10 +40,13 @@ def test_put_get_list_tag_remove(image_store: ImageStore, busybox_image: SampleI
         "docker.io/library/busybox:latest",
         "localhost:5000/x:tag",
     ]
-    image_store.put("ipfs://bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy",
-                    rec.target)
-    assert image_store.get(
-        "ipfs://bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy").target == rec.target
+    image_store.put(
+        "ipfs://bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy", rec.target
+    )
+    assert (
+        image_store.get("ipfs://bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy").target
+        == rec.target
+    )
     assert image_store.remove("busybox").name == "docker.io/library/busybox:latest"
     with pytest.raises(ImageNotFound, match=re.escape("docker.io/library/busybox:latest")):
         image_store.get("busybox")
@@ -55,8 +58,7 @@ def test_put_get_list_tag_remove(image_store: ImageStore, busybox_image: SampleI
         image_store.get("Bad Name")
 
 
-def test_put_refuses_incomplete_tree(image_store: ImageStore,
-                                     busybox_image: SampleImage) -> None:
+def test_put_refuses_incomplete_tree(image_store: ImageStore, busybox_image: SampleImage) -> None:
     _import(image_store, busybox_image)
     before = image_store.list()
     layer = busybox_image.layer_digests[1]
@@ -106,8 +108,9 @@ def test_concurrent_name_updates_lose_nothing(
     assert len(names) == 2 + 40
 
 
-def test_gc(image_store: ImageStore, busybox_image: SampleImage,
-            busybox_multiarch: SampleImage) -> None:
+def test_gc(
+    image_store: ImageStore, busybox_image: SampleImage, busybox_multiarch: SampleImage
+) -> None:
     _import(image_store, busybox_image)
     _import(image_store, busybox_multiarch)
     stray = image_store.blobs.write(b"unreferenced")
@@ -151,8 +154,12 @@ def test_platform_selection(image_store: ImageStore, busybox_multiarch: SampleIm
     amd = image_store.manifest_for(rec.target, parse_platform("linux/amd64"))
     assert arm == busybox_multiarch.manifests["linux/arm64"]
     assert amd == busybox_multiarch.manifests["linux/amd64"]
-    assert image_store.resolve(busybox_multiarch.name, parse_platform("linux/arm64")
-                               ).config.platform.architecture == "arm64"
+    assert (
+        image_store.resolve(
+            busybox_multiarch.name, parse_platform("linux/arm64")
+        ).config.platform.architecture
+        == "arm64"
+    )
     with pytest.raises(NotFoundError, match="linux/s390x"):
         image_store.manifest_for(rec.target, parse_platform("linux/s390x"))
     walked = [d.digest for d in image_store.walk(rec.target, parse_platform("linux/arm64"))]
@@ -174,8 +181,9 @@ def test_resolve_single(image_store: ImageStore, busybox_image: SampleImage) -> 
     assert res.config.diff_ids == busybox_image.diff_ids
 
 
-def test_discard_unreferenced_keeps_named(image_store: ImageStore,
-                                          busybox_image: SampleImage) -> None:
+def test_discard_unreferenced_keeps_named(
+    image_store: ImageStore, busybox_image: SampleImage
+) -> None:
     _import(image_store, busybox_image)
     stray = image_store.blobs.write(b"stray")
     image_store.discard_unreferenced({stray, busybox_image.layer_digests[0]})

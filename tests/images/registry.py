@@ -81,7 +81,10 @@ def run_registry(workdir: Path, binary: str = "docker-registry") -> Iterator[Reg
 
 
 def request(
-    host: str, method: str, path: str, body: bytes | None = None,
+    host: str,
+    method: str,
+    path: str,
+    body: bytes | None = None,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection(host, timeout=30)
@@ -101,15 +104,19 @@ def push_blob(host: str, repo: str, data: bytes, digest: str) -> None:
     parts = urllib.parse.urlsplit(location)
     query = parts.query + ("&" if parts.query else "") + urllib.parse.urlencode({"digest": digest})
     status, _, body = request(
-        host, "PUT", f"{parts.path}?{query}", data,
+        host,
+        "PUT",
+        f"{parts.path}?{query}",
+        data,
         {"Content-Type": "application/octet-stream", "Content-Length": str(len(data))},
     )
     assert status == 201, (status, body)
 
 
 def push_manifest(host: str, repo: str, ref: str, data: bytes, media_type: str) -> None:
-    status, _, body = request(host, "PUT", f"/v2/{repo}/manifests/{ref}", data,
-                              {"Content-Type": media_type})
+    status, _, body = request(
+        host, "PUT", f"/v2/{repo}/manifests/{ref}", data, {"Content-Type": media_type}
+    )
     assert status == 201, (status, body)
 
 

@@ -85,8 +85,15 @@ def test_platform_parse_and_match() -> None:
     assert best_match(parse_platform("linux/arm"), cands) == 0
     assert best_match(parse_platform("linux/s390x"), cands) is None
     assert host_platform().os == "linux"
-    assert host_platform().architecture in ("amd64", "arm64", "386", "arm", "ppc64le", "s390x",
-                                            "riscv64")
+    assert host_platform().architecture in (
+        "amd64",
+        "arm64",
+        "386",
+        "arm",
+        "ppc64le",
+        "s390x",
+        "riscv64",
+    )
 
 
 def test_platform_dict_round_trip() -> None:
@@ -109,8 +116,10 @@ def test_platform_dict_round_trip() -> None:
         ("user/app:v1.2_3", "docker.io/user/app:v1.2_3"),
         ("ghcr.io/o/r@" + D1, "ghcr.io/o/r@" + D1),
         ("ghcr.io/o/r:t@" + D1, "ghcr.io/o/r:t@" + D1),
-        ("ipfs://bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy",
-         "ipfs://bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"),
+        (
+            "ipfs://bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy",
+            "ipfs://bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy",
+        ),
     ],
 )
 def test_reference_normalisation(text: str, name: str) -> None:
@@ -130,8 +139,20 @@ def test_reference_parts() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "Python", "python:", "a//b", "x@sha256:12", "ipfs://", "ipfs://bad cid",
-     "http://x/y", " python", "a/b:t/c", "python:-bad", "x" * 300],
+    [
+        "",
+        "Python",
+        "python:",
+        "a//b",
+        "x@sha256:12",
+        "ipfs://",
+        "ipfs://bad cid",
+        "http://x/y",
+        " python",
+        "a/b:t/c",
+        "python:-bad",
+        "x" * 300,
+    ],
 )
 def test_reference_invalid(text: str) -> None:
     with pytest.raises(InvalidReference):
@@ -144,9 +165,14 @@ def _manifest_doc() -> dict[str, object]:
         "mediaType": mediatypes.OCI_MANIFEST,
         "config": {"mediaType": mediatypes.OCI_CONFIG, "digest": D1, "size": 3},
         "layers": [
-            {"mediaType": mediatypes.OCI_LAYER_GZIP, "digest": D2, "size": 3,
-             "annotations": {"b": "2", "a": "1"}, "urls": ["ipfs://bafy"],
-             "artifactType": "x/y"},
+            {
+                "mediaType": mediatypes.OCI_LAYER_GZIP,
+                "digest": D2,
+                "size": 3,
+                "annotations": {"b": "2", "a": "1"},
+                "urls": ["ipfs://bafy"],
+                "artifactType": "x/y",
+            },
         ],
         "subject": {"mediaType": mediatypes.OCI_MANIFEST, "digest": D1, "size": 3},
         "annotations": {"z": "1"},
@@ -216,8 +242,12 @@ def test_index_parse() -> None:
         "schemaVersion": 2,
         "mediaType": mediatypes.DOCKER_MANIFEST_LIST,
         "manifests": [
-            {"mediaType": mediatypes.DOCKER_MANIFEST, "digest": D1, "size": 3,
-             "platform": {"architecture": "arm", "os": "linux", "variant": "v7"}},
+            {
+                "mediaType": mediatypes.DOCKER_MANIFEST,
+                "digest": D1,
+                "size": 3,
+                "platform": {"architecture": "arm", "os": "linux", "variant": "v7"},
+            },
         ],
     }
     idx = parse_index(json.dumps(doc).encode())
@@ -234,9 +264,17 @@ def test_config_parse() -> None:
     doc = {
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Entrypoint": ["/bin/sh"], "Cmd": ["-c", "x"], "Env": ["A=1"],
-                   "WorkingDir": "/w", "User": "1:2", "ExposedPorts": {"80/tcp": {}},
-                   "Labels": {"l": "v"}, "StopSignal": "SIGINT", "Unknown": 5},
+        "config": {
+            "Entrypoint": ["/bin/sh"],
+            "Cmd": ["-c", "x"],
+            "Env": ["A=1"],
+            "WorkingDir": "/w",
+            "User": "1:2",
+            "ExposedPorts": {"80/tcp": {}},
+            "Labels": {"l": "v"},
+            "StopSignal": "SIGINT",
+            "Unknown": 5,
+        },
         "rootfs": {"type": "layers", "diff_ids": [D1]},
         "history": [{"created_by": "x"}],
         "custom": {"keep": True},
@@ -281,8 +319,8 @@ def test_docker_to_oci() -> None:
 
 
 def test_descriptor_round_trip() -> None:
-    d = Descriptor(mediatypes.OCI_LAYER, D1, 3, ("ipfs://x",), {"k": "v"},
-                   Platform("linux", "amd64"))
+    d = Descriptor(
+        mediatypes.OCI_LAYER, D1, 3, ("ipfs://x",), {"k": "v"}, Platform("linux", "amd64")
+    )
     assert Descriptor.from_dict(d.to_dict()) == d
-    assert list(d.to_dict()) == ["mediaType", "digest", "size", "urls", "annotations",
-                                 "platform"]
+    assert list(d.to_dict()) == ["mediaType", "digest", "size", "urls", "annotations", "platform"]

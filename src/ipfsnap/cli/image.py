@@ -74,30 +74,38 @@ def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
         return 0
     if args.json or not sys.stdout.isatty():
         for r in records:
-            print_json({
-                "name": r.name,
-                "digest": r.target.digest,
-                "media_type": r.target.media_type,
-                "size": _size(store, r),
-                "updated": r.updated,
-                "remote_layers": r.remote_layers,
-            })
+            print_json(
+                {
+                    "name": r.name,
+                    "digest": r.target.digest,
+                    "media_type": r.target.media_type,
+                    "size": _size(store, r),
+                    "updated": r.updated,
+                    "remote_layers": r.remote_layers,
+                }
+            )
         return 0
     rows = [("NAME", "DIGEST", "TYPE", "SIZE", "UPDATED")]
     for r in records:
-        kind = "index" if "index" in r.target.media_type or "list" in r.target.media_type \
+        kind = (
+            "index"
+            if "index" in r.target.media_type or "list" in r.target.media_type
             else "manifest"
-        rows.append((
-            r.name,
-            r.target.digest[:19],
-            kind,
-            f"{_size(store, r) / 1e6:.1f} MB",
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(r.updated)),
-        ))
+        )
+        rows.append(
+            (
+                r.name,
+                r.target.digest[:19],
+                kind,
+                f"{_size(store, r) / 1e6:.1f} MB",
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(r.updated)),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
-                         .rstrip() + "\n")
+        sys.stdout.write(
+            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n"
+        )
     return 0
 
 
@@ -134,11 +142,17 @@ def add_store_commands(group: argparse._SubParsersAction[Any]) -> None:
 
     p = group.add_parser("pull", help="pull an image from an OCI registry")
     p.add_argument("ref", help="image reference, e.g. localhost:5000/app:1")
-    p.add_argument("--plain-http", action="store_true",
-                   help="use HTTP instead of HTTPS (always for loopback registries)")
+    p.add_argument(
+        "--plain-http",
+        action="store_true",
+        help="use HTTP instead of HTTPS (always for loopback registries)",
+    )
     sel = p.add_mutually_exclusive_group()
-    sel.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
-                     help="platform to fetch from an index (default: this machine's)")
+    sel.add_argument(
+        "--platform",
+        metavar="OS/ARCH[/VARIANT]",
+        help="platform to fetch from an index (default: this machine's)",
+    )
     sel.add_argument("--all-platforms", action="store_true", help="fetch every platform")
     p.set_defaults(func=cmd_pull)
 

@@ -115,8 +115,7 @@ class _TarSource:
             reason = str(exc).strip().splitlines()
             if len(reason) != 1:  # tarfile lists every compression it tried
                 reason = ["not plain, gzip, bzip2 or xz tar data"]
-            raise ArchiveError(f"{self.label}: not a readable tar archive: {reason[0]}"
-                               ) from None
+            raise ArchiveError(f"{self.label}: not a readable tar archive: {reason[0]}") from None
         self.members: dict[str, tarfile.TarInfo] = {}
         for m in members:
             if m.isfile() or m.issym() or m.islnk():
@@ -208,15 +207,19 @@ class _Importer:
                     n += len(block)
             verify_digest = "sha256:" + h.hexdigest()
             if n != desc.size:
-                raise DigestMismatch(f"{what} {desc.digest}: got {n} bytes, expected"
-                                     f" {desc.size} (truncated?)")
+                raise DigestMismatch(
+                    f"{what} {desc.digest}: got {n} bytes, expected {desc.size} (truncated?)"
+                )
             if verify_digest != desc.digest:
                 raise DigestMismatch(f"{what} {desc.digest}: content hashes to {verify_digest}")
             return
         with self.src.open(path) as f:
-            if self.store.blobs.ingest(f, desc.digest, desc.size, what=what,
-                                       progress=self.progress):
+            if self.store.blobs.ingest(
+                f, desc.digest, desc.size, what=what, progress=self.progress
+            ):
                 self.created.add(desc.digest)
+        if self.progress is not None:
+            self.progress.finish(desc.digest[7:19], f"{what} stored")
 
     def tree(self, desc: Descriptor, what: str, depth: int = 0, opaque: bool = False) -> None:
         if depth > MAX_DEPTH:
@@ -226,27 +229,35 @@ class _Importer:
             self.ingest(desc, "index")
             doc = self.store.read_document(desc)
             assert isinstance(doc, Index)
-            present = [m for m in doc.manifests
-                       if self.store.blobs.exists(m.digest) or self.src.has(_blob_path(m.digest))]
+            present = [
+                m
+                for m in doc.manifests
+                if self.store.blobs.exists(m.digest) or self.src.has(_blob_path(m.digest))
+            ]
             if not present:
                 raise ArchiveError(
                     f"{self.src.label}: no manifest of index {desc.digest} is in the archive"
                 )
             for m in present:
-                self.tree(m, "manifest", depth + 1,
-                          opaque or ATTESTATION_ANNOTATION in m.annotations)
+                self.tree(
+                    m, "manifest", depth + 1, opaque or ATTESTATION_ANNOTATION in m.annotations
+                )
         elif mediatypes.is_manifest(mtype):
             self.ingest(desc, "manifest")
             doc = self.store.read_document(desc)
             assert isinstance(doc, Manifest)
             if not opaque:
                 if not mediatypes.is_config(doc.config.media_type):
-                    raise UnknownMediaType(f"manifest {desc.digest}: unknown config media type"
-                                           f" {doc.config.media_type!r}")
+                    raise UnknownMediaType(
+                        f"manifest {desc.digest}: unknown config media type"
+                        f" {doc.config.media_type!r}"
+                    )
                 for layer in doc.layers:
                     if not mediatypes.is_layer(layer.media_type):
-                        raise UnknownMediaType(f"manifest {desc.digest}: layer {layer.digest}"
-                                               f" has unknown media type {layer.media_type!r}")
+                        raise UnknownMediaType(
+                            f"manifest {desc.digest}: layer {layer.digest}"
+                            f" has unknown media type {layer.media_type!r}"
+                        )
             self.ingest(doc.config, "config")
             if not opaque:
                 self.store.read_config(doc.config)
@@ -259,8 +270,11 @@ class _Importer:
 
 
 def _strip_names(desc: Descriptor) -> Descriptor:
-    ann = {k: v for k, v in desc.annotations.items()
-           if k not in (ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME)}
+    ann = {
+        k: v
+        for k, v in desc.annotations.items()
+        if k not in (ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME)
+    }
     return desc.with_annotations(ann)
 
 
@@ -277,9 +291,7 @@ def _entry_name(desc: Descriptor) -> str | None:
     return None
 
 
-def _plan_oci(
-    src: _Source, name: str | None
-) -> tuple[list[tuple[str, Descriptor | None]], Index]:
+def _plan_oci(src: _Source, name: str | None) -> tuple[list[tuple[str, Descriptor | None]], Index]:
     """(name, target) pairs; target None = wrap all (unnamed) entries in a new index."""
     if not src.has("oci-layout"):
         raise ArchiveError(f"{src.label}: no oci-layout file (not an OCI image layout)")
@@ -351,8 +363,11 @@ def _docker_layer(imp: _Importer, path: str, diff_id: str, what: str) -> Descrip
         raise DigestMismatch(
             f"{src.label}: {what} {path} has diff_id {got_diff}, config says {diff_id}"
         )
-    media_type = {"": mediatypes.OCI_LAYER, "gzip": mediatypes.OCI_LAYER_GZIP,
-                  "zstd": mediatypes.OCI_LAYER_ZSTD}[comp]
+    media_type = {
+        "": mediatypes.OCI_LAYER,
+        "gzip": mediatypes.OCI_LAYER_GZIP,
+        "zstd": mediatypes.OCI_LAYER_ZSTD,
+    }[comp]
     return Descriptor(media_type, digest, size)
 
 
@@ -366,15 +381,16 @@ def _import_docker(imp: _Importer, name: str | None) -> list[tuple[str, Descript
     if not isinstance(entries, list) or not entries:
         raise ArchiveError(f"{src.label}: manifest.json must be a non-empty list")
     if name is not None and len(entries) != 1:
-        raise AmbiguousImport(
-            f"{src.label}: contains {len(entries)} images; import without --name"
-        )
+        raise AmbiguousImport(f"{src.label}: contains {len(entries)} images; import without --name")
     plan = []
     for i, entry in enumerate(entries):
         what = f"{src.label} image {i}"
-        if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str) or \
-                not isinstance(entry.get("Layers"), list) or \
-                not all(isinstance(p, str) for p in entry["Layers"]):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("Config"), str)
+            or not isinstance(entry.get("Layers"), list)
+            or not all(isinstance(p, str) for p in entry["Layers"])
+        ):
             raise ArchiveError(f"{what}: manifest.json entry needs Config and Layers")
         config_path = entry["Config"]
         config_bytes = _read_small(src, config_path)
@@ -392,8 +408,7 @@ def _import_docker(imp: _Importer, name: str | None) -> list[tuple[str, Descript
             _docker_layer(imp, p, d, f"layer {j}")
             for j, (p, d) in enumerate(zip(entry["Layers"], config.diff_ids, strict=True))
         )
-        if imp.store.blobs.ingest([config_bytes], config_digest, len(config_bytes),
-                                  what="config"):
+        if imp.store.blobs.ingest([config_bytes], config_digest, len(config_bytes), what="config"):
             imp.created.add(config_digest)
         cdesc = Descriptor(mediatypes.OCI_CONFIG, config_digest, len(config_bytes))
         mbytes = Manifest(mediatypes.OCI_MANIFEST, cdesc, layers).to_bytes()
@@ -430,8 +445,9 @@ def import_image(
                         # several unnamed entries + --name: wrap them in a new index
                         for e in index.manifests:
                             imp.tree(e, "manifest")
-                        ibytes = Index(mediatypes.OCI_INDEX,
-                                       tuple(_strip_names(e) for e in index.manifests)).to_bytes()
+                        ibytes = Index(
+                            mediatypes.OCI_INDEX, tuple(_strip_names(e) for e in index.manifests)
+                        ).to_bytes()
                         digest = store.blobs.write(ibytes)
                         imp.created.add(digest)
                         desc = Descriptor(mediatypes.OCI_INDEX, digest, len(ibytes))

@@ -138,7 +138,10 @@ class BlobStore:
         return True
 
     def ingest_unknown(
-        self, src: Readable | Iterable[bytes], *, what: str = "blob",
+        self,
+        src: Readable | Iterable[bytes],
+        *,
+        what: str = "blob",
         progress: Progress | None = None,
     ) -> tuple[str, int]:
         """Store a stream whose digest is not known in advance; returns (digest, size)."""
@@ -177,8 +180,7 @@ class BlobStore:
                     try:
                         out.write(block)
                     except OSError as exc:
-                        raise StoreError(f"content store: writing {label} failed: {exc}"
-                                         ) from exc
+                        raise StoreError(f"content store: writing {label} failed: {exc}") from exc
                     if progress is not None and expect:
                         progress.update(expect[7:19], "writing", n, size or 0)
                 try:

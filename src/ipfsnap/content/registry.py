@@ -132,8 +132,7 @@ class RegistryClient:
                     headers = {k: v for k, v in headers.items() if k != "Authorization"}
                 url = location
                 continue
-            return _Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp,
-                             conn)
+            return _Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp, conn)
         raise RegistryError(f"{what}: more than {MAX_REDIRECTS} redirects")
 
     def _basic(self) -> str | None:
@@ -147,8 +146,10 @@ class RegistryClient:
         if not realm:
             raise RegistryAuthError(f"{what}: Bearer challenge without realm")
         query = {"service": params.get("service", ""), "scope": params.get("scope", scope)}
-        url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(
-            {k: v for k, v in query.items() if v}
+        url = (
+            realm
+            + ("&" if "?" in realm else "?")
+            + urllib.parse.urlencode({k: v for k, v in query.items() if v})
         )
         headers = {}
         basic = self._basic()
@@ -170,8 +171,9 @@ class RegistryClient:
             raise RegistryAuthError(f"{what}: token server {realm} sent no token")
         return "Bearer " + token
 
-    def request(self, method: str, path: str, *, accept: str | None = None, what: str,
-                scope: str = "") -> _Response:
+    def request(
+        self, method: str, path: str, *, accept: str | None = None, what: str, scope: str = ""
+    ) -> _Response:
         """Send with auth; on 401 answer the challenge once and retry."""
         url = f"{self.scheme}://{self.host}{path}"
         for attempt in range(2):
@@ -192,8 +194,10 @@ class RegistryClient:
             elif kind == "basic" and self._basic():
                 self._auth = self._basic()
             else:
-                raise RegistryAuthError(f"{what}: registry {self.host} requires authentication"
-                                        f" ({challenge or 'no challenge'})")
+                raise RegistryAuthError(
+                    f"{what}: registry {self.host} requires authentication"
+                    f" ({challenge or 'no challenge'})"
+                )
         if r.status == 401:
             r.conn.close()
             raise RegistryAuthError(f"{what}: registry {self.host} refused our credentials")
@@ -217,9 +221,13 @@ class RegistryClient:
     # -- API -----------------------------------------------------------------------------
     def get_manifest(self, repo: str, reference: str, what: str) -> tuple[bytes, str, str]:
         """(bytes, media type from Content-Type, Docker-Content-Digest or "")."""
-        r = self.request("GET", f"/v2/{repo}/manifests/{reference}",
-                         accept=mediatypes.MANIFEST_ACCEPT, what=what,
-                         scope=f"repository:{repo}:pull")
+        r = self.request(
+            "GET",
+            f"/v2/{repo}/manifests/{reference}",
+            accept=mediatypes.MANIFEST_ACCEPT,
+            what=what,
+            scope=f"repository:{repo}:pull",
+        )
         if r.status != 200:
             raise self._error(r, what)
         try:
@@ -233,18 +241,26 @@ class RegistryClient:
         ctype = r.headers.get("content-type", "").split(";")[0].strip()
         return body, ctype, r.headers.get("docker-content-digest", "")
 
-    def fetch_blob(self, store: ImageStore, repo: str, desc: Descriptor, what: str,
-                   progress: Progress | None = None) -> bool:
+    def fetch_blob(
+        self,
+        store: ImageStore,
+        repo: str,
+        desc: Descriptor,
+        what: str,
+        progress: Progress | None = None,
+    ) -> bool:
         """Stream a blob into the store (verified); False if it was already there."""
         if store.blobs.exists(desc.digest):
             return False
-        r = self.request("GET", f"/v2/{repo}/blobs/{desc.digest}", what=what,
-                         scope=f"repository:{repo}:pull")
+        r = self.request(
+            "GET", f"/v2/{repo}/blobs/{desc.digest}", what=what, scope=f"repository:{repo}:pull"
+        )
         if r.status != 200:
             raise self._error(r, what)
         try:
-            return store.blobs.ingest(_Reader(r.resp, what), desc.digest, desc.size,
-                                      what=what, progress=progress)
+            return store.blobs.ingest(
+                _Reader(r.resp, what), desc.digest, desc.size, what=what, progress=progress
+            )
         finally:
             r.conn.close()
 
@@ -293,8 +309,9 @@ def pull_image(
     if parsed.digest and digest != parsed.digest:
         raise DigestMismatch(f"{what}: registry sent a manifest hashing to {digest}")
     if header_digest and header_digest != digest:
-        raise DigestMismatch(f"{what}: Docker-Content-Digest {header_digest} but manifest"
-                             f" hashes to {digest}")
+        raise DigestMismatch(
+            f"{what}: Docker-Content-Digest {header_digest} but manifest hashes to {digest}"
+        )
     mtype = _media_type(body, ctype, f"{what} manifest {digest}")
     target = Descriptor(mtype, digest, len(body))
     want = platform or host_platform()
@@ -312,8 +329,7 @@ def pull_image(
                     i = best_match(want, [m.platform for m in doc.manifests])
                     if i is None:
                         have = ", ".join(str(m.platform) for m in doc.manifests if m.platform)
-                        raise NotFoundError(f"{what}: no manifest for platform {want}"
-                                            f" (has {have})")
+                        raise NotFoundError(f"{what}: no manifest for platform {want} (has {have})")
                     manifests = [doc.manifests[i]]
             else:
                 manifests = [target]
@@ -325,20 +341,21 @@ def pull_image(
                         raise RegistryError(f"{what}: nested index {mdesc.digest} not supported")
                     mbody, _, _ = client.get_manifest(repo, mdesc.digest, what)
                     if sha256_digest(mbody) != mdesc.digest or len(mbody) != mdesc.size:
-                        raise DigestMismatch(f"{what}: manifest {mdesc.digest} content does"
-                                             " not match its descriptor")
-                    m = parse_document(mbody, f"{what} manifest {mdesc.digest}",
-                                       mdesc.media_type)
+                        raise DigestMismatch(
+                            f"{what}: manifest {mdesc.digest} content does not match its descriptor"
+                        )
+                    m = parse_document(mbody, f"{what} manifest {mdesc.digest}", mdesc.media_type)
                     if store.blobs.ingest([mbody], mdesc.digest, len(mbody), what="manifest"):
                         created.add(mdesc.digest)
                 if not isinstance(m, Manifest):
                     raise RegistryError(f"{what}: {mdesc.digest} is not a manifest")
                 for blob in (m.config, *m.layers):
-                    if not (mediatypes.is_config(blob.media_type)
-                            or mediatypes.is_layer(blob.media_type)):
+                    if not (
+                        mediatypes.is_config(blob.media_type)
+                        or mediatypes.is_layer(blob.media_type)
+                    ):
                         raise UnknownMediaType(
-                            f"{what}: blob {blob.digest} has unknown media type"
-                            f" {blob.media_type!r}"
+                            f"{what}: blob {blob.digest} has unknown media type {blob.media_type!r}"
                         )
                     if client.fetch_blob(store, repo, blob, f"blob {blob.digest}", progress):
                         created.add(blob.digest)

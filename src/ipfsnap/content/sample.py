@@ -51,9 +51,39 @@ SAMPLE_MTIME = 1_700_000_000
 SAMPLE_CREATED = "2023-11-14T22:13:20Z"
 BUSYBOX_NAME = "ipfsnap-test/busybox:1"
 BUSYBOX_APPLETS = (
-    "sh", "echo", "cat", "id", "ls", "env", "sleep", "true", "false", "pwd", "mkdir", "rm",
-    "touch", "wc", "head", "tail", "grep", "sed", "stat", "hostname", "test", "uname", "ps",
-    "find", "readlink", "sha256sum", "md5sum", "dd", "cp", "mv", "ln", "chmod", "date",
+    "sh",
+    "echo",
+    "cat",
+    "id",
+    "ls",
+    "env",
+    "sleep",
+    "true",
+    "false",
+    "pwd",
+    "mkdir",
+    "rm",
+    "touch",
+    "wc",
+    "head",
+    "tail",
+    "grep",
+    "sed",
+    "stat",
+    "hostname",
+    "test",
+    "uname",
+    "ps",
+    "find",
+    "readlink",
+    "sha256sum",
+    "md5sum",
+    "dd",
+    "cp",
+    "mv",
+    "ln",
+    "chmod",
+    "date",
 )
 PASSWD = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
 GROUP = b"root:x:0:\nnogroup:x:65534:\n"
@@ -187,8 +217,7 @@ def tar_directory(src: Path, out: Path, *, prefix: str = "", root_owned: bool = 
     tmp.replace(out)
 
 
-def write_docker_archive(out: Path, name: str, config: bytes, layer_tars: Sequence[bytes]
-                         ) -> None:
+def write_docker_archive(out: Path, name: str, config: bytes, layer_tars: Sequence[bytes]) -> None:
     """A ``docker save``-style archive: manifest.json, repositories, <id>/layer.tar, config."""
     ref = parse_reference(name)
     short = ref.path.removeprefix("library/") if ref.domain == "docker.io" else ref.repository
@@ -203,8 +232,9 @@ def write_docker_archive(out: Path, name: str, config: bytes, layer_tars: Sequen
             (root / layer_id / "VERSION").write_bytes(b"1.0")
             (root / layer_id / "layer.tar").write_bytes(data)
             layer_paths.append(f"{layer_id}/layer.tar")
-        manifest = [{"Config": config_name, "RepoTags": [f"{short}:{ref.tag}"],
-                     "Layers": layer_paths}]
+        manifest = [
+            {"Config": config_name, "RepoTags": [f"{short}:{ref.tag}"], "Layers": layer_paths}
+        ]
         (root / "manifest.json").write_bytes(json.dumps(manifest).encode())
         last = layer_paths[-1].split("/")[0]
         (root / "repositories").write_bytes(json.dumps({short: {ref.tag: last}}).encode())
@@ -295,7 +325,9 @@ def build_busybox(
         mbytes = manifest.to_bytes()
         platform_field = Platform(plat.os, plat.architecture, plat.variant) if platforms else None
         manifests[str(plat)] = Descriptor(
-            mediatypes.OCI_MANIFEST, _write_blob(layout, mbytes), len(mbytes),
+            mediatypes.OCI_MANIFEST,
+            _write_blob(layout, mbytes),
+            len(mbytes),
             platform=platform_field,
         )
         if plat == plats[0]:
@@ -442,8 +474,10 @@ def _build_python(base: Path, meta: Path, name: str) -> SampleImage:
     work = Path(tempfile.mkdtemp(prefix="build-", dir=base))
     try:
         rootfs = work / "rootfs"
-        _run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), apt_mirror()],
-             "debootstrap")
+        _run(
+            ["debootstrap", "--variant=minbase", "bookworm", str(rootfs), apt_mirror()],
+            "debootstrap",
+        )
         # debootstrap leaves the downloaded .debs behind (~60 MB); no image ships them
         for deb in (rootfs / "var/cache/apt/archives").glob("*.deb"):
             deb.unlink()
@@ -452,17 +486,42 @@ def _build_python(base: Path, meta: Path, name: str) -> SampleImage:
         upper, ovwork, merged = work / "upper", work / "ovwork", work / "merged"
         for d in (upper, ovwork, merged):
             d.mkdir()
-        _run(["mount", "-t", "overlay", "overlay", "-o",
-              f"lowerdir={rootfs},upperdir={upper},workdir={ovwork}", str(merged)], "overlay")
+        _run(
+            [
+                "mount",
+                "-t",
+                "overlay",
+                "overlay",
+                "-o",
+                f"lowerdir={rootfs},upperdir={upper},workdir={ovwork}",
+                str(merged),
+            ],
+            "overlay",
+        )
         try:
             for sub in ("proc", "sys", "dev"):
                 _run(["mount", "--bind", f"/{sub}", str(merged / sub)], f"bind /{sub}")
             shutil.copy("/etc/resolv.conf", merged / "etc/resolv.conf")
             env = "DEBIAN_FRONTEND=noninteractive"
-            _run(["chroot", str(merged), "/usr/bin/env", env, "apt-get", "update", "-q"],
-                 "apt-get update")
-            _run(["chroot", str(merged), "/usr/bin/env", env, "apt-get", "install", "-y", "-q",
-                  "--no-install-recommends", "python3"], "apt-get install python3")
+            _run(
+                ["chroot", str(merged), "/usr/bin/env", env, "apt-get", "update", "-q"],
+                "apt-get update",
+            )
+            _run(
+                [
+                    "chroot",
+                    str(merged),
+                    "/usr/bin/env",
+                    env,
+                    "apt-get",
+                    "install",
+                    "-y",
+                    "-q",
+                    "--no-install-recommends",
+                    "python3",
+                ],
+                "apt-get install python3",
+            )
             _run(["chroot", str(merged), "apt-get", "clean"], "apt-get clean")
         finally:
             for sub in ("dev", "sys", "proc"):
@@ -499,13 +558,17 @@ def _assemble(base: Path, name: str, tars: list[bytes]) -> SampleImage:
         "architecture": plat.architecture,
         "os": "linux",
         "config": {
-            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                    "LANG=C.UTF-8"],
+            "Env": [
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "LANG=C.UTF-8",
+            ],
             "Cmd": ["/usr/bin/python3"],
         },
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        "history": [{"created": SAMPLE_CREATED, "created_by": "debootstrap minbase bookworm"},
-                    {"created": SAMPLE_CREATED, "created_by": "apt-get install python3"}],
+        "history": [
+            {"created": SAMPLE_CREATED, "created_by": "debootstrap minbase bookworm"},
+            {"created": SAMPLE_CREATED, "created_by": "apt-get install python3"},
+        ],
     }
     cbytes = canonical_json(config)
     cdesc = Descriptor(mediatypes.OCI_CONFIG, _write_blob(layout, cbytes), len(cbytes))
@@ -513,8 +576,16 @@ def _assemble(base: Path, name: str, tars: list[bytes]) -> SampleImage:
     target = Descriptor(mediatypes.OCI_MANIFEST, _write_blob(layout, mbytes), len(mbytes))
     write_layout_index(layout, name, target)
     tar_directory(layout, base / "image.oci.tar")
-    return SampleImage(parse_reference(name).name, layout, target, {str(plat): target},
-                       cdesc.digest, [d.digest for d in layers], diff_ids, [])
+    return SampleImage(
+        parse_reference(name).name,
+        layout,
+        target,
+        {str(plat): target},
+        cdesc.digest,
+        [d.digest for d in layers],
+        diff_ids,
+        [],
+    )
 
 
 def _load_cached(base: Path, meta: Path) -> SampleImage:
@@ -526,7 +597,13 @@ def _load_cached(base: Path, meta: Path) -> SampleImage:
         (layout / "blobs/sha256" / digest_hex(manifest["config"]["digest"])).read_bytes()
     )
     return SampleImage(
-        info["name"], layout, target, {str(host_platform()): target},
-        manifest["config"]["digest"], [entry["digest"] for entry in manifest["layers"]],
-        list(config["rootfs"]["diff_ids"]), [], oci_archive=base / "image.oci.tar",
+        info["name"],
+        layout,
+        target,
+        {str(host_platform()): target},
+        manifest["config"]["digest"],
+        [entry["digest"] for entry in manifest["layers"]],
+        list(config["rootfs"]["diff_ids"]),
+        [],
+        oci_archive=base / "image.oci.tar",
     )

@@ -282,9 +282,7 @@ class ImageStore:
             if not remote:
                 for layer in doc.layers:
                     if not self.blobs.exists(layer.digest):
-                        raise IncompleteImage(
-                            f"{what}: layer {layer.digest} is not in the store"
-                        )
+                        raise IncompleteImage(f"{what}: layer {layer.digest} is not in the store")
 
     def walk(self, target: Descriptor, platform: Platform | None = None) -> Iterator[Descriptor]:
         """Every descriptor of the tree, parents before children.
@@ -295,8 +293,9 @@ class ImageStore:
         """
         yield from self._walk(target, platform, 0)
 
-    def _walk(self, desc: Descriptor, platform: Platform | None, depth: int
-              ) -> Iterator[Descriptor]:
+    def _walk(
+        self, desc: Descriptor, platform: Platform | None, depth: int
+    ) -> Iterator[Descriptor]:
         if depth > MAX_DEPTH:
             raise OCIFormatError(f"blob {desc.digest}: indexes nested deeper than {MAX_DEPTH}")
         yield desc
@@ -320,8 +319,9 @@ class ImageStore:
         i = best_match(platform, [m.platform for m in present])
         return present[i] if i is not None else None
 
-    def manifest_for(self, target: Descriptor, platform: Platform | None = None,
-                     what: str = "image") -> Descriptor:
+    def manifest_for(
+        self, target: Descriptor, platform: Platform | None = None, what: str = "image"
+    ) -> Descriptor:
         """The manifest descriptor for ``platform`` (default: this machine's)."""
         want = platform or host_platform()
         desc = target
@@ -390,8 +390,7 @@ class ImageStore:
                 except (OCIFormatError, StoreError, NotFoundError) as exc:
                     log.warning("gc: cannot read %s: %s", desc.digest, exc)
                     continue
-                children = doc.manifests if isinstance(doc, Index) else (doc.config,
-                                                                         *doc.layers)
+                children = doc.manifests if isinstance(doc, Index) else (doc.config, *doc.layers)
                 stack.extend((c, depth + 1) for c in children)
         return out
 
