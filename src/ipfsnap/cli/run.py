@@ -16,7 +16,7 @@ import logging
 import os
 import secrets
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -232,6 +232,10 @@ def unpack_layers(ctx: Context, snaps: SnapshotStore, image: ResolvedImage) -> s
 
 LAYER_PROVIDERS: dict[str, LayerSnapshots] = {"overlayfs": unpack_layers}
 
+#: the rpull side sets this: ``rpull(ctx, "ipfs://CID")`` stores the image locally (layers
+#: may stay remote); run calls it for an IPFS ref that is not in the store yet
+RPULL: Callable[[Context, str], None] | None = None
+
 
 def resolve_image(ctx: Context, ref: str) -> ResolvedImage:
     """A local image by name, ``ipfs://CID``, ``/ipfs/CID`` or bare CID."""
@@ -249,6 +253,14 @@ def resolve_image(ctx: Context, ref: str) -> ResolvedImage:
             return store.resolve(name)
         except (ImageNotFound, UsageError) as exc:
             first = first or exc
+    ipfs_refs = [c for c in candidates if c.startswith("ipfs://")]
+    if RPULL is not None and ipfs_refs:
+        for name in ipfs_refs:
+            try:
+                RPULL(ctx, name)
+            except UsageError:  # not a valid CID after all
+                continue
+            return store.resolve(name)
     assert first is not None
     raise first
 
