@@ -255,3 +255,31 @@ def test_bad_input_leaves_store_unchanged(tmp_path: Path, busybox_image: SampleI
             import_image(empty, source, "victim:1" if label != "docker no tags" else None)
         assert empty.list() == [] and list(empty.blobs.list()) == [], label
     assert issubclass(DigestMismatch, IntegrityError)
+
+
+def test_docker_archive_compressed_layers(tmp_path: Path, busybox_image: SampleImage) -> None:
+    """Layer files may be gzip or zstd compressed; their diff_ids are still checked."""
+    import zstandard
+
+    from ipfsnap.content.sample import write_docker_archive
+
+    config = (busybox_image.blobs / digest_hex(busybox_image.config_digest)).read_bytes()
+    tars = busybox_image.layer_tars
+    good = tmp_path / "good.tar"
+    write_docker_archive(good, "z:1", config, [gzip.compress(tars[0]), zstandard.compress(tars[1])])
+    store = ImageStore(tmp_path / "s")
+    (rec,) = import_image(store, good)
+    assert [d.media_type for d in store.resolve(rec.name).layers] == [
+        mediatypes.OCI_LAYER_GZIP,
+        mediatypes.OCI_LAYER_ZSTD,
+    ]
+    before = _snapshot(store)
+    for bad_layers in (
+        [gzip.compress(tars[0] + b"x"), zstandard.compress(tars[1])],
+        [gzip.compress(tars[0]), zstandard.compress(tars[1] + b"x")],
+    ):
+        bad = tmp_path / "bad.tar"
+        write_docker_archive(bad, "z:2", config, bad_layers)
+        with pytest.raises(DigestMismatch, match="config says"):
+            import_image(store, bad)
+        assert _snapshot(store) == before

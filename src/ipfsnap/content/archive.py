@@ -30,7 +30,9 @@ import posixpath
 import tarfile
 import zlib
 from pathlib import Path
-from typing import IO, BinaryIO, Protocol, cast
+from typing import IO, Any, BinaryIO, Protocol, cast
+
+import zstandard
 
 from ipfsnap.content.errors import AmbiguousImport, ArchiveError, IncompleteImage
 from ipfsnap.content.store import MAX_DEPTH, ImageRecord, ImageStore
@@ -348,17 +350,21 @@ def _docker_layer(imp: _Importer, path: str, diff_id: str, what: str) -> Descrip
         raise DigestMismatch(f"{src.label}: {path} hashes to {digest}")
     if comp == "":
         got_diff = digest
-    elif comp == "gzip":
+    else:
         h = hashlib.sha256()
         try:
-            with imp.store.blobs.open(digest) as raw, gzip.GzipFile(fileobj=raw) as gz:
-                for block in iter(lambda: gz.read(1 << 20), b""):
-                    h.update(block)
-        except _ARCHIVE_ERRORS as exc:
-            raise ArchiveError(f"{src.label}: {path} is corrupt gzip: {exc}") from None
+            with imp.store.blobs.open(digest) as raw:
+                stream: Any = (
+                    gzip.GzipFile(fileobj=raw)
+                    if comp == "gzip"
+                    else zstandard.ZstdDecompressor().stream_reader(raw)
+                )
+                with stream:
+                    for block in iter(lambda: stream.read(1 << 20), b""):
+                        h.update(block)
+        except (*_ARCHIVE_ERRORS, zstandard.ZstdError) as exc:
+            raise ArchiveError(f"{src.label}: {path} is corrupt {comp}: {_line(exc)}") from None
         got_diff = "sha256:" + h.hexdigest()
-    else:
-        got_diff = diff_id  # zstd layers: diff_id not re-derived (needs a zstd stream reader)
     if got_diff != diff_id:
         raise DigestMismatch(
             f"{src.label}: {what} {path} has diff_id {got_diff}, config says {diff_id}"
