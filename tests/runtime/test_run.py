@@ -437,3 +437,41 @@ def test_tty_without_a_terminal_falls_back(runtime_state: Path, rootfs: Path) ->
     assert p.returncode == 3, p.stderr
     assert p.stdout == "NOTTY\n" and "-t ignored" in p.stderr
     assert_no_trace(runtime_state, "nt")
+
+
+def test_terminal_ctrl_c_reaches_the_container(runtime_state: Path, rootfs: Path) -> None:
+    # Without -t, Ctrl-C makes the tty driver signal the whole foreground process group
+    # (ipfsnap and runc); the container's init is in its own session, so it only gets the
+    # SIGINT runc passes on. Its trap counts them and it exits with the count. (A doubled
+    # SIGINT would usually merge with the first while pending, so this cannot prove that
+    # ipfsnap skips terminal signals; it proves Ctrl-C works, exit code and cleanup.)
+    master, slave = os.openpty()
+
+    def controlling_tty() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    script = (
+        "n=0; trap 'n=$((n+1))' INT; echo ready;"
+        " while [ $n -eq 0 ]; do sleep 0.1; done; sleep 1; exit $n"
+    )
+    proc = subprocess.Popen(
+        ipfsnap(runtime_state, "run", "--rm", "--rootfs", str(rootfs), "cc", "sh", "-c", script),
+        stdin=slave,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=controlling_tty,
+    )
+    os.close(slave)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        os.write(master, b"\x03")  # the terminal's interrupt character (ISIG on by default)
+        assert proc.wait(timeout=DEADLINE) == 1
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert_no_trace(runtime_state, "cc")
