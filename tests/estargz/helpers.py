@@ -47,9 +47,11 @@ _TYPES = {
 }
 
 
-def make_tar(items: Iterable[Item], *, end_marker: bool = True) -> bytes:
+def make_tar(
+    items: Iterable[Item], *, end_marker: bool = True, fmt: int = tarfile.PAX_FORMAT
+) -> bytes:
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
         for it in items:
             ti = tarfile.TarInfo(it.name)
             ti.type = _TYPES[it.type]

@@ -380,3 +380,36 @@ def test_build_to_file_is_readable_with_file_reader(tmp_path: Any) -> None:
     with open(p, "rb") as f:
         idx = open_layer(FileRangeReader(f), os.path.getsize(p), toc_digest=res.toc_digest)
         assert LayerReader(idx, FileRangeReader(f)).read("a") == b"abc"
+
+
+def test_gnu_long_names_and_links() -> None:
+    long_dir = "g" * 120
+    items = [
+        Item(long_dir, "dir"),
+        Item(f"{long_dir}/{'f' * 150}", data=b"gnu"),
+        Item("l", "symlink", link="t" * 200),
+        Item("h", "hardlink", link=f"{long_dir}/{'f' * 150}"),
+    ]
+    tar = make_tar(items, fmt=tarfile.GNU_FORMAT)
+    assert b"././@LongLink" in tar
+    blob, res = build_bytes(tar)
+    idx = open_bytes(blob, toc_digest=res.toc_digest)
+    assert LayerReader(idx, BytesRangeReader(blob)).read("h") == b"gnu"
+    assert idx.entry("l").link_name == "t" * 200  # type: ignore[union-attr]
+    assert tar_names(gzip.decompress(blob))[1:-1] == [i.name for i in items]
+
+
+def test_global_pax_header_applies_to_later_entries() -> None:
+    buf = io.BytesIO()
+    with tarfile.open(
+        fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"uname": "globaluser"}
+    ) as tf:
+        ti = tarfile.TarInfo("f")
+        ti.size = 1
+        ti.uname = ""
+        tf.addfile(ti, io.BytesIO(b"1"))
+    raw = buf.getvalue()
+    blob, _ = build_bytes(raw)
+    e = next(e for e in toc_of(blob)["entries"] if e["name"] == "f")
+    assert e["userName"] == "globaluser"
+    assert gzip.decompress(blob).count(b"uname=globaluser") == 1  # the global header is kept
