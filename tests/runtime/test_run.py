@@ -475,3 +475,12 @@ def test_terminal_ctrl_c_reaches_the_container(runtime_state: Path, rootfs: Path
             proc.kill()
             proc.wait()
     assert_no_trace(runtime_state, "cc")
+
+
+def test_logs_follow_until_stop(runtime_state: Path, rootfs: Path) -> None:
+    script = "for i in 1 2 3; do echo line$i; sleep 0.2; done"
+    assert run_rootfs(runtime_state, rootfs, "lf", ["sh", "-c", script], "-d").returncode == 0
+    # -f returns by itself once the container has stopped, with all of its output
+    p = run(runtime_state, "logs", "-f", "lf")
+    assert p.returncode == 0 and p.stdout == "line1\nline2\nline3\n", p.stderr
+    assert run(runtime_state, "rm", "lf").returncode == 0

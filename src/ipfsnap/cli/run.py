@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SNAPSHOTTERS = ("overlayfs", "stargz")
+
+#: seconds between polls of a followed log (short enough to feel live, cheap on the CPU)
+_FOLLOW_POLL = 0.2
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -100,6 +104,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser("logs", help="print the output of a detached container")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing until it stops")
     p.add_argument("id", metavar="ID")
     p.set_defaults(func=cmd_logs)
 
@@ -429,7 +434,19 @@ def cmd_logs(args: argparse.Namespace, ctx: Context) -> int:
         return 0
     out = sys.stdout.buffer
     with path.open("rb") as f:
-        while chunk := f.read(1 << 16):
-            out.write(chunk)
-    out.flush()
-    return 0
+        while True:
+            chunk = f.read(1 << 16)
+            if chunk:
+                out.write(chunk)
+                continue
+            out.flush()
+            if not args.follow:
+                return 0
+            st = store.runc.state(args.id)
+            if st is None or st.status not in ("running", "paused", "created"):
+                # one last read: output written just before the container stopped
+                while chunk := f.read(1 << 16):
+                    out.write(chunk)
+                out.flush()
+                return 0
+            time.sleep(_FOLLOW_POLL)
