@@ -104,3 +104,23 @@ def test_entry_count_limit() -> None:
     with pytest.raises(TooManyEntries):
         parse_toc_json(doc.encode(), "b", 10)
     assert len(parse_toc_json(doc.encode(), "b", 11)) == 11
+
+
+def test_hand_formatting_equals_json_module() -> None:
+    entries = [
+        TOCEntry(name="d", type="dir", mode=0o755, modtime="2020-01-01T00:00:00Z"),
+        TOCEntry(
+            name='q"\\\n\t\x01é文',
+            type="reg",
+            size=3,
+            offset=5,
+            digest=D,
+            chunk_digest=D,
+            xattrs={"user.a": b"\x00", "user.b": b"xyz"},
+            uid=1,
+            user_name="u",
+        ),
+        TOCEntry(name="c", type="chunk", offset=9, chunk_offset=4, chunk_size=4, chunk_digest=D),
+    ]
+    doc = {"version": 1, "entries": [entry_to_json(e) for e in entries]}
+    assert toc_json(entries) == json.dumps(doc, indent="\t", ensure_ascii=False).encode()

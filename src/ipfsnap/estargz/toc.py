@@ -28,6 +28,8 @@ _GO_ESCAPES = {
 }
 _GO_ESCAPE_RE = re.compile("[<>&\u2028\u2029]")
 _INT_MAX = (1 << 63) - 1
+#: JSON string literal, non-ASCII kept as is (as Go writes it)
+_STR = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def entry_to_json(e: TOCEntry) -> dict[str, Any]:
@@ -62,10 +64,30 @@ def entry_to_json(e: TOCEntry) -> dict[str, Any]:
     return d
 
 
+def _value(v: Any, indent: str) -> str:
+    if isinstance(v, dict):
+        inner = indent + "\t"
+        body = ",\n".join(f"{inner}{_STR(k)}: {_STR(x)}" for k, x in v.items())
+        return "{\n" + body + "\n" + indent + "}"
+    return _STR(v) if isinstance(v, str) else str(v)
+
+
 def toc_json(entries: Iterable[TOCEntry]) -> bytes:
-    """The TOC document, tab-indented, no trailing newline (as ``json.MarshalIndent``)."""
-    doc = {"version": TOC_VERSION, "entries": [entry_to_json(e) for e in entries]}
-    text = json.dumps(doc, indent="\t", ensure_ascii=False)
+    """The TOC document, tab-indented, no trailing newline (as ``json.MarshalIndent``).
+
+    Formatted by hand: the same text as ``json.dumps(doc, indent="\t")``, several times
+    faster for TOCs of 100k entries since strings go through the C encoder."""
+    items = []
+    for e in entries:
+        fields = ",\n".join(
+            f"\t\t\t{_STR(k)}: {_value(v, chr(9) * 3)}" for k, v in entry_to_json(e).items()
+        )
+        items.append("\t\t{\n" + fields + "\n\t\t}")
+    if items:
+        body = ",\n".join(items)
+        text = f'{{\n\t"version": {TOC_VERSION},\n\t"entries": [\n{body}\n\t]\n}}'
+    else:
+        text = f'{{\n\t"version": {TOC_VERSION},\n\t"entries": []\n}}'
     text = _GO_ESCAPE_RE.sub(lambda m: _GO_ESCAPES[m.group(0)], text)
     # Names from tar headers may hold bytes that are not UTF-8 (kept as surrogates);
     # Go replaces them with U+FFFD, and so do we.
