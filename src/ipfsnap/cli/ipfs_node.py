@@ -17,15 +17,11 @@ from typing import Any
 
 from ipfsnap.cli.common import Context
 from ipfsnap.config import Config
-from ipfsnap.ipfs.node import (
-    LOG_FILE,
-    ManagedNode,
-    NodeError,
-    api_url_from_multiaddr,
-    node_identity,
-    read_api_file,
-    rpc_call,
-)
+from ipfsnap.errors import IPFSError, UsageError
+from ipfsnap.ipfs.client import IPFSClient
+from ipfsnap.ipfs.core import RetryPolicy
+from ipfsnap.ipfs.multiaddr import Endpoint, parse_api, read_api_file
+from ipfsnap.ipfs.node import LOG_FILE, ManagedNode, NodeError
 from ipfsnap.ipfs.pnet import generate_swarm_key
 
 log = logging.getLogger(__name__)
@@ -34,6 +30,8 @@ log = logging.getLogger(__name__)
 _PROBE_TIMEOUT = 2.0
 #: bootstrap edits are config writes on the daemon; they return at once
 _RPC_TIMEOUT = 30.0
+#: a probe answers or not; retrying a dead daemon's port only delays the fallback
+_NO_RETRY = RetryPolicy(max_retries=0)
 
 
 class NoIPFSAPI(NodeError):
@@ -75,9 +73,8 @@ def register(group: argparse._SubParsersAction[Any]) -> None:
     q = sub.add_parser("add", help="add a bootstrap peer")
     q.add_argument("multiaddr", metavar="MULTIADDR", help="/ip4/.../tcp/.../p2p/PEERID")
     q.set_defaults(func=cmd_bootstrap_add)
-    q = sub.add_parser("rm", help="remove bootstrap peers")
-    q.add_argument("multiaddr", metavar="MULTIADDR", nargs="?", help="peer to remove")
-    q.add_argument("--all", action="store_true", help="remove every bootstrap peer")
+    q = sub.add_parser("rm", help="remove bootstrap peers (--all: the whole list)")
+    q.add_argument("--all", action="store_true", help="remove every bootstrap peer (required)")
     q.set_defaults(func=cmd_bootstrap_rm)
 
 
@@ -85,34 +82,39 @@ def register(group: argparse._SubParsersAction[Any]) -> None:
 # finding or starting an API
 
 
-def _candidate_api_files(config: Config) -> list[Path]:
+def _candidate_repos(config: Config) -> list[Path]:
+    """Where a running daemon's ``api`` file may be, in discovery order."""
     out = []
     if os.environ.get("IPFS_PATH"):
-        out.append(Path(os.environ["IPFS_PATH"]) / "api")
-    out.append(Path.home() / ".ipfs" / "api")
-    out.append(config.ipfs_repo / "api")
+        out.append(Path(os.environ["IPFS_PATH"]))
+    out.append(config.ipfs_repo)
+    out.append(Path.home() / ".ipfs")
     return out
 
 
-def find_api(config: Config) -> str | None:
-    """The explicit API, else the first discovered one that answers ``id``."""
+def _answers(endpoint: Endpoint) -> bool:
+    try:
+        with IPFSClient(endpoint, timeout=_PROBE_TIMEOUT, retry=_NO_RETRY) as client:
+            client.id()
+    except IPFSError as exc:
+        log.info("IPFS API %s (from %s) does not answer: %s", endpoint, endpoint.source, exc)
+        return False
+    return True
+
+
+def find_api(config: Config) -> Endpoint | None:
+    """The explicit API (unchecked), else the first discovered one that answers ``id``."""
     if config.ipfs_api:
-        return config.ipfs_api
-    for path in _candidate_api_files(config):
-        maddr = read_api_file(path.parent)
-        if maddr is None:
-            continue
-        try:
-            node_identity(api_url_from_multiaddr(maddr), timeout=_PROBE_TIMEOUT)
-        except NodeError as exc:
-            log.info("IPFS API %s (from %s) does not answer: %s", maddr, path, exc)
-            continue
-        return maddr
+        return parse_api(config.ipfs_api, auth=config.ipfs_auth, source="explicit address")
+    for repo in _candidate_repos(config):
+        endpoint = read_api_file(repo / "api", auth=config.ipfs_auth)
+        if endpoint is not None and _answers(endpoint):
+            return endpoint
     return None
 
 
 def ensure_api(config: Config) -> str:
-    """A reachable IPFS API multiaddr: explicit, discovered, or a managed node started now.
+    """A reachable IPFS API (URL): explicit, discovered, or a managed node started now.
 
     The managed node runs detached in the background (repo ``config.ipfs_repo``, log
     ``<repo>/daemon.log``) and outlives this process; stop it with ``kill`` on the pid in
@@ -120,11 +122,11 @@ def ensure_api(config: Config) -> str:
     """
     found = find_api(config)
     if found is not None:
-        return found
+        return found.url
     if not config.managed_ipfs:
         raise NoIPFSAPI(
-            "no IPFS API found (--ipfs-api, $IPFS_PATH/api, ~/.ipfs/api, "
-            f"{config.ipfs_repo / 'api'}) and managed_ipfs is off"
+            "no IPFS API found (--ipfs-api, $IPFS_PATH/api, "
+            f"{config.ipfs_repo / 'api'}, ~/.ipfs/api) and managed_ipfs is off"
         )
     node = ManagedNode(config.ipfs_repo, log_path=config.ipfs_repo / LOG_FILE)
     log.warning(
@@ -135,18 +137,16 @@ def ensure_api(config: Config) -> str:
     node.start()
     node.detach()
     log.warning("managed IPFS node ready: API %s, log %s", node.api_multiaddr, node.log_path)
-    return node.api_multiaddr
+    return node.api_url
 
 
-def _api_url_for_commands(ctx: Context) -> str:
-    maddr = find_api(ctx.config)
-    if maddr is None:
+def _client(ctx: Context) -> IPFSClient:
+    endpoint = find_api(ctx.config)
+    if endpoint is None:
         raise NoIPFSAPI(
             "no IPFS API found: pass --ipfs-api, set IPFS_PATH, or run ipfsnap ipfs daemon"
         )
-    if maddr.startswith(("http://", "https://")):
-        return maddr.rstrip("/")
-    return api_url_from_multiaddr(maddr)
+    return IPFSClient(endpoint, timeout=_RPC_TIMEOUT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,37 +195,24 @@ def cmd_swarm_key_gen(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-def _peers(reply: Any) -> list[str]:
-    if isinstance(reply, dict) and isinstance(reply.get("Peers"), list):
-        return [str(p) for p in reply["Peers"]]
-    return []
-
-
 def cmd_bootstrap_list(args: argparse.Namespace, ctx: Context) -> int:
-    url = _api_url_for_commands(ctx)
-    for peer in _peers(rpc_call(url, "bootstrap/list", timeout=_RPC_TIMEOUT)):
-        sys.stdout.write(peer + "\n")
+    with _client(ctx) as client:
+        for peer in client.bootstrap_list():
+            sys.stdout.write(peer + "\n")
     return 0
 
 
 def cmd_bootstrap_add(args: argparse.Namespace, ctx: Context) -> int:
-    url = _api_url_for_commands(ctx)
-    reply = rpc_call(url, "bootstrap/add", timeout=_RPC_TIMEOUT, arg=args.multiaddr)
-    for peer in _peers(reply):
-        sys.stdout.write(f"added {peer}\n")
+    with _client(ctx) as client:
+        for peer in client.bootstrap_add(args.multiaddr):
+            sys.stdout.write(f"added {peer}\n")
     return 0
 
 
 def cmd_bootstrap_rm(args: argparse.Namespace, ctx: Context) -> int:
-    if args.all == (args.multiaddr is not None):
-        from ipfsnap.errors import UsageError
-
-        raise UsageError("bootstrap rm: give either MULTIADDR or --all")
-    url = _api_url_for_commands(ctx)
-    if args.all:
-        reply = rpc_call(url, "bootstrap/rm", timeout=_RPC_TIMEOUT, all="true")
-    else:
-        reply = rpc_call(url, "bootstrap/rm", timeout=_RPC_TIMEOUT, arg=args.multiaddr)
-    for peer in _peers(reply):
-        sys.stdout.write(f"removed {peer}\n")
+    if not args.all:
+        raise UsageError("bootstrap rm: only --all is supported (then add the peers you want)")
+    with _client(ctx) as client:
+        for peer in client.bootstrap_rm_all():
+            sys.stdout.write(f"removed {peer}\n")
     return 0

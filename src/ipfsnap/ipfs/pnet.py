@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,7 +146,7 @@ def write_swarm_key(repo: Path, key: SwarmKey) -> Path:
     return path
 
 
-def force_pnet(environ: dict[str, str] | None = None) -> bool:
+def force_pnet(environ: Mapping[str, str] | None = None) -> bool:
     """Whether ``LIBP2P_FORCE_PNET`` demands a private network (Kubo: set to "1")."""
     env = os.environ if environ is None else environ
     return env.get(ENV_FORCE_PNET, "").strip() == "1"
