@@ -57,6 +57,8 @@ DEFAULT_TIMEOUT = 60.0
 #: slowest transfer rate we still call progress when sizing the daemon-side ``timeout=`` of a
 #: range read: a 4 MiB chunk gets its base timeout plus 4 s
 MIN_RATE = 1 << 20
+#: share of the client's timeout given to the daemon as its own ``timeout=``
+SERVER_TIMEOUT_SHARE = 0.8
 #: piece size read from a file and sent as one HTTP chunk by ``add``
 ADD_PIECE = 1 << 20
 #: chunking parameters that make ``add`` match :func:`ipfsnap.ipfs.unixfs.compute_cid`
@@ -156,7 +158,10 @@ def _json_message(resp: Response) -> str:
 
 
 def _server_timeout(seconds: float) -> str:
-    return f"{max(1, math.ceil(seconds))}s"
+    """The daemon's ``timeout=``: a bit shorter than ours, so the daemon's error (which says
+    what it was waiting for) arrives before our socket timeout fires. Milliseconds: Kubo (Go
+    durations) and js-ipfs (parse-duration) both read ``ms``."""
+    return f"{max(100, math.floor(seconds * SERVER_TIMEOUT_SHARE * 1000))}ms"
 
 
 def _decode_json(call: Call, api: str, body: bytes) -> Any:
@@ -400,14 +405,24 @@ class RPC:
                                     f"ends beyond the content ({got} bytes available)", cid,
                                     final=True)
             elif want is not None and this < want:
+                # a resumed read that ends cleanly with nothing new is at the end of the
+                # content (js-ipfs does not announce lengths): repeating will not help
                 raise ShortRead("cat", self.api, f"got {got} of {length} bytes at offset "
-                                f"{offset}", cid)
+                                f"{offset}", cid, final=this == 0 and before > 0)
 
         def make_tracked(attempt: int) -> Call:
             start_of_attempt[0] = got
             return make(attempt)
 
-        yield from self.run(make_tracked, on_data, check)
+        try:
+            yield from self.run(make_tracked, on_data, check)
+        except IPFSHTTPError as exc:
+            # js-ipfs answers 500 to an offset at or past the end (Kubo: an empty 200)
+            if "offset must be less than" in exc.message.lower():
+                raise ShortRead("cat", self.api, f"range offset={offset} length={length} "
+                                f"starts beyond the content ({exc.message})", cid,
+                                final=True) from None
+            raise
         return got
 
     def cat(
