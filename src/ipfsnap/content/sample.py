@@ -371,7 +371,7 @@ def build_busybox(
 # -- Debian bookworm + python3 (slow, cached) -----------------------------------------------
 
 #: bump when the recipe changes, so cached builds are rebuilt
-PYTHON_IMAGE_VERSION = "2"
+PYTHON_IMAGE_VERSION = "3"
 PYTHON_NAME = "ipfsnap-test/python:3-bookworm"
 DEFAULT_CACHE = Path("/var/cache/ipfsnap-test")
 
@@ -479,8 +479,12 @@ def _build_python(base: Path, meta: Path, name: str) -> SampleImage:
             "debootstrap",
         )
         # debootstrap leaves the downloaded .debs behind (~60 MB); no image ships them
+        # and the package lists (~50 MB); Debian's own images ship neither
         for deb in (rootfs / "var/cache/apt/archives").glob("*.deb"):
             deb.unlink()
+        for index in (rootfs / "var/lib/apt/lists").glob("*"):
+            if index.is_file():
+                index.unlink()
         layer1 = work / "layer1.tar"
         tar_directory(rootfs, layer1, root_owned=False)
         upper, ovwork, merged = work / "upper", work / "ovwork", work / "merged"
