@@ -143,3 +143,16 @@ def test_detached_image_container(runtime_state: Path, imported: str) -> None:
     assert ipfsnap(runtime_state, "rm", "-f", "d1").returncode == 0
     assert Kind.ACTIVE not in snapshots(runtime_state).values()
     assert no_mounts(runtime_state)
+
+
+@pytest.mark.slow
+def test_seed_hello_world_python(runtime_state: Path, python_image: SampleImage) -> None:
+    """The seed workflow's container step on a real Debian + python3 image (full unpack)."""
+    records = import_image(ImageStore(runtime_state), python_image.layout)
+    ref = records[0].name
+    p = ipfsnap(runtime_state, "run", "--rm", "-t", ref, "foo",
+                "python3", "-c", 'print("Hello, World!")')  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "Hello, World!\n"
+    assert no_mounts(runtime_state)
+    assert Kind.ACTIVE not in snapshots(runtime_state).values()
