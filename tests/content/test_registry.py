@@ -3,6 +3,7 @@ registry for token auth, redirects and bad answers."""
 
 from __future__ import annotations
 
+import base64
 import http.server
 import json
 import re
@@ -112,6 +113,8 @@ class Fake:
     token: str = "s3cret"
     corrupt: set[str] = field(default_factory=set)
     wrong_header_digest: bool = False
+    #: "user:password" to require Basic auth instead of Bearer tokens
+    basic: str = ""
     token_requests: list[str] = field(default_factory=list)
     port: int = 0
 
@@ -141,7 +144,12 @@ def _handler(fake: Fake) -> type[http.server.BaseHTTPRequestHandler]:
                     data = data[:-1] + bytes([data[-1] ^ 1])
                 self._send(200, data)
                 return
-            if self.headers.get("Authorization") != f"Bearer {fake.token}":
+            if fake.basic:
+                want = "Basic " + base64.b64encode(fake.basic.encode()).decode()
+                if self.headers.get("Authorization") != want:
+                    self._send(401, b"{}", {"WWW-Authenticate": 'Basic realm="fake"'})
+                    return
+            elif self.headers.get("Authorization") != f"Bearer {fake.token}":
                 realm = f"http://127.0.0.1:{fake.port}/token"
                 self._send(
                     401,
@@ -241,3 +249,19 @@ def test_pull_by_wrong_digest(
         pull_image(
             ImageStore(state_dir), f"127.0.0.1:{fake_registry.port}/test/app@sha256:{'a' * 64}"
         )
+
+
+def test_basic_auth_from_environment(
+    fake_registry: Fake, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_registry.basic = "alice:pw"
+    ref = f"127.0.0.1:{fake_registry.port}/test/app:multi"
+    monkeypatch.delenv("IPFSNAP_REGISTRY_USER", raising=False)
+    with pytest.raises(RegistryAuthError, match="requires authentication"):
+        pull_image(ImageStore(state_dir), ref)
+    monkeypatch.setenv("IPFSNAP_REGISTRY_USER", "alice")
+    monkeypatch.setenv("IPFSNAP_REGISTRY_PASSWORD", "wrong")
+    with pytest.raises(RegistryAuthError, match="refused our credentials"):
+        pull_image(ImageStore(state_dir), ref)
+    monkeypatch.setenv("IPFSNAP_REGISTRY_PASSWORD", "pw")
+    assert pull_image(ImageStore(state_dir), ref).name == ref
