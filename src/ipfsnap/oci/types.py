@@ -269,6 +269,8 @@ def parse_document(
         raise UnknownMediaType(f"{what}: unknown media type {media_type!r}")
     obj = load_json(data, what, max_size)
     declared = obj.get("mediaType")
+    if declared is not None and not isinstance(declared, str):
+        raise OCIFormatError(f"{what}: mediaType must be a string")
     if declared in mt.INDEX_TYPES or (declared is None and "manifests" in obj):
         return parse_index(data, what, None, max_size)
     if declared in mt.MANIFEST_TYPES or (declared is None and "layers" in obj):
