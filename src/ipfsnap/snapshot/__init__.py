@@ -6,6 +6,7 @@ this package never imports the FUSE filesystem.
 
 from ipfsnap.snapshot.apply import (
     DEFAULT_APPLY_LIMITS,
+    ESTARGZ_METADATA,
     ApplyLimits,
     ApplyResult,
     apply_layer,
@@ -27,6 +28,7 @@ from ipfsnap.snapshot.types import (
 
 __all__ = [
     "DEFAULT_APPLY_LIMITS",
+    "ESTARGZ_METADATA",
     "REMOTE_LABEL",
     "REMOTE_LABEL_PREFIX",
     "REMOTE_LABEL_VALUE",

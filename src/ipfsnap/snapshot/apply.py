@@ -35,7 +35,7 @@ import shutil
 import stat
 import tarfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO, cast
@@ -43,6 +43,7 @@ from typing import IO, BinaryIO, cast
 import zstandard
 
 from ipfsnap.errors import IpfsnapError
+from ipfsnap.estargz.types import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME
 from ipfsnap.snapshot.errors import (
     DiffIDMismatch,
     LayerFormatError,
@@ -58,6 +59,8 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_WHITEOUT = ".wh..wh..opq"
 OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
+#: The entries an eStargz layer adds to the image's files (TOC and prefetch landmarks).
+ESTARGZ_METADATA = frozenset({TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
 _GIB = 1 << 30
 # Copy buffer: large enough to amortise syscalls, small enough to stay cache-friendly.
 _COPY_CHUNK = 1 << 20
@@ -197,9 +200,15 @@ def _symlink_escapes(link_parts: list[str], target: str) -> bool:
 
 class _Writer:
     def __init__(
-        self, root_fd: int, layer: str, limits: ApplyLimits, parent_fds: Sequence[int] = ()
+        self,
+        root_fd: int,
+        layer: str,
+        limits: ApplyLimits,
+        parent_fds: Sequence[int] = (),
+        skip: Collection[str] = (),
     ) -> None:
         self.root_fd = root_fd
+        self.skip = skip
         self.parent_fds = parent_fds
         self.layer = layer
         self.limits = limits
@@ -325,6 +334,9 @@ class _Writer:
         parts = _clean_parts(m.name, self.layer)
         if len(m.name.encode("utf-8", "surrogateescape")) > self.limits.max_name_length:
             raise LayerUnsafeEntry(self.err(m.name[:100], "name too long"))
+        if self.skip and "/".join(parts) in self.skip:
+            log.debug("%s", self.err(m.name, "skipped"))
+            return
         if not parts:  # the layer's root directory itself
             if m.isdir():
                 self.meta_fd(self.root_fd, m)
@@ -469,12 +481,16 @@ def apply_layer(
     limits: ApplyLimits = DEFAULT_APPLY_LIMITS,
     layer: str | None = None,
     parents: Sequence[Path | str] = (),
+    skip: Collection[str] = (),
 ) -> ApplyResult:
     """Unpack the (compressed or not) layer tar ``stream`` into directory ``dest``.
 
     ``layer`` names the layer in errors (default: ``dest``). ``parents`` are the lower
     layers' directories, nearest first: a directory the layer only implies (an entry
-    ``a/b`` with no ``a``) gets the metadata of ``a`` there. With ``expected_diff_id``,
+    ``a/b`` with no ``a``) gets the metadata of ``a`` there. Entries whose clean path
+    (``a/b``, no leading ``./``) is in ``skip`` are not written; pass
+    :data:`ESTARGZ_METADATA` for an eStargz layer, whose TOC and landmark entries the lazy
+    filesystem hides too, so both paths give the same tree. With ``expected_diff_id``,
     the uncompressed stream must hash to it. On any error the partial output in ``dest``
     is removed before the error is raised.
     """
@@ -485,7 +501,7 @@ def apply_layer(
         for p in parents:
             parent_fds.append(os.open(p, _DIR_FLAGS))
         try:
-            result = _apply(root_fd, stream, name, limits, parent_fds)
+            result = _apply(root_fd, stream, name, limits, parent_fds, skip)
             if expected_diff_id is not None and result.diff_id != expected_diff_id:
                 raise DiffIDMismatch(
                     f"layer {name}: diffID is {result.diff_id}, expected {expected_diff_id}"
@@ -503,9 +519,14 @@ def apply_layer(
 
 
 def _apply(
-    root_fd: int, stream: BinaryIO, name: str, limits: ApplyLimits, parent_fds: Sequence[int]
+    root_fd: int,
+    stream: BinaryIO,
+    name: str,
+    limits: ApplyLimits,
+    parent_fds: Sequence[int],
+    skip: Collection[str],
 ) -> ApplyResult:
-    writer = _Writer(root_fd, name, limits, parent_fds)
+    writer = _Writer(root_fd, name, limits, parent_fds, frozenset(skip))
     current = ""
     try:
         compression, plain = decompressed(stream)
