@@ -84,3 +84,21 @@ def test_import_corrupt_exit_code(
     assert err.count("\n") == 1 and str(cut) in err
     assert ImageStore(state_dir).list() == []
     assert list(ImageStore(state_dir).blobs.list()) == []
+
+
+def test_ls_table_on_terminal(
+    state_dir: Path,
+    busybox_image: SampleImage,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert run(state_dir, "import", str(busybox_image.layout)) == 0
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    assert run(state_dir, "ls") == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["NAME", "DIGEST", "TYPE", "SIZE", "UPDATED"]
+    assert row.startswith(busybox_image.name + "  ")
+    assert busybox_image.target.digest[:19] in row and "manifest" in row
+    assert run(state_dir, "ls", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["name"] == busybox_image.name
