@@ -249,6 +249,18 @@ class ImageStore:
         data = self.read_blob_verified(desc)
         return parse_document(data, f"blob {desc.digest}", desc.media_type)
 
+    def read_manifest(self, desc: Descriptor) -> Manifest:
+        doc = self.read_document(desc)
+        if not isinstance(doc, Manifest):
+            raise OCIFormatError(f"blob {desc.digest}: is an index, not a manifest")
+        return doc
+
+    def read_index(self, desc: Descriptor) -> Index:
+        doc = self.read_document(desc)
+        if not isinstance(doc, Index):
+            raise OCIFormatError(f"blob {desc.digest}: is a manifest, not an index")
+        return doc
+
     def read_config(self, desc: Descriptor) -> ImageConfig:
         return parse_config(self.read_blob_verified(desc), f"config {desc.digest}")
 
