@@ -189,3 +189,16 @@ def test_discard_unreferenced_keeps_named(
     image_store.discard_unreferenced({stray, busybox_image.layer_digests[0]})
     assert not image_store.blobs.exists(stray)
     assert image_store.blobs.exists(busybox_image.layer_digests[0])
+
+
+def test_typed_readers(image_store: ImageStore, busybox_multiarch: SampleImage) -> None:
+    from ipfsnap.oci import OCIFormatError
+
+    _import(image_store, busybox_multiarch)
+    index = image_store.read_index(busybox_multiarch.target)
+    manifest = image_store.read_manifest(index.manifests[0])
+    assert [d.digest for d in manifest.layers] == busybox_multiarch.layer_digests
+    with pytest.raises(OCIFormatError, match="not a manifest"):
+        image_store.read_manifest(busybox_multiarch.target)
+    with pytest.raises(OCIFormatError, match="not an index"):
+        image_store.read_index(index.manifests[0])
