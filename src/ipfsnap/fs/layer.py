@@ -13,6 +13,7 @@ import trio
 from ipfsnap.errors import FormatError, IpfsnapError
 from ipfsnap.estargz.types import Chunk
 from ipfsnap.fs.cache import ChunkCache
+from ipfsnap.fs.chunks import ChunkTable
 from ipfsnap.fs.fetcher import DEFAULT_MAX_SPAN, ChunkFetcher, Decompressor, coalesce
 from ipfsnap.fs.inodes import IndexView, Inode, InodeTable
 from ipfsnap.fs.source import BlobSource
@@ -56,10 +57,30 @@ class LayerStatus:
         return asdict(self)
 
 
+@dataclass
+class LayerTables:
+    """Everything a mounted layer keeps of its TOC: compact, picklable, index-free."""
+
+    compression: str
+    blob_size: int
+    prefetch_end: int
+    table: InodeTable
+    chunk_table: ChunkTable
+
+    @classmethod
+    def from_index(cls, index: LayerIndexView) -> LayerTables:
+        table = InodeTable.build(index)
+        chunk_table = ChunkTable()
+        for node in table.inodes:
+            if node is not None and node.is_reg and node.size > 0 and node.path:
+                chunk_table.add(node.ino, index.chunks(node.path))
+        return cls(index.compression, index.blob_size, index.prefetch_end, table, chunk_table)
+
+
 class LazyLayer:
     def __init__(
         self,
-        index: LayerIndexView,
+        index: LayerIndexView | LayerTables,
         source: BlobSource,
         cache: ChunkCache,
         *,
@@ -68,25 +89,33 @@ class LazyLayer:
         timeout: float = 300.0,
         max_span: int = DEFAULT_MAX_SPAN,
     ) -> None:
-        self.index = index
+        # keep compact tables only: the caller may drop the (much larger) index
+        tables = index if isinstance(index, LayerTables) else LayerTables.from_index(index)
+        self.compression = tables.compression
+        self.blob_size = tables.blob_size
+        self.prefetch_end = tables.prefetch_end
         self.source = source
         self.cache = cache
-        self.table = InodeTable.build(index)
+        self.table = tables.table
+        self.chunk_table = tables.chunk_table
         self.fetcher = ChunkFetcher(
-            source, index.compression, cache, decompress=decompress,
+            source, tables.compression, cache, decompress=decompress,
             max_concurrency=max_concurrency, timeout=timeout, max_span=max_span,
         )
         self.fetcher.on_fetched = self._fetched
         self._file_chunks: dict[int, Sequence[Chunk]] = {}
-        # extent size per chunk digest, for status accounting
-        self._extent: dict[str, int] = {}
-        for c in self._all_chunks():
-            self._extent.setdefault(c.chunk_digest, c.end - c.offset)
-        self.chunk_bytes = sum(self._extent.values())
-        self._have = {d for d in cache.digests() if d in self._extent}
-        self.cached_bytes = sum(self._extent[d] for d in self._have)
+        # status accounting: compressed bytes of the distinct chunks, and of those cached
+        on_disk = cache.digests()
+        sizes: dict[str, int] = {}
+        for c in self.chunk_table:
+            sizes.setdefault(c.chunk_digest, c.end - c.offset)
+        self.chunk_bytes = sum(sizes.values())
+        self._unique = len(sizes)
+        self._have = {d for d in on_disk if d in sizes}
+        self.cached_bytes = sum(sizes[d] for d in self._have)
+        del sizes
         self.status = LayerStatus(
-            size=index.blob_size, source=source.name, entries=len(self.table),
+            size=tables.blob_size, source=source.name, entries=len(self.table),
             chunk_bytes=self.chunk_bytes,
         )
 
@@ -96,19 +125,11 @@ class LazyLayer:
             if node is not None and node.is_reg and node.size > 0 and node.path:
                 yield node
 
-    def _all_chunks(self) -> Iterable[Chunk]:
-        seen: set[int] = set()
-        for node in self._regular_files():
-            if node.ino in seen:
-                continue
-            seen.add(node.ino)
-            yield from self.index.chunks(node.path)
-
     def chunks_of(self, node: Inode) -> Sequence[Chunk]:
         chunks = self._file_chunks.get(node.ino)
         if chunks is None:
-            chunks = self.index.chunks(node.path)
-            # keep the lists of recently read files only; the index holds them all anyway
+            chunks = self.chunk_table.of(node.ino)
+            # keep the lists of recently read files only
             if len(self._file_chunks) >= 1024:
                 self._file_chunks.pop(next(iter(self._file_chunks)))
             self._file_chunks[node.ino] = chunks
@@ -116,13 +137,13 @@ class LazyLayer:
 
     def _fetched(self, chunk: Chunk) -> None:
         d = chunk.chunk_digest
-        if d in self._extent and d not in self._have:
+        if d not in self._have:
             self._have.add(d)
-            self.cached_bytes += self._extent[d]
+            self.cached_bytes += chunk.end - chunk.offset
 
     @property
     def complete(self) -> bool:
-        return len(self._have) == len(self._extent)
+        return len(self._have) >= self._unique
 
     # -- reads ----------------------------------------------------------------------------
     async def read(self, node: Inode, offset: int, size: int) -> bytes:
@@ -147,7 +168,7 @@ class LazyLayer:
     # -- prefetch and background ----------------------------------------------------------
     def _chunks_in_blob_order(self, limit: int | None = None) -> list[Chunk]:
         by_digest: dict[str, Chunk] = {}
-        for c in self._all_chunks():
+        for c in self.chunk_table:
             if limit is not None and c.offset >= limit:
                 continue
             by_digest.setdefault(c.chunk_digest, c)
@@ -178,7 +199,7 @@ class LazyLayer:
     async def background_fetch(self, retry_delay: float = 5.0) -> None:
         """Fetch everything not cached yet, yielding to foreground reads; retries failed
         ranges after ``retry_delay`` seconds until the layer is complete."""
-        end = self.index.blob_size + 1
+        end = self.blob_size + 1
         while not self.complete:
             try:
                 await self.fetch_range(end, background=True)

@@ -228,7 +228,10 @@ class LayerMounter:
         status_path = Path(spec.status_path)
         status_path.unlink(missing_ok=True)
         spec_path = wdir / "spec.json"
-        spec_path.write_text(spec.to_json(), encoding="utf-8")
+        # 0600: the spec may carry the IPFS API's Authorization value
+        fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(spec.to_json())
         logfile = open(wdir / "worker.log", "ab")  # noqa: SIM115 - handed to the child
         try:
             proc = subprocess.Popen(

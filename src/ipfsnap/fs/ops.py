@@ -93,6 +93,7 @@ class LayerOperations(pyfuse3.Operations):
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
         self._next_fh = 1
         self._debug = log.isEnabledFor(logging.DEBUG)
+        self._total_size = -1
 
     # -- helpers --------------------------------------------------------------------------
     def _node(self, ino: int) -> Inode:
@@ -192,7 +193,9 @@ class LayerOperations(pyfuse3.Operations):
         st = pyfuse3.StatvfsData()
         st.f_bsize = BLOCK_SIZE
         st.f_frsize = BLOCK_SIZE
-        total = sum(n.size for n in self.table.inodes if n is not None and n.is_reg)
+        if self._total_size < 0:
+            self._total_size = sum(n.size for n in self.table.inodes if n is not None and n.is_reg)
+        total = self._total_size
         st.f_blocks = (total + BLOCK_SIZE - 1) // BLOCK_SIZE
         st.f_bfree = 0
         st.f_bavail = 0

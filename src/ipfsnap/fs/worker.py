@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pickle
 import signal
 import sys
 from pathlib import Path
@@ -32,9 +33,10 @@ import trio
 
 from ipfsnap.errors import IpfsnapError
 from ipfsnap.estargz.reader import decompress_chunk, open_layer
-from ipfsnap.estargz.types import DEFAULT_LIMITS, Limits
+from ipfsnap.estargz.types import DEFAULT_LIMITS, Chunk, Limits
 from ipfsnap.fs.cache import ChunkCache
-from ipfsnap.fs.layer import LayerStatus, LazyLayer
+from ipfsnap.fs.errors import LayerMountError
+from ipfsnap.fs.layer import LayerStatus, LayerTables, LazyLayer
 from ipfsnap.fs.ops import LayerOperations
 from ipfsnap.fs.source import BlobSource, IPFSSource, LocalFileSource
 from ipfsnap.fs.spec import WorkerSpec, write_json_atomic
@@ -69,16 +71,67 @@ def mount_options(spec: WorkerSpec) -> set[str]:
     return opts
 
 
-def open_lazy_layer(spec: WorkerSpec, source: BlobSource) -> LazyLayer:
-    size = spec.blob_size if spec.blob_size is not None else source.size()
-    index = open_layer(source, size, toc_digest=spec.toc_digest, limits=limits_of(spec),
-                       name=source.name)
+def load_tables(spec: WorkerSpec) -> LayerTables:
+    """Open and verify the layer's TOC and build the compact tables the mount keeps."""
+    source = make_source(spec)
+    try:
+        size = spec.blob_size if spec.blob_size is not None else source.size()
+        index = open_layer(source, size, toc_digest=spec.toc_digest, limits=limits_of(spec),
+                           name=source.name)
+        return LayerTables.from_index(index)
+    finally:
+        source.close()
+
+
+def load_tables_isolated(spec: WorkerSpec) -> LayerTables:
+    """:func:`load_tables` in a forked child, which pickles the result back.
+
+    The parsed TOC of a big layer is several times larger than the tables kept (for 100k
+    entries ~260 MiB at its peak vs ~65 MiB); CPython cannot give that fragmented heap back
+    to the OS, so parsing in a short-lived child keeps the long-lived worker small.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no threads exist yet in the worker, fork is safe
+        code = 0
+        try:
+            os.close(r)
+            payload: tuple[str, object]
+            try:
+                payload = ("ok", load_tables(spec))
+            except IpfsnapError as exc:
+                payload = ("error", str(exc))
+            except Exception as exc:
+                log.exception("parsing the TOC failed")
+                payload = ("error", f"unexpected error: {exc!r}")
+            with os.fdopen(w, "wb") as f:
+                pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if not data:
+        raise LayerMountError(f"layer {spec.layer}: TOC parser process died (status {status})")
+    kind, value = pickle.loads(data)
+    if kind != "ok":
+        raise LayerMountError(str(value))
+    assert isinstance(value, LayerTables)
+    return value
+
+
+def open_lazy_layer(spec: WorkerSpec, source: BlobSource, *, isolated: bool = True
+                    ) -> LazyLayer:
+    tables = load_tables_isolated(spec) if isolated else load_tables(spec)
     cache = ChunkCache(Path(spec.cache_dir))
 
-    def decompress(compression: str, data: bytes, chunk: object) -> bytes:
-        return decompress_chunk(compression, data, chunk, name=source.name)  # type: ignore[arg-type]
+    def decompress(compression: str, data: bytes, chunk: Chunk) -> bytes:
+        return decompress_chunk(compression, data, chunk, name=source.name)
 
-    return LazyLayer(index, source, cache, decompress=decompress,
+    return LazyLayer(tables, source, cache, decompress=decompress,
                      max_concurrency=spec.max_concurrency, timeout=spec.fetching_timeout_sec,
                      max_span=spec.max_span)
 
@@ -134,12 +187,12 @@ class Worker:
     async def _serve(self, layer: LazyLayer) -> int:
         spec = self.spec
         if not spec.noprefetch:
-            end = layer.index.prefetch_end or spec.prefetch_size
+            end = layer.prefetch_end or spec.prefetch_size
             if end > 0:
                 self.status.state = "prefetching"
                 self.write_status()
                 try:
-                    await layer.prefetch(min(end, layer.index.blob_size),
+                    await layer.prefetch(min(end, layer.blob_size),
                                          spec.prefetch_timeout_sec)
                 except IpfsnapError as exc:
                     # best effort: the mount still works, reads fetch on demand
