@@ -15,6 +15,7 @@ APT_PACKAGES=(
   docker-registry                        # loopback registry for image pull tests
   nodejs npm                             # js-ipfs, the managed IPFS node
   curl ca-certificates
+  strace                                 # tests: TCP_NODELAY on the managed node's sockets
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

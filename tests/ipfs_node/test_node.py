@@ -27,6 +27,7 @@ from ipfsnap.ipfs.node import (
 )
 from ipfsnap.ipfs.pnet import SwarmKeyError, generate_swarm_key
 from tests.fixtures.ipfs import NodeFactory, NodePair, require_ipfs_implementation
+from tests.support import require_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -290,3 +291,35 @@ def _proc_state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "gone"
+
+
+NODELAY_PROBE = """
+import net from 'node:net'
+const srv = net.createServer(s => { s.end('x') })
+srv.listen(0, '127.0.0.1', () => {
+  const c = net.connect(srv.address().port, '127.0.0.1')
+  c.on('data', () => { c.end(); srv.close() })
+})
+"""
+
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_nodelay_preload_sets_tcp_nodelay_both_ways(tmp_path: Path, preload: bool) -> None:
+    """node/nodelay.js turns Nagle off on dialled and accepted sockets (bitswap latency)."""
+    require_ipfs_implementation()
+    strace = require_tool("strace")
+    probe = tmp_path / "probe.mjs"
+    probe.write_text(NODELAY_PROBE)
+    cmd = ["node", str(probe)]
+    if preload:
+        cmd[1:1] = ["--import", (jsipfs_dir() / "nodelay.js").as_uri()]
+    res = subprocess.run(
+        [strace, "-f", "-e", "trace=setsockopt", *cmd],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    calls = [line for line in res.stderr.splitlines() if "TCP_NODELAY, [1]" in line]
+    # one for the client socket, one for the accepted one; none without the preload
+    assert len(calls) == (2 if preload else 0), res.stderr

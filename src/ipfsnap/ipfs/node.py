@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 ENV_JSIPFS_DIR = "IPFSNAP_JSIPFS_DIR"
 #: "kubo", "js" or "auto" (default): which implementation ManagedNode runs
 ENV_IMPLEMENTATION = "IPFSNAP_IPFS_IMPL"
+#: "0" runs js-ipfs without the TCP_NODELAY preload (benchmarks only: bitswap gets ~10x slower)
+ENV_NODELAY = "IPFSNAP_JSIPFS_NODELAY"
 
 Implementation = Literal["kubo", "js"]
 
@@ -243,8 +245,12 @@ def private_config(data: dict[str, Any], impl: Implementation) -> None:
     if impl == "kubo":
         swarm = _sub(data, "Swarm")
         swarm["DisableNatPortMap"] = True
+        swarm["RelayClient"] = {"Enabled": False}
+        swarm["RelayService"] = {"Enabled": False}
+        # TCP only: pnet protects stream transports, Kubo refuses QUIC & co. with a swarm key
+        network = _sub(_sub(swarm, "Transports"), "Network")
+        network.update({"QUIC": False, "WebTransport": False, "WebRTCDirect": False})
         _sub(data, "AutoNAT")["ServiceMode"] = "disabled"
-        data.setdefault("Gateway", {})
     else:
         _sub(data, "Pubsub")["Enabled"] = False
         _sub(data, "Preload")["Enabled"] = False
@@ -265,6 +271,15 @@ def set_listen_addresses(
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live IPFS daemon (not a zombie, not a recycled pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        cmdline = b""
+    if cmdline and b"daemon.js" not in cmdline and b"ipfs" not in cmdline:
+        return False  # the pid now belongs to some other program
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -433,6 +448,8 @@ class ManagedNode:
         if problem is not None:
             raise NodeNotInstalled(f"js-ipfs: {problem}")
         node = shutil.which("node", path=self._env.get("PATH")) or "node"
+        if self._env.get(ENV_NODELAY, "1") == "0":  # only to measure what it buys
+            return [node, str(d / "daemon.js"), *args]
         preload = (d / "nodelay.js").as_uri()
         return [node, "--import", preload, str(d / "daemon.js"), *args]
 
