@@ -40,7 +40,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q -e ".[dev]" >&2
 
-if [ -f node/package-lock.json ] && [ ! -d node/node_modules ]; then
+# js-ipfs from the committed lockfile; again whenever the lockfile is newer than the install
+# (npm records the installed tree in node_modules/.package-lock.json). --omit=optional: the
+# optional webrtc/electron dependencies download binaries from outside the registry and hang.
+if [ -f node/package-lock.json ] && { [ ! -f node/node_modules/.package-lock.json ] ||
+     [ node/package-lock.json -nt node/node_modules/.package-lock.json ]; }; then
   echo "setup: installing the managed IPFS node (npm ci, a few minutes)" >&2
   (cd node && npm ci --omit=optional --no-audit --no-fund >&2)
 fi
