@@ -37,6 +37,7 @@ ALL_TYPES = [
     E("bin/sgid", data=b"g", mode=0o2711, gid=50),
     E("tmp", "d", mode=0o1777, mtime=2_000_000),
     E("bin/hard", "h", link="bin/suid"),
+    E("etc/cross", "h", link="bin/suid"),  # target in another directory
     E("bin/abs", "l", link="/etc/passwd"),  # kept as text, never followed
     E("bin/rel", "l", link="../etc/conf"),
     E("dev", "d"),
@@ -70,7 +71,8 @@ def test_every_entry_type(tmp_path: Path) -> None:
     tmp = os.lstat(dest / "tmp")
     assert stat.S_IMODE(tmp.st_mode) == 0o1777 and tmp.st_mtime == 2_000_000
     assert os.lstat(dest / "bin/hard").st_ino == os.lstat(dest / "bin/suid").st_ino
-    assert os.lstat(dest / "bin/suid").st_nlink == 2
+    assert os.lstat(dest / "etc/cross").st_ino == os.lstat(dest / "bin/suid").st_ino
+    assert os.lstat(dest / "bin/suid").st_nlink == 3
     assert os.readlink(dest / "bin/abs") == "/etc/passwd"
     assert os.readlink(dest / "bin/rel") == "../etc/conf"
     null = os.lstat(dest / "dev/null")

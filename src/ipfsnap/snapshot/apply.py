@@ -209,6 +209,7 @@ class _Writer:
     ) -> None:
         self.root_fd = root_fd
         self.skip = skip
+        self._cached: tuple[tuple[str, ...], int] | None = None
         self.parent_fds = parent_fds
         self.layer = layer
         self.limits = limits
@@ -223,7 +224,18 @@ class _Writer:
     @contextlib.contextmanager
     def parent(self, parts: list[str], name: str, create: bool = True) -> Iterator[int]:
         """Yield an fd of the directory ``parts`` (creating missing ones), never following
-        a symlink."""
+        a symlink. The last one is cached (tar entries come directory by directory); any
+        removal in the tree drops the cache, so a cached fd never outlives its path."""
+        key = tuple(parts)
+        if self._cached is not None and self._cached[0] == key:
+            # A duplicate: callers nest parent() (a hardlink's target dir inside its own
+            # dir), and the cache may move on while the outer fd is still in use.
+            fd = os.dup(self._cached[1])
+            try:
+                yield fd
+            finally:
+                os.close(fd)
+            return
         fd = os.dup(self.root_fd)
         try:
             for i, comp in enumerate(parts):
@@ -247,9 +259,20 @@ class _Writer:
                     ) from exc
                 os.close(fd)
                 fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            self.drop_cache()
+            self._cached = (key, os.dup(fd))
             yield fd
         finally:
             os.close(fd)
+
+    def drop_cache(self) -> None:
+        if self._cached is not None:
+            os.close(self._cached[1])
+            self._cached = None
 
     def implied_dir(self, fd: int, parts: list[str]) -> None:
         """Give a directory the layer implies (no entry of its own) the metadata of the
@@ -282,6 +305,7 @@ class _Writer:
         if stat.S_ISDIR(st.st_mode):
             if keep_dir:
                 return True
+            self.drop_cache()
             shutil.rmtree(base, dir_fd=dfd)
         else:
             os.unlink(base, dir_fd=dfd)
@@ -527,6 +551,13 @@ def _apply(
     skip: Collection[str],
 ) -> ApplyResult:
     writer = _Writer(root_fd, name, limits, parent_fds, frozenset(skip))
+    try:
+        return _run(writer, stream, name, limits)
+    finally:
+        writer.drop_cache()
+
+
+def _run(writer: _Writer, stream: BinaryIO, name: str, limits: ApplyLimits) -> ApplyResult:
     current = ""
     try:
         compression, plain = decompressed(stream)
