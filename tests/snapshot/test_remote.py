@@ -36,6 +36,7 @@ class FakeRemote:
         self.mounted: dict[Path, str] = {}
         self.calls: list[tuple[str, Path]] = []
         self.fail = False
+        self.fail_after_mount = False
         self.broken = False
 
     def mount(self, mountpoint: Path, labels: Mapping[str, str]) -> None:
@@ -45,6 +46,8 @@ class FakeRemote:
         src = labels[SOURCE_LABEL]
         mount_all([Mount("bind", src, ["ro", "rbind"])], mountpoint)
         self.mounted[mountpoint] = src
+        if self.fail_after_mount:
+            raise MountError(f"fake: layer at {mountpoint} mounted, then prefetch failed")
 
     def check(self, mountpoint: Path, labels: Mapping[str, str]) -> None:
         self.calls.append(("check", mountpoint))
@@ -229,3 +232,17 @@ def test_mounts_report_unavailable_layers(store_root: Path, tmp_path: Path) -> N
     mp = store.path("sha256:c1")
     store.close(unmount_remote=True)  # the snapshotter stopping
     assert ("unmount", mp) in fake.calls and not is_mountpoint(mp)
+
+
+def test_half_done_remote_mount_is_undone_on_fallback(store_root: Path, tmp_path: Path) -> None:
+    require_root()
+    fake = FakeRemote()
+    fake.fail_after_mount = True
+    store = SnapshotStore(store_root, remote=fake)
+    src = _source(tmp_path, "l1", {"a": b"x"})
+    mounts = store.prepare("extract-1", "", _labels("sha256:c1", src))
+    upper = store.path("extract-1")
+    assert mounts[0].source == str(upper)
+    assert not is_mountpoint(upper) and ("unmount", upper) in fake.calls
+    (upper / "unpacked").write_bytes(b"full")  # lands in the real dir, not the lazy mount
+    assert not (src / "unpacked").exists()

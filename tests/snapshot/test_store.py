@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -261,3 +262,32 @@ def test_cleanup_removes_only_strays(store_root: Path) -> None:
     assert (store.path("keep") / "f").read_bytes() == b"1"
     assert (outside / "precious").read_bytes() == b"p"
     assert store.cleanup() == []
+
+
+def test_concurrent_threads(store_root: Path) -> None:
+    """The service calls the store from several threads: one connection, serialised."""
+    store = SnapshotStore(store_root)
+    _committed(store, "base")
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for i in range(8):
+                store.prepare(f"t{t}-{i}", "base", {"t": str(t)})
+                store.commit(f"c{t}-{i}", f"t{t}-{i}")
+                store.stat(f"c{t}-{i}")
+                store.walk([f"labels.t=={t}"])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    infos = store.walk(["kind==committed"])
+    assert len(infos) == 1 + 6 * 8
+    dirs = {store.path(i.name) for i in infos}
+    assert len(dirs) == len(infos)  # every snapshot its own directory
+    assert len(os.listdir(store_root / "snapshots")) == len(infos)

@@ -364,6 +364,9 @@ class SnapshotStore:
                 target,
                 exc,
             )
+            # A filesystem that failed half-way must not leave a mount over the upper
+            # dir the normal path is about to unpack into.
+            self._unmount_remote(mp)
             return
         remote_labels = {**labels, REMOTE_LABEL: REMOTE_LABEL_VALUE}
         try:
@@ -440,11 +443,13 @@ class SnapshotStore:
                     f"snapshot {key!r} has children ({', '.join(map(repr, children))}): "
                     "remove them first"
                 )
+            if REMOTE_LABEL in row.labels:
+                # Unmount first, while the row still says what is mounted there; a
+                # failure leaves a stray mount that the directory removal detaches.
+                self._unmount_remote(self.fs_path(row.id))
             db.execute("DELETE FROM snapshots WHERE id = ?", (row.id,))
         # After the commit: the row is gone even if the directory cannot be removed yet
         # (cleanup() retries), as containerd does.
-        if REMOTE_LABEL in row.labels:
-            self._unmount_remote(self.fs_path(row.id))
         try:
             self._remove_dir(self._dir(row.id))
         except (OSError, IpfsnapError) as exc:
