@@ -101,6 +101,16 @@ async function stop (signal) {
 process.on('SIGTERM', () => { stop('SIGTERM') })
 process.on('SIGINT', () => { stop('SIGINT') })
 
+// IPFSNAP_PARENT_PID: stop when that process is gone (we get re-parented), so a test run or
+// CLI killed with SIGKILL leaves no daemon behind. Unset for nodes meant to outlive their starter.
+const parent = Number(process.env.IPFSNAP_PARENT_PID || 0)
+if (parent > 0) {
+  const WATCH_MS = 1000
+  setInterval(() => {
+    if (process.ppid !== parent) stop('parent exited')
+  }, WATCH_MS).unref()
+}
+
 try {
   await daemon.start()
 } catch (err) {

@@ -323,3 +323,42 @@ def test_nodelay_preload_sets_tcp_nodelay_both_ways(tmp_path: Path, preload: boo
     calls = [line for line in res.stderr.splitlines() if "TCP_NODELAY, [1]" in line]
     # one for the client socket, one for the accepted one; none without the preload
     assert len(calls) == (2 if preload else 0), res.stderr
+
+
+STARTER = """
+import sys
+from pathlib import Path
+from ipfsnap.ipfs.node import ManagedNode
+node = ManagedNode(Path(sys.argv[1])).start()
+print(node.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_daemon_stops_when_its_starter_is_killed(tmp_path: Path) -> None:
+    """A SIGKILLed test run or CLI leaves no js-ipfs daemon behind (IPFSNAP_PARENT_PID)."""
+    require_ipfs_implementation()
+    repo = tmp_path / "repo"
+    starter = subprocess.Popen(
+        [sys.executable, "-c", STARTER, str(repo)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert starter.stdout is not None
+        daemon_pid = int(starter.stdout.readline())
+        assert _proc_state(daemon_pid) not in ("gone", "Z")
+        starter.kill()
+        starter.wait()
+        for _ in range(600):  # bound: 60 s; the watchdog polls every second
+            if _proc_state(daemon_pid) in ("gone", "Z"):
+                break
+            time.sleep(0.1)
+        assert _proc_state(daemon_pid) in ("gone", "Z")
+    finally:
+        if starter.poll() is None:
+            starter.kill()
+            starter.wait()
+    assert not (repo / "api").exists()  # it stopped cleanly, not killed
+    assert "parent exited: stopping" in (repo / "daemon.log").read_text()

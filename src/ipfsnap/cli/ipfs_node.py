@@ -128,7 +128,9 @@ def ensure_api(config: Config) -> str:
             "no IPFS API found (--ipfs-api, $IPFS_PATH/api, "
             f"{config.ipfs_repo / 'api'}, ~/.ipfs/api) and managed_ipfs is off"
         )
-    node = ManagedNode(config.ipfs_repo, log_path=config.ipfs_repo / LOG_FILE)
+    node = ManagedNode(
+        config.ipfs_repo, log_path=config.ipfs_repo / LOG_FILE, stop_with_parent=False
+    )
     log.warning(
         "no IPFS API found: starting a managed IPFS node (%s) in the background, repo %s",
         node.implementation,

@@ -317,6 +317,7 @@ class ManagedNode:
         stop_grace: float = DEFAULT_STOP_GRACE,
         log_path: Path | None = None,
         env: Mapping[str, str] | None = None,
+        stop_with_parent: bool = True,
     ) -> None:
         self.repo = Path(repo).absolute()
         self.api = api
@@ -327,6 +328,9 @@ class ManagedNode:
         self.start_timeout = start_timeout
         self.stop_grace = stop_grace
         self.log_path = log_path or self.repo / LOG_FILE
+        #: js-ipfs stops by itself when this process dies (even by SIGKILL); False for a
+        #: node meant to outlive us (see detach)
+        self.stop_with_parent = stop_with_parent
         self._proc: subprocess.Popen[bytes] | None = None
         self._identity: NodeIdentity | None = None
         self._api_multiaddr: str | None = None
@@ -456,6 +460,9 @@ class ManagedNode:
     def _child_env(self) -> dict[str, str]:
         env = dict(self._env)
         env["IPFS_PATH"] = str(self.repo)
+        env.pop("IPFSNAP_PARENT_PID", None)
+        if self.stop_with_parent:
+            env["IPFSNAP_PARENT_PID"] = str(os.getpid())
         # js-ipfs' update notifier and telemetry-ish checks must not reach out
         env.setdefault("NO_UPDATE_NOTIFIER", "1")
         return env
@@ -626,5 +633,8 @@ class ManagedNode:
         return self._proc.wait()
 
     def detach(self) -> None:
-        """Leave the daemon running after this object (and process) goes away."""
+        """Leave the daemon running after this object goes away.
+
+        To outlive this process too, the node must be created with ``stop_with_parent=False``.
+        """
         self._proc = None
