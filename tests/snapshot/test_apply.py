@@ -47,6 +47,8 @@ ALL_TYPES = [
     E("x", data=b"attrs", xattrs={"user.note": "hello", "trusted.bin": "\udcff\x00\udcfe"}),
     E("ping", data=b"p", xattrs={"security.capability": CAP_NET_RAW.decode()}),
     E("empty", data=b""),
+    # user.* xattrs cannot exist on symlinks and devices: skipped with a warning
+    E("symx", "l", link="x", xattrs={"user.no": "1", "trusted.yes": "1"}),
     E("deep/er/file", data=b"implicit parents"),
     E("etc/.wh.gone"),
     E("tmp/.wh..wh..opq"),
@@ -86,6 +88,7 @@ def test_every_entry_type(tmp_path: Path) -> None:
     assert os.getxattr(dest / "x", "trusted.bin") == b"\xff\x00\xfe"  # binary value
     assert os.getxattr(dest / "ping", "security.capability") == CAP_NET_RAW
     assert (dest / "empty").read_bytes() == b""
+    assert os.listxattr(dest / "symx", follow_symlinks=False) == ["trusted.yes"]
     assert (dest / "deep/er/file").read_bytes() == b"implicit parents"
     wh = os.lstat(dest / "etc/gone")
     assert stat.S_ISCHR(wh.st_mode) and wh.st_rdev == 0  # overlayfs whiteout

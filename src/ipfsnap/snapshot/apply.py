@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import decimal
+import errno
 import gzip
 import hashlib
 import io
@@ -316,7 +317,24 @@ class _Writer:
         os.fchown(fd, m.uid, m.gid)
         os.fchmod(fd, m.mode & 0o7777)
         for k, v in self.xattrs(m):
-            os.setxattr(fd, k, v)
+            self.setxattr(fd, k, v, m, special=False)
+
+    def setxattr(
+        self, target: int | str, k: str, v: bytes, m: tarfile.TarInfo, special: bool
+    ) -> None:
+        try:
+            if isinstance(target, int):
+                os.setxattr(target, k, v)
+            else:
+                os.setxattr(target, k, v, follow_symlinks=False)
+        except OSError as exc:
+            # As containerd: an xattr the filesystem does not support is skipped (with a
+            # warning); so is one the kernel refuses on symlinks and device nodes (user.*
+            # exists only on regular files and directories). Others fail the layer.
+            if exc.errno == errno.ENOTSUP or (special and exc.errno == errno.EPERM):
+                log.warning("%s", self.err(m.name, f"cannot set xattr {k!r}: {exc.strerror}"))
+                return
+            raise
 
     def meta_path(self, dfd: int, base: str, m: tarfile.TarInfo, chmod: bool) -> None:
         os.chown(base, m.uid, m.gid, dir_fd=dfd, follow_symlinks=False)
@@ -326,7 +344,7 @@ class _Writer:
         # the final component.
         proc = f"/proc/self/fd/{dfd}/{base}"
         for k, v in self.xattrs(m):
-            os.setxattr(proc, k, v, follow_symlinks=False)
+            self.setxattr(proc, k, v, m, special=True)
         ns = self.mtime_ns(m)
         os.utime(base, ns=(ns, ns), dir_fd=dfd, follow_symlinks=False)
 
