@@ -144,3 +144,14 @@ def test_build_from_stdin(tar_path: Path, tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["blobSize"] == out.stat().st_size
+
+
+def test_unwritable_output_is_one_line_error(
+    tar_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "no" / "such" / "dir" / "x.blob"
+    assert main(["estargz", "build", str(tar_path), str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert "cannot create" in err and str(missing) in err and err.count("\n") == 1
+    assert main(["estargz", "build", str(tmp_path / "absent.tar"), str(tmp_path / "y")]) != 0
+    assert "absent.tar" in capsys.readouterr().err

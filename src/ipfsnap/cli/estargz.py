@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ipfsnap.cli.common import Context, parse_size, print_json
-from ipfsnap.errors import NotFoundError, UsageError
+from ipfsnap.errors import NotFoundError, StoreError, UsageError
 from ipfsnap.estargz import (
     BuildOptions,
     FileRangeReader,
@@ -124,9 +124,10 @@ def cmd_build(args: argparse.Namespace, ctx: Context) -> int:
             except OSError as exc:
                 raise UsageError(f"input tar {args.input}: {exc.strerror}") from None
         # Write beside the target and rename, so a failed build leaves nothing behind.
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else "."
-        )
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        except OSError as exc:
+            raise StoreError(f"cannot create {out}: {exc.strerror or exc}") from None
         try:
             umask = os.umask(0)
             os.umask(umask)
@@ -136,6 +137,10 @@ def cmd_build(args: argparse.Namespace, ctx: Context) -> int:
                 dst.flush()
                 os.fsync(dst.fileno())
             os.replace(tmp, out)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise StoreError(f"building {out}: {exc.strerror or exc}") from None
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

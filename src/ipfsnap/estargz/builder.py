@@ -502,6 +502,8 @@ def build(
         raise ValueError(f"unknown compression {opts.compression!r}")
     if opts.chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
+    if opts.level is not None and opts.compression == "gzip" and not 0 <= opts.level <= 9:
+        raise ValueError(f"gzip level {opts.level} is not in 0..9")
     zstd = opts.compression == "zstd"
     level = (
         opts.level
