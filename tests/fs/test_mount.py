@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,30 @@ def test_prefetch_landmark_range_fetched_before_ready(tmp_path: Path) -> None:
         assert st["cached_bytes"] == hot  # prefetched, and only the prioritized file
         assert (mp / "hot").read_bytes() == items[0].data
         assert fresh_status(m, mp)["fetched_bytes"] == hot
+
+
+def test_busy_mount_is_detached_and_worker_exits_after_last_close(
+    every_type_blob: Blob, tmp_path: Path
+) -> None:
+    require_fuse()
+    m = make_mounter(tmp_path / "state", background=False)
+    mp = tmp_path / "mp"
+    m.mount(mp, labels_for(every_type_blob))
+    st = m.status(mp)
+    assert st is not None
+    pid = st["pid"]
+    f = open(mp / "data" / "exact", "rb")  # noqa: SIM115 - held open across the unmount
+    try:
+        m.unmount(mp)  # busy: lazily detached, returns at once
+        assert not is_mountpoint(mp)
+        want = next(it.data for it in every_type_items() if it.name == "data/exact")
+        assert f.read() == want  # the open file keeps working
+        assert _pid_alive(pid)
+    finally:
+        f.close()
+    wait_status(m, mp, lambda s: s["state"] == "unmounted", timeout=15)
+    deadline = time.monotonic() + 15
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    m.reap()
+    assert not _pid_alive(pid)

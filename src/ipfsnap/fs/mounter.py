@@ -128,6 +128,8 @@ class LayerMounter:
         #: extra WorkerSpec fields (tests: max_span, status_interval, log_level ...)
         self.extra = dict(extra or {})
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        #: workers of lazily unmounted layers, reaped when they exit
+        self._detached: list[subprocess.Popen[bytes]] = []
         self._lock = threading.Lock()
 
     # -- paths ----------------------------------------------------------------------------
@@ -218,6 +220,7 @@ class LayerMounter:
     # -- RemoteFileSystem -----------------------------------------------------------------
     def mount(self, mountpoint: Path, labels: Mapping[str, str]) -> None:
         mountpoint = Path(os.path.abspath(mountpoint))
+        self.reap()
         spec = self.spec_for(mountpoint, labels)
         if is_mountpoint(mountpoint):
             raise LayerMountError(f"{mountpoint}: already a mountpoint")
@@ -237,7 +240,7 @@ class LayerMounter:
             proc = subprocess.Popen(
                 [self.python, "-m", "ipfsnap.fs.worker", str(spec_path)],
                 stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
-                start_new_session=True, close_fds=True,
+                start_new_session=True, close_fds=True, cwd="/",
             )
         finally:
             logfile.close()
@@ -306,9 +309,20 @@ class LayerMounter:
                                      capture_output=True, text=True, check=False)
                 if res.returncode != 0 and is_mountpoint(mountpoint):
                     raise LayerMountError(f"{mountpoint}: cannot unmount: {res.stderr.strip()}")
+                # detached, still in use: the worker keeps serving the open files and exits
+                # by itself when the kernel drops the last reference
+                if proc is not None:
+                    with self._lock:
+                        self._detached.append(proc)
+                return
         self._wait_exit(proc, pid, mountpoint)
 
     # -- helpers --------------------------------------------------------------------------
+    def reap(self) -> None:
+        """Collect workers of lazily unmounted layers that have exited."""
+        with self._lock:
+            self._detached = [p for p in self._detached if p.poll() is None]
+
     def _wait_exit(self, proc: subprocess.Popen[bytes] | None, pid: int,
                    mountpoint: Path) -> None:
         deadline = time.monotonic() + EXIT_TIMEOUT
