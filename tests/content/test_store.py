@@ -202,3 +202,19 @@ def test_typed_readers(image_store: ImageStore, busybox_multiarch: SampleImage) 
         image_store.read_manifest(busybox_multiarch.target)
     with pytest.raises(OCIFormatError, match="not an index"):
         image_store.read_index(index.manifests[0])
+
+
+def test_gc_stops_on_unreadable_document(
+    image_store: ImageStore, busybox_image: SampleImage
+) -> None:
+    """A corrupt manifest on disk: gc must not sweep (it cannot know the children)."""
+    from ipfsnap.errors import StoreError
+
+    _import(image_store, busybox_image)
+    stray = image_store.blobs.write(b"stray")
+    path = image_store.blobs.path(busybox_image.target.digest)
+    path.write_bytes(path.read_bytes()[:-1] + b" ")
+    before = set(image_store.blobs.list())
+    with pytest.raises(StoreError, match="nothing was removed"):
+        image_store.gc()
+    assert set(image_store.blobs.list()) == before and stray in before

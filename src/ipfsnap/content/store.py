@@ -36,7 +36,7 @@ from ipfsnap.content.errors import (
     IncompleteImage,
     StoreCorrupt,
 )
-from ipfsnap.errors import NotFoundError, StoreError
+from ipfsnap.errors import IpfsnapError, NotFoundError, StoreError
 from ipfsnap.oci import (
     MAX_DOCUMENT_SIZE,
     Descriptor,
@@ -399,9 +399,12 @@ class ImageStore:
             if mediatypes.is_index(desc.media_type) or mediatypes.is_manifest(desc.media_type):
                 try:
                     doc = self.read_document(desc)
-                except (OCIFormatError, StoreError, NotFoundError) as exc:
-                    log.warning("gc: cannot read %s: %s", desc.digest, exc)
-                    continue
+                except IpfsnapError as exc:
+                    # sweeping now could delete the children of an unreadable document:
+                    # stop instead, having removed nothing
+                    raise StoreError(
+                        f"gc: cannot read {desc.digest} ({exc}); nothing was removed"
+                    ) from exc
                 children = doc.manifests if isinstance(doc, Index) else (doc.config, *doc.layers)
                 stack.extend((c, depth + 1) for c in children)
         return out
