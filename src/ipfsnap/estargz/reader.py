@@ -113,7 +113,7 @@ class LayerIndex:
         self._payload_end = payload_end
         self._entries: dict[str, TOCEntry] = {}
         self._links: dict[str, str] = {}  # hardlink path -> final target path
-        self._chunks: dict[str, list[Chunk]] = {}
+        self._chunks: dict[str, tuple[Chunk, ...]] = {}
         self._children: dict[str, dict[str, TOCEntry]] = {}
         self._nlink: dict[int, int] = {}
         #: every data chunk in the TOC, landmarks and overridden duplicates included
@@ -215,7 +215,7 @@ class LayerIndex:
             raise InvalidTOC(f"{what}: chunks cover {expect} bytes of a {reg.size}-byte file")
         if reg.chunk_size == 0 and reg.size:
             reg.chunk_size = chunks[0].chunk_size if chunks else 0
-        self._chunks[reg.name] = chunks
+        self._chunks[reg.name] = tuple(chunks)
         self.all_chunks.extend((reg.name, c) for c in chunks)
 
     def _resolve_links(self) -> None:
@@ -285,7 +285,7 @@ class LayerIndex:
 
     def chunks(self, path: str) -> Sequence[Chunk]:
         p = clean_path(path)
-        return tuple(self._chunks.get(self._links.get(p, p), ()))
+        return self._chunks.get(self._links.get(p, p), ())
 
     def walk(self) -> Iterator[tuple[str, TOCEntry]]:
         stack = [""]
