@@ -232,7 +232,7 @@ def test_errno_mapping() -> None:
     assert errno_for(ChunkDigestMismatch("x")) == errno.EIO
     assert errno_for(FetchError("x")) == errno.EIO
     assert errno_for(FetchTimeout("x")) == errno.EIO
-    assert errno_for(LimitExceeded("x")) == errno.EFBIG
+    assert errno_for(LimitExceeded("x")) == errno.EIO
     assert errno_for(OSError(errno.EACCES, "x")) == errno.EACCES
     assert errno_for(RuntimeError("bug")) == errno.EIO
     assert errno_for(pyfuse3.FUSEError(errno.ENODATA)) == errno.ENODATA

@@ -1,7 +1,22 @@
 """ipfsnap.fs: the lazy layer filesystem (eStargz over FUSE, chunks fetched on demand).
 
-Public API: :class:`LayerMounter` (the ``snapshot.RemoteFileSystem`` implementation), the
-worker spec/status types, and the building blocks (sources, chunk cache, fetcher).
+Public API
+- :class:`LayerMounter` (``snapshot.RemoteFileSystem``): ``mount(mountpoint, labels)`` starts
+  one worker process per layer and returns once the layer is verified (TOC digest),
+  prefetched and mounted, or raises ``LayerMountError``/``WorkerSpecError`` (the caller falls
+  back to a full fetch); ``check`` (worker alive, mount answers a stat within 5 s);
+  ``unmount`` (``fusermount3 -u``, lazily ``-z`` when busy). ``status(mountpoint)`` /
+  ``all_status()`` return the workers' status for ``ipfsnap snapshot status``.
+- Labels: see :mod:`ipfsnap.fs.mounter` (the reference's names plus ``ipfsnap.io/layer.*``).
+- Worker: ``python -m ipfsnap.fs.worker SPEC.json`` (:class:`WorkerSpec`), own session, exits
+  when unmounted (or on SIGTERM, unmounting first).
+- Status file (JSON, rewritten atomically every ``status_interval`` s): ``state``
+  (starting|prefetching|ready|complete|failed|unmounted), ``mountpoint``, ``layer``,
+  ``source``, ``pid``, ``size`` (blob bytes), ``chunk_bytes`` / ``cached_bytes`` (compressed
+  bytes of all distinct chunks / of those verified in the cache), ``percent``,
+  ``fetched_bytes`` and ``source_calls`` (read from the source by this worker), ``entries``,
+  ``last_error``, ``updated`` (epoch seconds).
+- Disk cache: ``<state>/fs/cache/<layer digest hex>/<chunk sha256 hex>``, verified on read.
 """
 
 from ipfsnap.fs.mounter import (

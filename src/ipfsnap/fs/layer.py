@@ -196,18 +196,23 @@ class LazyLayer:
             return False
         return True
 
-    async def background_fetch(self, retry_delay: float = 5.0) -> None:
-        """Fetch everything not cached yet, yielding to foreground reads; retries failed
-        ranges after ``retry_delay`` seconds until the layer is complete."""
+    async def background_fetch(self, retry_delay: float = 5.0, max_delay: float = 300.0
+                               ) -> None:
+        """Fetch everything not cached yet, yielding to foreground reads. Failed ranges are
+        retried after ``retry_delay`` seconds, doubling up to ``max_delay``, until the layer
+        is complete (a daemon that comes back is used again)."""
         end = self.blob_size + 1
+        delay = retry_delay
         while not self.complete:
             try:
                 await self.fetch_range(end, background=True)
+                delay = retry_delay
             except IpfsnapError as exc:
                 self.status.last_error = str(exc)
                 log.warning("%s: background fetch: %s (retrying in %gs)",
-                            self.source.name, exc, retry_delay)
-                await trio.sleep(retry_delay)
+                            self.source.name, exc, delay)
+                await trio.sleep(delay)
+                delay = min(max_delay, delay * 2)
         self.update_status()
         log.info("%s: all %d bytes of chunks cached", self.source.name, self.chunk_bytes)
 

@@ -21,7 +21,6 @@ from ipfsnap.errors import (
     IntegrityError,
     IPFSError,
     IpfsnapError,
-    LimitExceeded,
     NotFoundError,
 )
 from ipfsnap.fs.inodes import Inode
@@ -44,8 +43,6 @@ def errno_for(exc: BaseException) -> int:
         return int(exc.errno)
     if isinstance(exc, NotFoundError):
         return errno.ENOENT
-    if isinstance(exc, LimitExceeded):
-        return errno.EFBIG
     if isinstance(exc, (IntegrityError, IPFSError, FormatError, IpfsnapError)):
         return errno.EIO
     if isinstance(exc, trio.TooSlowError):
