@@ -291,3 +291,8 @@ def test_concurrent_threads(store_root: Path) -> None:
     dirs = {store.path(i.name) for i in infos}
     assert len(dirs) == len(infos)  # every snapshot its own directory
     assert len(os.listdir(store_root / "snapshots")) == len(infos)
+
+
+def test_root_with_overlay_separators_refused(tmp_path: Path) -> None:
+    with pytest.raises(SnapshotInvalidArgument, match="must not contain"):
+        SnapshotStore(tmp_path / "a:b")

@@ -127,6 +127,11 @@ class SnapshotStore:
         self, root: Path | str, remote: RemoteFileSystem | None = None, *, restore: bool = True
     ) -> None:
         self.root = Path(root).absolute()
+        if any(c in str(self.root) for c in ",:"):
+            # overlay's options separate dirs with ':' and options with ','
+            raise SnapshotInvalidArgument(
+                f"snapshot store root {self.root} must not contain ',' or ':'"
+            )
         self.remote = remote
         self._snapdir = self.root / "snapshots"
         self._snapdir.mkdir(parents=True, exist_ok=True, mode=0o700)
