@@ -218,3 +218,48 @@ def test_gc_stops_on_unreadable_document(
     with pytest.raises(StoreError, match="nothing was removed"):
         image_store.gc()
     assert set(image_store.blobs.list()) == before and stray in before
+
+
+KILL_MID_IMPORT = """
+import os, signal, sys
+from pathlib import Path
+from ipfsnap.content import ImageStore, import_image
+from ipfsnap.content.blobs import BlobStore
+
+real = BlobStore.ingest
+count = 0
+
+def ingest(self, *args, **kwargs):
+    global count
+    count += 1
+    if count == 3:  # manifest and config stored, now die while a layer streams in
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, *args, **kwargs)
+
+BlobStore.ingest = ingest
+import_image(ImageStore(Path(sys.argv[1])), Path(sys.argv[2]), "crashed:1")
+"""
+
+
+def test_crash_mid_import_names_nothing(state_dir: Path, busybox_image: SampleImage) -> None:
+    """An import killed half-way (SIGKILL while a layer streams in) leaves no name, so none
+    points at missing content; its stray blobs go with the next gc."""
+    import subprocess
+    import sys
+
+    from tests.support import ROOT
+
+    store = ImageStore(state_dir)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_MID_IMPORT, str(state_dir), str(busybox_image.layout)],
+        cwd=ROOT,
+        capture_output=True,
+    )
+    assert proc.returncode == -9, proc.stderr
+    assert store.list() == []
+    assert set(store.blobs.list()) == {busybox_image.target.digest, busybox_image.config_digest}
+    store.gc()
+    assert list(store.blobs.list()) == []
+    # and the import works afterwards
+    _import(store, busybox_image)
+    store.check_complete(store.get(busybox_image.name).target)
