@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ipfsnap.errors import AlreadyExistsError, NotFoundError, SnapshotError
-from ipfsnap.snapshot import Info, Kind, Mount, SnapshotStore
+from ipfsnap.snapshot import Info, Kind, Mount, SnapshotStore, Snapshotter
 from ipfsnap.snapshot.errors import (
     SnapshotHasChildren,
     SnapshotInvalidArgument,
@@ -296,3 +296,9 @@ def test_concurrent_threads(store_root: Path) -> None:
 def test_root_with_overlay_separators_refused(tmp_path: Path) -> None:
     with pytest.raises(SnapshotInvalidArgument, match="must not contain"):
         SnapshotStore(tmp_path / "a:b")
+
+
+def test_store_is_a_snapshotter(store_root: Path) -> None:
+    store: Snapshotter = SnapshotStore(store_root)  # mypy checks the structural match
+    store.prepare("k")
+    assert store.stat("k").kind is Kind.ACTIVE
