@@ -9,6 +9,7 @@ import hashlib
 import io
 import logging
 import os
+import types
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,6 +54,14 @@ from ipfsnap.estargz.types import (
 )
 
 log = logging.getLogger(__name__)
+
+# zlib-ng inflates ~1.7x faster than zlib; same results, so use it when installed.
+_inflate: types.ModuleType
+try:
+    from zlib_ng import zlib_ng as _inflate
+except ImportError:  # pragma: no cover - zlib-ng is a dependency; keep working without it
+    _inflate = zlib
+_INFLATE_ERRORS = (zlib.error, _inflate.error)
 
 COMPRESSIONS = ("gzip", "legacy-gzip", "zstd")
 #: a directory the TOC does not list but whose children it does (as the reference: 0755)
@@ -310,12 +319,12 @@ def _gunzip_bounded(data: bytes, limit: int, what: str) -> bytes:
     out = bytearray()
     buf = data
     while len(out) < limit and buf:
-        d = zlib.decompressobj(31)
+        d = _inflate.decompressobj(31)
         try:
             out += d.decompress(buf, limit - len(out))
             while len(out) < limit and d.unconsumed_tail and not d.eof:
                 out += d.decompress(d.unconsumed_tail, limit - len(out))
-        except zlib.error as exc:
+        except _INFLATE_ERRORS as exc:
             raise BadCompression(f"{what}: corrupt gzip data: {exc}") from None
         if not d.eof:
             if len(out) >= limit:
