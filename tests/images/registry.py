@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
 import subprocess
 import time
@@ -144,6 +143,3 @@ def push_layout(host: str, repo: str, tag: str, layout: Path) -> None:
 
     push_tree(top, tag)
 
-
-def env_without_proxy() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
