@@ -236,3 +236,19 @@ def test_errno_mapping() -> None:
     assert errno_for(OSError(errno.EACCES, "x")) == errno.EACCES
     assert errno_for(RuntimeError("bug")) == errno.EIO
     assert errno_for(pyfuse3.FUSEError(errno.ENODATA)) == errno.ENODATA
+
+
+def test_prefetch_is_bounded_by_its_timeout(every_type_blob: Blob, tmp_path: Path) -> None:
+    layer, src = make_layer(every_type_blob, tmp_path)
+    src.stall.set()
+    try:
+        assert trio.run(layer.prefetch, layer.blob_size, 0.3) is False
+    finally:
+        src.release.set()
+    src.stall.clear()
+    # nothing half-done is left behind: a later read works
+    node = layer.table.get(layer.table.by_path["etc/hostname"])
+    assert node is not None
+    assert trio.run(layer.read, node, 0, 100) == b"lazy\n"
+    assert trio.run(layer.prefetch, layer.blob_size, 30.0) is True
+    assert layer.complete

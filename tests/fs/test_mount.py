@@ -252,3 +252,14 @@ def test_busy_mount_is_detached_and_worker_exits_after_last_close(
         time.sleep(0.05)
     m.reap()
     assert not _pid_alive(pid)
+
+
+def test_toc_entry_limit_refuses_the_mount(every_type_blob: Blob, tmp_path: Path) -> None:
+    require_fuse()
+    m = make_mounter(tmp_path / "state", max_entries=5)
+    mp = tmp_path / "mp"
+    with pytest.raises(LayerMountError, match="entries"):
+        m.mount(mp, labels_for(every_type_blob))
+    assert not is_mountpoint(mp)
+    st = m.status(mp)
+    assert st is not None and st["state"] == "failed" and "entries" in st["last_error"]
