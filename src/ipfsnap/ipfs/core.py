@@ -430,9 +430,10 @@ class RPC:
         timeout: float | None = None,
     ) -> Plan:
         """Plan -> bytes."""
-        buf = bytearray()
-        yield from self.cat_into(cid, offset, length, buf.extend, timeout=timeout)
-        return bytes(buf)
+        # pieces joined once at the end: one copy of the data instead of two
+        pieces: list[bytes] = []
+        yield from self.cat_into(cid, offset, length, pieces.append, timeout=timeout)
+        return pieces[0] if len(pieces) == 1 and type(pieces[0]) is bytes else b"".join(pieces)
 
     def files_stat(self, cid: str, *, timeout: float | None = None) -> Plan:
         """Plan -> :class:`FileStat` (``files/stat`` of ``/ipfs/<cid>``)."""
