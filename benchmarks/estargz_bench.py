@@ -40,8 +40,12 @@ from tests.interop.gochecker import build_checker  # noqa: E402
 
 log = logging.getLogger("estargz_bench")
 
-#: files bigger than this are left out so that the tar stays a mix of many files
+#: most of the tar is files up to SMALL_FILE (as in a typical layer: ~20 KiB on average)...
+SMALL_FILE = 1 << 20
+#: ...plus bigger ones up to MAX_FILE (several 4 MiB chunks each), as long as they make up
+#: at most BIG_SHARE of the bytes
 MAX_FILE = 16 << 20
+BIG_SHARE = 0.2
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,7 @@ def emit(text: str = "") -> None:
 def _iter_usr_lib(limit: int) -> Iterator[Path]:
     """Dirs, symlinks and regular files of /usr/lib in a stable order until ``limit``
     bytes of file content."""
-    total = 0
+    total = big = 0
     for dirpath, dirnames, filenames in os.walk("/usr/lib"):
         dirnames.sort()
         d = Path(dirpath)
@@ -95,6 +99,10 @@ def _iter_usr_lib(limit: int) -> Iterator[Path]:
             if p.is_symlink():
                 yield p
             elif p.is_file() and st.st_size <= MAX_FILE and os.access(p, os.R_OK):
+                if st.st_size > SMALL_FILE:
+                    if big + st.st_size > BIG_SHARE * limit:
+                        continue
+                    big += st.st_size
                 yield p
                 total += st.st_size
                 if total >= limit:
@@ -102,7 +110,7 @@ def _iter_usr_lib(limit: int) -> Iterator[Path]:
 
 
 def make_tar(cache_dir: Path, size_mib: int) -> Path:
-    out = cache_dir / f"usr-lib-{size_mib}mib.tar"
+    out = cache_dir / f"usr-lib-{size_mib}mib-mixed.tar"
     if out.exists():
         return out
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -118,13 +126,15 @@ def make_tar(cache_dir: Path, size_mib: int) -> Path:
     return out
 
 
-def tar_stats(tar: Path) -> tuple[int, int]:
-    entries = files = 0
+def tar_stats(tar: Path) -> tuple[int, int, int]:
+    """Entries, regular files, and files of more than one 4 MiB chunk."""
+    entries = files = multi = 0
     with tarfile.open(tar) as tf:
         for ti in tf:
             entries += 1
             files += ti.isreg()
-    return entries, files
+            multi += ti.isreg() and ti.size > 4 << 20
+    return entries, files, multi
 
 
 def timed(cmd: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
@@ -158,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     checker = build_checker(args.cache_dir / "go-checker")
     tar = make_tar(args.cache_dir, args.size_mib)
-    entries, files = tar_stats(tar)
+    entries, files, multi = tar_stats(tar)
     tar_size = tar.stat().st_size
     ref_env = {"GOMAXPROCS": str(args.workers)}
     # what every ipfsnap row pays for starting Python and importing the CLI
@@ -225,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"verify {cfg.name} {made_by} reference"))
     load_end = os.getloadavg()
 
-    emit(f"input: {tar} ({tar_size / 2**20:.1f} MiB, {entries} entries, {files} files); "
+    emit(f"input: {tar} ({tar_size / 2**20:.1f} MiB, {entries} entries, {files} files, "
+         f"{multi} over 4 MiB); "
          f"{args.runs} runs, workers/GOMAXPROCS={args.workers}, {os.cpu_count()} CPUs; "
          f"load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end; "
          f"ipfsnap CLI start-up (included in its times) {startup:.2f} s")
@@ -246,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              f"{sizes[f'{cfg.name} reference'] / 2**20:.1f} |")
     if args.json:
         args.json.write_text(json.dumps({
-            "tar": {"path": str(tar), "bytes": tar_size, "entries": entries, "files": files},
+            "tar": {"path": str(tar), "bytes": tar_size, "entries": entries, "files": files,
+                    "multi_chunk_files": multi},
             "runs": args.runs, "workers": args.workers,
             "load": [load_start, load_end], "ipfsnap_startup": startup,
             "timings": {k: asdict(v) for k, v in results.items()},
