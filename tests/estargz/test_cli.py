@@ -98,7 +98,7 @@ def test_build_zstd_and_prioritize(
     assert json.loads(capsys.readouterr().out)["compression"] == "zstd"
     assert main(["estargz", "ls", str(out)]) == 0
     names = [json.loads(x)["name"] for x in capsys.readouterr().out.splitlines()]
-    assert names[:4] == ["bin/tool", "etc", "etc/conf", ".prefetch.landmark"]
+    assert names[:4] == ["bin/tool", "etc/", "etc/conf", ".prefetch.landmark"]
 
 
 def test_exit_codes(tar_path: Path, tmp_path: Path) -> None:

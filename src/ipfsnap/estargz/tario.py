@@ -103,6 +103,15 @@ def _pax_int(pax: dict[str, bytes], key: str, default: int, what: str) -> int:
     return v
 
 
+def _raw_name(block: bytes) -> str:
+    name = block[:100].split(b"\x00", 1)[0]
+    if block[257:263] == b"ustar\x00":  # POSIX ustar/pax: the prefix field extends the name
+        prefix = block[345:500].split(b"\x00", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    return name.decode("utf-8", "surrogateescape")
+
+
 def iter_headers(src: Readable, what: str) -> Iterator[TarHeader]:
     """Headers of a tar stream. The caller must consume each entry's payload and padding
     (``size + padding(size)`` bytes) from ``src`` before asking for the next header."""
@@ -145,7 +154,9 @@ def iter_headers(src: Readable, what: str) -> Iterator[TarHeader]:
         if typeflag in (b"S",) or any(k.startswith("GNU.sparse") for k in pax):
             raise BadTar(f"{what}: sparse file {info.name!r} is not supported")
         merged = {**global_pax, **pax}
-        name = info.name
+        # The name as written (tarfile strips a directory's trailing slash; the reference
+        # keeps it, and so do we, so TOC names match the tar's)
+        name = _raw_name(block)
         if longname is not None:
             name = longname.decode("utf-8", "surrogateescape")
         if "path" in merged:
