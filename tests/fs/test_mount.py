@@ -201,6 +201,7 @@ def test_worker_survives_mounter_and_sigterm_unmounts(every_type_blob: Blob,
         del m  # the snapshotter "restarts": a new mounter finds the worker by its status
         m2 = make_mounter(tmp_path / "state")
         m2.check(mp, {})
+        m2.mount(mp, labels_for(every_type_blob))  # idempotent: adopts the running worker
         pid = m2.status(mp)["pid"]  # type: ignore[index]
         assert os.getsid(pid) == pid  # its own session
         os.kill(pid, signal.SIGTERM)

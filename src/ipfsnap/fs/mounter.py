@@ -223,6 +223,14 @@ class LayerMounter:
         self.reap()
         spec = self.spec_for(mountpoint, labels)
         if is_mountpoint(mountpoint):
+            # a worker that outlived a snapshotter restart already serves this layer here
+            st = self.status(mountpoint) or {}
+            if (st.get("layer") == spec.layer and st.get("state") in ("ready", "complete")
+                    and _pid_alive(int(st.get("pid", 0)))):
+                self.check(mountpoint, labels)
+                log.info("layer %s already mounted at %s (pid %s)", spec.layer, mountpoint,
+                         st.get("pid"))
+                return
             raise LayerMountError(f"{mountpoint}: already a mountpoint")
         mountpoint.mkdir(parents=True, exist_ok=True)
         wdir = self.worker_dir(mountpoint)

@@ -81,12 +81,13 @@ class LayerOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, layer: LazyLayer, *, attr_timeout: float = 1.0,
-                 entry_timeout: float = 1.0) -> None:
+                 entry_timeout: float = 1.0, direct_io: bool = False) -> None:
         super().__init__()
         self.layer = layer
         self.table = layer.table
         self.attr_timeout = attr_timeout
         self.entry_timeout = entry_timeout
+        self.direct_io = direct_io
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
         self._next_fh = 1
         self._debug = log.isEnabledFor(logging.DEBUG)
@@ -210,7 +211,11 @@ class LayerOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if not node.is_reg:
             raise pyfuse3.FUSEError(errno.EISDIR if node.children is not None else errno.EINVAL)
-        # content is immutable (named by digests): the page cache may keep it across opens
+        # content is immutable (named by digests): the page cache may keep it across opens.
+        # direct_io (off by default) bypasses the page cache, and with libfuse 3.14 also
+        # forbids shared mmap, which exec of binaries needs: only for benchmarks.
+        if self.direct_io:
+            return pyfuse3.FileInfo(fh=inode, direct_io=True)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     @fuse_errors

@@ -55,6 +55,8 @@ class WorkerSpec:
     max_toc_size: int | None = None
     max_entries: int | None = None
     max_name_length: int | None = None
+    #: open files with FOPEN_DIRECT_IO (no page cache; breaks mmap/exec: benchmarks only)
+    direct_io: bool = False
     #: extra FUSE mount options
     fuse_options: list[str] = field(default_factory=list)
     log_level: str = "INFO"

@@ -199,7 +199,7 @@ class Worker:
                     log.warning("prefetch failed: %s", exc)
                     self.status.last_error = str(exc)
         ops = LayerOperations(layer, attr_timeout=spec.attr_timeout,
-                              entry_timeout=spec.entry_timeout)
+                              entry_timeout=spec.entry_timeout, direct_io=spec.direct_io)
         try:
             pyfuse3.init(ops, spec.mountpoint, mount_options(spec))
         except RuntimeError as exc:
