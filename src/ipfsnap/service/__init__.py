@@ -1,1 +1,37 @@
-"""ipfsnap.service"""
+"""ipfsnap.service: the snapshotter daemon that owns the snapshot store and the lazy mounts.
+
+Public API
+- :class:`SnapshotterClient` (``snapshot.Snapshotter`` over ``<state>/snapshotter.sock``, plus
+  ``update``/``walk``/``usage``/``status``/``ping``/``stop``), :func:`connect_or_start`.
+- :class:`Daemon` / :func:`serve`: the daemon itself (``ipfsnap snapshotter --foreground``).
+- :mod:`ipfsnap.service.protocol`: the JSON-lines socket protocol; :mod:`.paths`: file layout.
+"""
+
+from ipfsnap.service.client import SnapshotterClient, connect_or_start, start_daemon
+from ipfsnap.service.daemon import Daemon, serve
+from ipfsnap.service.errors import (
+    DaemonAlreadyRunning,
+    DaemonStartError,
+    ProtocolError,
+    RemoteInternalError,
+    ServiceUnavailable,
+)
+from ipfsnap.service.paths import STARGZ_ROOT, lock_holder, stargz_root
+from ipfsnap.service.protocol import LayerState
+
+__all__ = [
+    "STARGZ_ROOT",
+    "Daemon",
+    "DaemonAlreadyRunning",
+    "DaemonStartError",
+    "LayerState",
+    "ProtocolError",
+    "RemoteInternalError",
+    "ServiceUnavailable",
+    "SnapshotterClient",
+    "connect_or_start",
+    "lock_holder",
+    "serve",
+    "stargz_root",
+    "start_daemon",
+]
