@@ -19,6 +19,7 @@ from ipfsnap.ipfs.node import ManagedNode
 from tests.fixtures.ipfs import require_ipfs_implementation
 from tests.fs.layers import Blob, every_type_items, expected_tree, snapshot_tree
 from tests.fs.mounts import fresh_status, mounted
+from tests.fs.proxy import StallingProxy
 from tests.support import require_fuse
 
 
@@ -105,3 +106,34 @@ def test_daemon_down_gives_eio_then_reads_recover(every_type_blob: Blob,
         assert node.api_url == api, "the restarted daemon must keep its API address"
         want = next(it.data for it in every_type_items() if it.name == "data/exact")
         assert (mp / "data" / "exact").read_bytes() == want
+
+
+def test_hanging_daemon_gives_eio_within_the_timeout(every_type_blob: Blob,
+                                                     fixed_api_node: ManagedNode,
+                                                     tmp_path: Path) -> None:
+    require_fuse()
+    node = fixed_api_node
+    with IPFSClient(node.api_url) as c:
+        cid = c.add(every_type_blob.path).cid
+    host, _, port = node.api_url.rpartition(":")
+    proxy = StallingProxy((host.rpartition("/")[2], int(port)))
+    try:
+        m = ipfs_mounter(tmp_path / "state", proxy.url, background=False, timeout=5)
+        mp = tmp_path / "mp"
+        with mounted(m, mp, ipfs_labels(every_type_blob, cid)):
+            assert (mp / "etc" / "hostname").read_bytes() == b"lazy\n"
+            proxy.stalled.set()
+            proxy.drop_connections()
+            t0 = time.monotonic()
+            with pytest.raises(OSError) as info:
+                (mp / "data" / "exact").read_bytes()
+            assert info.value.errno == errno.EIO
+            # bounded by fetching_timeout_sec (5 s here), not a hang; generous for CI load
+            assert time.monotonic() - t0 < 45
+            assert "longer than" in fresh_status(m, mp)["last_error"]
+            proxy.stalled.clear()
+            proxy.drop_connections()
+            want = next(it.data for it in every_type_items() if it.name == "data/exact")
+            assert (mp / "data" / "exact").read_bytes() == want
+    finally:
+        proxy.close()
