@@ -119,11 +119,13 @@ class Blob:
     items: list[Item] = field(repr=False)
 
 
-def build_blob(items: list[Item], path: Path, prioritize: tuple[str, ...] = ()) -> Blob:
+def build_blob(items: list[Item], path: Path, prioritize: tuple[str, ...] = (),
+               compression: str = "gzip") -> Blob:
     tar = make_tar(items)
     with open(path, "wb") as dst:
         res = build(io.BytesIO(tar), dst, BuildOptions(chunk_size=CHUNK, level=1, workers=1,
-                                                       prioritize=prioritize))
+                                                       prioritize=prioritize,
+                                                       compression=compression))
     return Blob(path, res.toc_digest, res.blob_digest, res.blob_size, items)
 
 

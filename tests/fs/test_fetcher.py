@@ -18,7 +18,7 @@ from ipfsnap.fs.errors import FetchError, FetchTimeout
 from ipfsnap.fs.fetcher import coalesce
 from ipfsnap.fs.layer import LazyLayer, chunks_for_range
 from ipfsnap.fs.ops import errno_for
-from tests.fs.layers import CHUNK, Blob, CountingSource, every_type_items
+from tests.fs.layers import CHUNK, Blob, CountingSource, build_blob, every_type_items
 
 
 def C(offset: int, end: int, coff: int = 0, size: int = 10, d: str = "") -> Chunk:
@@ -252,3 +252,16 @@ def test_prefetch_is_bounded_by_its_timeout(every_type_blob: Blob, tmp_path: Pat
     assert trio.run(layer.read, node, 0, 100) == b"lazy\n"
     assert trio.run(layer.prefetch, layer.blob_size, 30.0) is True
     assert layer.complete
+
+
+def test_zstd_chunked_layer_reads_every_file(tmp_path: Path) -> None:
+    blob = build_blob(every_type_items(), tmp_path / "z.blob", compression="zstd")
+    layer, src = make_layer(blob, tmp_path / "cache")
+    assert layer.compression == "zstd"
+    for it in every_type_items():
+        if it.kind != "file" or "/.wh." in "/" + it.name:
+            continue
+        node = layer.table.get(layer.table.by_path[it.name])
+        assert node is not None
+        assert trio.run(layer.read, node, 0, node.size + 1) == it.data, it.name
+    assert src.bytes_read <= blob.size
