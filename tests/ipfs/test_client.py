@@ -461,3 +461,23 @@ def test_trio_cancellation_closes_the_connection() -> None:
 def test_parse_cid_of_results() -> None:
     # keep the constants honest: CID is the raw CID of DATA
     assert parse_cid(CID).digest == hashlib.sha256(DATA).digest()
+
+
+def test_add_after_a_dropped_pooled_connection_resends_the_whole_body(serve: Any) -> None:
+    state = {"n": 0}
+
+    def handler(seen: Seen) -> bytes:
+        state["n"] += 1
+        if seen.path.endswith("/add") and state["n"] == 2:
+            return CLOSE  # drop the pooled connection right after reading the request
+        if seen.path.endswith("/add"):
+            return add_handler(KUBO_ADD)(seen)
+        return kubo_json({"ID": "x"})
+
+    srv, c = serve(handler, retry=RetryPolicy(max_retries=0))
+    c.id()  # leaves a pooled connection
+    payload = DATA * 10
+    assert c.add(payload).size == len(payload)
+    adds = [s for s in srv.seen if s.path.endswith("/add")]
+    assert len(adds) == 2
+    assert payload in adds[1].body and adds[0].body == adds[1].body

@@ -140,7 +140,8 @@ class Call:
     params: list[tuple[str, str]]
     cid: str | None = None
     idempotent: bool = True
-    body: Iterable[bytes] | None = None
+    #: makes the request body's pieces; called per request, so a reconnect resends it whole
+    body: Callable[[], Iterable[bytes]] | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)
     #: socket timeout for this call (None: the client's)
     timeout: float | None = None
@@ -216,7 +217,7 @@ class RPC:
                    ("Accept", "*/*"), *call.headers]
         if self.endpoint.auth:
             headers.append(("Authorization", self.endpoint.auth))
-        return Request("POST", target, headers, call.body)
+        return Request("POST", target, headers, call.body() if call.body is not None else None)
 
     def _attempt(self, call: Call, on_data: Callable[[bytes], None] | None) -> Plan:
         """Plan -> :class:`Response` with a 2xx status and no stream error, or raise."""
@@ -602,7 +603,7 @@ class RPC:
         params = [*ADD_PARAMS, ("pin", "true" if pin else "false")]
         headers = [("Content-Type", f"multipart/form-data; boundary={boundary}")]
         resp = yield from self.run(
-            lambda _a: Call("add", list(params), None, replayable, body(), headers,
+            lambda _a: Call("add", list(params), None, replayable, body, headers,
                             timeout=timeout))
         last: dict[str, Any] | None = None
         for line in resp.body.splitlines():
