@@ -68,8 +68,6 @@ ADD_PARAMS = (
     ("chunker", "size-262144"),
     ("cid-base", "base32"),
 )
-#: largest JSON reply we parse (``id``/``swarm/peers`` are small; this is a sanity bound)
-MAX_JSON_REPLY = 64 << 20
 
 _NOT_FOUND = ("not found", "no link named", "could not find", "does not exist", "no such")
 _TIMEOUT = ("context deadline exceeded", "timeout", "timed out", "aborted")
