@@ -108,7 +108,7 @@ def test_kubo_init_config_start_stop(fake_kubo: dict[str, str], tmp_path: Path) 
 def test_private_config_is_loopback_only() -> None:
     for impl in ("kubo", "js"):
         cfg: dict[str, object] = {"Addresses": {"Swarm": ["/ip4/0.0.0.0/tcp/4001"]}}
-        private_config(cfg, impl)  # type: ignore[arg-type]
+        private_config(cfg, impl)
         addrs = cfg["Addresses"]
         assert isinstance(addrs, dict)
         listen = [addrs["API"], addrs["Gateway"], *addrs["Swarm"]]
