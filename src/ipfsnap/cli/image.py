@@ -186,3 +186,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     group.required = True
     add_store_commands(group)
     # other areas: add `<module>.register(group)` here
+    from ipfsnap.cli import image_push
+
+    image_push.register(group)

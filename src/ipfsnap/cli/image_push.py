@@ -1,0 +1,107 @@
+"""``ipfsnap image ipfs-push``: convert a local image to eStargz and add it to IPFS.
+
+stdout gets the image's CID and nothing else (scripts do ``CID=$(ipfsnap image ipfs-push X)``);
+progress goes to stderr when it is a terminal. The IPFS API is the explicit/discovered one, or
+a managed node started in the background when there is none (as other IPFS commands do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ipfsnap.cli.common import Context, parse_bool
+from ipfsnap.cli.ipfs_node import ensure_api
+from ipfsnap.content import ImageStore
+from ipfsnap.estargz import DEFAULT_CHUNK_SIZE
+from ipfsnap.image.convert import DEFAULT_LEVEL, ConvertOptions
+from ipfsnap.image.push import PushOptions, push_image
+from ipfsnap.ipfs import IPFSClient, RetryPolicy
+from ipfsnap.oci import parse_platform
+from ipfsnap.progress import progress_for
+
+#: seconds one socket operation of an add may wait; the daemon answers an add only after it
+#: has chunked and stored the whole blob, which for a few hundred MB can take a while
+ADD_TIMEOUT = 300.0
+
+
+def _level(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a gzip level: {text!r}") from None
+    if not 0 <= value <= 9:
+        raise argparse.ArgumentTypeError(f"gzip level must be 0..9, got {value}")
+    return value
+
+
+def cmd_ipfs_push(args: argparse.Namespace, ctx: Context) -> int:
+    cfg = ctx.config
+    platforms = tuple(parse_platform(p) for p in (args.platform or []))
+    options = PushOptions(
+        convert=ConvertOptions(
+            estargz=args.estargz,
+            level=args.level,
+            chunk_size=DEFAULT_CHUNK_SIZE,
+            prioritize=tuple(args.prioritize or ()),
+            platforms=platforms,
+            all_platforms=args.all_platforms,
+        )
+    )
+    store = ImageStore(cfg.state_dir)
+    store.get(args.ref)  # a missing image fails before any IPFS node is started
+    api = ensure_api(cfg)
+    with IPFSClient(
+        api, auth=cfg.ipfs_auth, timeout=ADD_TIMEOUT, retry=RetryPolicy.from_config(cfg.blob)
+    ) as client:
+        result = push_image(
+            store, args.ref, client, options, state_dir=cfg.state_dir, progress=progress_for()
+        )
+    sys.stdout.write(result.cid + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def register(group: argparse._SubParsersAction[Any]) -> None:
+    p = group.add_parser(
+        "ipfs-push",
+        help="convert an image to eStargz and add it to IPFS; prints its CID",
+        description=(
+            "Convert the layers of a local image to eStargz, add every blob to IPFS "
+            "(CIDv1, pinned) with ipfs:// urls, and print the CID of the image. "
+            "The pushed image is also stored locally as ipfs://<CID>."
+        ),
+    )
+    p.add_argument("ref", metavar="REF", help="local image name")
+    p.add_argument(
+        "--estargz",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        metavar="true|false",
+        help="convert layers to eStargz (default true; false only adds ipfs urls)",
+    )
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument(
+        "--platform",
+        action="append",
+        metavar="OS/ARCH[/VARIANT]",
+        help="platform to keep from an index (repeatable; default: this machine's)",
+    )
+    sel.add_argument("--all-platforms", action="store_true", help="keep every platform")
+    p.add_argument(
+        "--prioritize",
+        action="append",
+        metavar="PATH",
+        help="file to put first in its layer, for prefetch (repeatable)",
+    )
+    p.add_argument(
+        "--level",
+        type=_level,
+        default=DEFAULT_LEVEL,
+        metavar="N",
+        help=f"gzip level 0..9 (default {DEFAULT_LEVEL}, as the reference)",
+    )
+    p.set_defaults(func=cmd_ipfs_push)
