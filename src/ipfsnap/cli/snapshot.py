@@ -65,12 +65,18 @@ def cmd_snapshotter(args: argparse.Namespace, ctx: Context) -> int:
             pid = client.stop()
         sys.stderr.write(f"snapshotter (pid {pid}) unmounted its layers and stopped\n")
         return 0
-    if args.grpc_address:
-        # containerd's snapshots API comes with the containerd integration (issue 7); the
-        # daemon's on_serve hooks are where it plugs in
-        raise UsageError("--grpc-address: containerd's snapshots API is not available yet")
+    if args.grpc_address and not args.foreground:
+        # an on-demand start cannot pass the address on; a service manager runs this
+        raise UsageError("--grpc-address needs --foreground (run it under systemd or similar)")
     if args.foreground:
         setup_logging(args.verbose, daemon=True)
+        if args.grpc_address:
+            from ipfsnap.service import Daemon
+            from ipfsnap.service.grpc_server import daemon_hook
+
+            daemon = Daemon(config)
+            daemon.on_serve.append(daemon_hook(args.grpc_address))
+            return daemon.run()
         return serve(config)
     holder = lock_holder(config.state_dir)
     if holder is not None:

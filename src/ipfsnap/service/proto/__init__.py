@@ -1,0 +1,1 @@
+"""Generated from containerd 1.6's API protos by scripts/gen-proto.sh; do not edit."""
