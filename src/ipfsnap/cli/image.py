@@ -186,6 +186,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     group.required = True
     add_store_commands(group)
     # other areas: add `<module>.register(group)` here
+    from ipfsnap.cli import rpull
+
+    rpull.register(group)
     from ipfsnap.cli import image_push
 
     image_push.register(group)

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import logging
-import os
-import secrets
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ipfsnap.cli.common import Context, print_json
 from ipfsnap.errors import MountError, UsageError
+from ipfsnap.image.snapshotters import OVERLAYFS, STARGZ, snapshotter_root
+from ipfsnap.image.unpack import chain_ids  # noqa: F401 - re-exported for callers
 from ipfsnap.runtime import (
     BindMount,
     ContainerConfig,
@@ -40,11 +39,11 @@ from ipfsnap.runtime.runc import have_terminal
 
 if TYPE_CHECKING:
     from ipfsnap.content import ResolvedImage
-    from ipfsnap.snapshot import SnapshotStore
+    from ipfsnap.snapshot import SnapshotStore, Snapshotter
 
 log = logging.getLogger(__name__)
 
-SNAPSHOTTERS = ("overlayfs", "stargz")
+SNAPSHOTTERS = (OVERLAYFS, STARGZ)
 
 #: seconds between polls of a followed log (short enough to feel live, cheap on the CPU)
 _FOLLOW_POLL = 0.2
@@ -132,7 +131,8 @@ def release_for(ctx: Context) -> Release:
             return
         from ipfsnap.snapshot.errors import SnapshotNotFound
 
-        with open_snapshots(ctx) as snaps, contextlib.suppress(SnapshotNotFound):
+        with open_snapshots(ctx, record.snapshotter or OVERLAYFS) as snaps, \
+                contextlib.suppress(SnapshotNotFound):
             snaps.remove(record.snapshot_key)
 
     return release
@@ -143,103 +143,59 @@ def release_for(ctx: Context) -> Release:
 #
 # The seam for the lazy path: a LayerSnapshots provider turns an image's layers into committed
 # snapshots (bottom first) and returns the key of the top one; run then prepares the
-# container's active snapshot on it. "overlayfs" unpacks each layer fully (cached: committed
-# snapshots are keyed by chain ID, so a second run unpacks nothing). The stargz snapshotter
-# registers its provider in LAYER_PROVIDERS["stargz"]; until it does, stargz falls back to
-# the full unpack.
+# container's active snapshot on it. Both providers are ipfsnap.image.unpack (through
+# cli/rpull.py): "overlayfs" unpacks each layer fully (fetching it from IPFS when it is not
+# local), "stargz" mounts eStargz layers lazily; committed snapshots are keyed by chain ID, so
+# a second run unpacks nothing. Each snapshotter has its own store (image/snapshotters.py).
 
-#: directory of the snapshot store under the state dir (shared with the snapshotter service)
-SNAPSHOT_ROOT = "snapshotter"
+#: the overlayfs snapshotter's store, relative to the state dir (kept for callers that
+#: open it directly); every store root comes from ipfsnap.image.snapshotters
+SNAPSHOT_ROOT = str(snapshotter_root(Path(), OVERLAYFS))
 
 
 class LayerSnapshots(Protocol):
-    def __call__(self, ctx: Context, snaps: SnapshotStore, image: ResolvedImage) -> str:
+    def __call__(self, ctx: Context, snaps: Snapshotter, image: ResolvedImage) -> str:
         """Make sure every layer of ``image`` is a committed snapshot; return the top key."""
         ...
 
 
 @contextlib.contextmanager
-def open_snapshots(ctx: Context) -> Iterator[SnapshotStore]:
-    from ipfsnap.snapshot import SnapshotStore
+def open_snapshots(ctx: Context, snapshotter: str = OVERLAYFS) -> Iterator[SnapshotStore]:
+    """The store of ``snapshotter`` (stargz: with the lazy layer filesystem)."""
+    from ipfsnap.cli.rpull import open_snapshotter
 
-    store = SnapshotStore(ctx.config.state_dir / SNAPSHOT_ROOT, restore=False)
-    try:
+    with open_snapshotter(ctx.config, snapshotter) as store:
         yield store
-    finally:
-        store.close()
 
 
-def chain_ids(diff_ids: Sequence[str]) -> list[str]:
-    """OCI chain IDs: ChainID(L0) = DiffID(L0), ChainID(Ln) = sha256(ChainID(Ln-1) + " " +
-    DiffID(Ln)); containerd names committed layer snapshots by them."""
-    out: list[str] = []
-    for diff_id in diff_ids:
-        if not out:
-            out.append(diff_id)
-        else:
-            digest = hashlib.sha256(f"{out[-1]} {diff_id}".encode()).hexdigest()
-            out.append(f"sha256:{digest}")
-    return out
+def _overlayfs_layers(ctx: Context, snaps: Snapshotter, image: ResolvedImage) -> str:
+    """Full unpack of every layer (blobs missing locally are fetched whole from IPFS)."""
+    from ipfsnap.cli.rpull import layer_snapshots
+
+    return layer_snapshots(ctx, snaps, image, OVERLAYFS)
 
 
-def unpack_layers(ctx: Context, snaps: SnapshotStore, image: ResolvedImage) -> str:
-    """The full (non-lazy) path: unpack each local layer blob into a committed snapshot."""
-    from ipfsnap.content import ImageStore
-    from ipfsnap.snapshot.apply import apply_layer
-    from ipfsnap.snapshot.errors import SnapshotExists, SnapshotNotFound
+def _stargz_layers(ctx: Context, snaps: Snapshotter, image: ResolvedImage) -> str:
+    """eStargz layers with an ipfs:// url mounted lazily, the others unpacked fully."""
+    from ipfsnap.cli.rpull import layer_snapshots
 
-    layers = image.layers
-    diff_ids = image.config.diff_ids
-    if len(diff_ids) != len(layers):
-        raise UsageError(
-            f"image {image.record.name}: config has {len(diff_ids)} diff_ids "
-            f"for {len(layers)} layers"
-        )
-    blobs = ImageStore(ctx.config.state_dir).blobs
-    parent = ""
-    for layer, diff_id, chain in zip(layers, diff_ids, chain_ids(diff_ids), strict=True):
-        try:
-            snaps.stat(chain)
-            parent = chain
-            continue
-        except SnapshotNotFound:
-            pass
-        if not blobs.exists(layer.digest):
-            raise UsageError(
-                f"image {image.record.name}: layer {layer.digest} is not in the local store"
-                " (use --snapshotter=stargz for lazily pulled images)"
-            )
-        # a private key, committed under the chain ID: concurrent runs of the same image
-        # each unpack, the first commit wins, the other drops its copy (as containerd does)
-        tmp = f"extract-{os.getpid()}-{secrets.token_hex(4)} {chain}"
-        snaps.prepare(tmp, parent)
-        try:
-            with blobs.open(layer.digest) as stream:
-                apply_layer(
-                    snaps.path(tmp),
-                    stream,
-                    expected_diff_id=diff_id,
-                    layer=f"{image.record.name} {layer.digest}",
-                    parents=snaps.parent_paths(tmp),
-                )
-            try:
-                snaps.commit(chain, tmp)
-            except SnapshotExists:
-                snaps.remove(tmp)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                snaps.remove(tmp)
-            raise
-        log.info("unpacked layer %s as snapshot %s", layer.digest, chain)
-        parent = chain
-    return parent
+    return layer_snapshots(ctx, snaps, image, STARGZ)
 
 
-LAYER_PROVIDERS: dict[str, LayerSnapshots] = {"overlayfs": unpack_layers}
+def _rpull(ctx: Context, ref: str) -> None:
+    from ipfsnap.cli.rpull import pull
+
+    pull(ctx, ref, None)
+
+
+LAYER_PROVIDERS: dict[str, LayerSnapshots] = {
+    OVERLAYFS: _overlayfs_layers,
+    STARGZ: _stargz_layers,
+}
 
 #: the rpull side sets this: ``rpull(ctx, "ipfs://CID")`` stores the image locally (layers
 #: may stay remote); run calls it for an IPFS ref that is not in the store yet
-RPULL: Callable[[Context, str], None] | None = None
+RPULL: Callable[[Context, str], None] | None = _rpull
 
 
 def resolve_image(ctx: Context, ref: str) -> ResolvedImage:
@@ -300,9 +256,8 @@ def image_rootfs(ctx: Context, image: ResolvedImage, snapshotter: str, key: str)
 
         provider = LAYER_PROVIDERS.get(snapshotter)
         if provider is None:
-            log.warning("snapshotter %s is not available here: unpacking layers fully", snapshotter)
-            provider = unpack_layers
-        with open_snapshots(ctx) as snaps:
+            raise UsageError(f"unknown snapshotter {snapshotter!r}")
+        with open_snapshots(ctx, snapshotter) as snaps:
             top = provider(ctx, snaps, image)
             mounts = snaps.prepare(key, top)
         mount_all(mounts, target)

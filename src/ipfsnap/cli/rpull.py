@@ -1,0 +1,222 @@
+"""``ipfsnap image rpull --ipfs REF``, ``ipfsnap image mount REF TARGET``,
+``ipfsnap image unmount TARGET``; and the snapshotter stores ``run`` uses.
+
+Snapshot stores: one per snapshotter, at :func:`ipfsnap.image.snapshotters.snapshotter_root`
+(``<state_dir>/snapshots/stargz`` with the lazy layer filesystem, ``.../overlayfs`` without).
+They are opened in-process (the FUSE layer workers run in their own sessions and outlive the
+CLI); :func:`open_snapshotter` is the one place to switch to the snapshotter service client.
+
+Output: rpull prints one ``fetching sha256:<8 hex>... <mediaType>`` line per blob fetched on
+stdout, as the reference's ``ctr-remote image rpull`` does, and nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ipfsnap.cli.common import Context
+from ipfsnap.config import Config
+from ipfsnap.content import ImageNotFound, ImageStore, ResolvedImage
+from ipfsnap.errors import NotFoundError, UsageError
+from ipfsnap.image.errors import BadImageRef
+from ipfsnap.image.resolve import BlobFetcher, image_name, parse_ipfs_ref
+from ipfsnap.image.rpull import PulledImage, rpull
+from ipfsnap.image.snapshotters import SNAPSHOTTERS, STARGZ, is_lazy, snapshotter_root
+from ipfsnap.image.unpack import unpack
+from ipfsnap.ipfs import IPFSClient, RetryPolicy
+from ipfsnap.oci import Platform, parse_platform
+from ipfsnap.progress import progress_for
+from ipfsnap.snapshot import SnapshotStore, mount_all
+from ipfsnap.snapshot import unmount as unmount_path
+
+log = logging.getLogger(__name__)
+
+#: key prefix of the view snapshots ``image mount`` creates (the target path follows)
+MOUNT_KEY_PREFIX = "ipfsnap-mount "
+
+
+# ---------------------------------------------------------------------------------------------
+# stores and clients
+
+
+@contextlib.contextmanager
+def open_snapshotter(config: Config, name: str) -> Iterator[SnapshotStore]:
+    """The snapshot store of snapshotter ``name`` (in-process; see the module doc)."""
+    root = snapshotter_root(config.state_dir, name)
+    if is_lazy(name):
+        from ipfsnap.fs import LayerMounter
+
+        store = SnapshotStore(root, remote=LayerMounter(config))
+    else:
+        store = SnapshotStore(root, restore=False)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def ipfs_client(config: Config) -> IPFSClient:
+    """A client of the configured IPFS API, or of a managed node started now (and the API
+    recorded in ``config`` so the lazy layer workers use the same one)."""
+    from ipfsnap.cli.ipfs_node import ensure_api
+
+    api = ensure_api(config)
+    config.ipfs_api = api
+    return IPFSClient(api, auth=config.ipfs_auth, retry=RetryPolicy.from_config(config.blob))
+
+
+def _report(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _prefetch(config: Config) -> int | None:
+    return config.prefetch_size or None
+
+
+def pull(ctx: Context, ref: str, snapshotter: str | None,
+         platform: Platform | None = None) -> PulledImage:
+    """rpull ``ref`` into the local store, unpacking into ``snapshotter`` (None: documents
+    only)."""
+    images = ImageStore(ctx.config.state_dir)
+    client = ipfs_client(ctx.config)
+    with client, contextlib.ExitStack() as stack:
+        snaps = (stack.enter_context(open_snapshotter(ctx.config, snapshotter))
+                 if snapshotter else None)
+        return rpull(ref, snaps, client=client, images=images, platform=platform,
+                     lazy=snapshotter is not None and is_lazy(snapshotter),
+                     prefetch_size=_prefetch(ctx.config), report=_report,
+                     progress=progress_for())
+
+
+def layer_snapshots(ctx: Context, snaps: Any, image: ResolvedImage, snapshotter: str) -> str:
+    """Every layer of ``image`` a committed snapshot in ``snaps`` (lazily for a lazy
+    snapshotter; layers missing locally are fetched from IPFS); returns the top chain ID."""
+    images = ImageStore(ctx.config.state_dir)
+    clients: list[IPFSClient] = []
+
+    def client() -> IPFSClient:
+        clients.append(ipfs_client(ctx.config))
+        return clients[-1]
+
+    fetcher = BlobFetcher(client, images.blobs, progress=progress_for())
+    try:
+        with images.lease():
+            result = unpack(image.record.name, image.manifest, image.config, snaps,
+                            blobs=images.blobs, fetcher=fetcher, lazy=is_lazy(snapshotter),
+                            prefetch_size=_prefetch(ctx.config))
+    finally:
+        for c in clients:
+            c.close()
+    if not result.top:
+        raise UsageError(f"image {image.record.name}: has no layers")
+    return result.top
+
+
+def resolve_or_pull(ctx: Context, ref: str, platform: Platform | None) -> ResolvedImage:
+    """A local image by name; an IPFS ref (CID, ipfs://CID, /ipfs/CID) not yet stored is
+    rpulled first (documents only)."""
+    store = ImageStore(ctx.config.state_dir)
+    cid: str | None = None
+    with contextlib.suppress(BadImageRef):
+        cid = parse_ipfs_ref(ref)
+    candidates = [ref] if cid is None else [ref, image_name(cid)]
+    first: Exception | None = None
+    for name in candidates:
+        try:
+            return store.resolve(name, platform)
+        except (ImageNotFound, UsageError) as exc:
+            first = first or exc
+    if cid is None:
+        assert first is not None
+        raise first
+    pull(ctx, image_name(cid), None, platform)
+    return store.resolve(image_name(cid), platform)
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def _platform(args: argparse.Namespace) -> Platform | None:
+    return parse_platform(args.platform) if args.platform else None
+
+
+def cmd_rpull(args: argparse.Namespace, ctx: Context) -> int:
+    if not args.ipfs:
+        raise UsageError("image rpull: only IPFS images are supported: pass --ipfs")
+    pull(ctx, args.ref, args.snapshotter, _platform(args))
+    return 0
+
+
+def _mount_key(target: Path) -> str:
+    return MOUNT_KEY_PREFIX + os.path.abspath(target)
+
+
+def cmd_mount(args: argparse.Namespace, ctx: Context) -> int:
+    target = Path(args.target)
+    if not target.is_dir():
+        raise UsageError(f"image mount: target {target} is not a directory")
+    image = resolve_or_pull(ctx, args.ref, _platform(args))
+    key = _mount_key(target)
+    with open_snapshotter(ctx.config, args.snapshotter) as snaps:
+        top = layer_snapshots(ctx, snaps, image, args.snapshotter)
+        mounts = snaps.view(key, top, {"ipfsnap.io/image": image.record.name})
+        try:
+            mount_all(mounts, target)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                snaps.remove(key)
+            raise
+    log.info("image %s mounted read-only at %s", image.record.name, target)
+    return 0
+
+
+def cmd_unmount(args: argparse.Namespace, ctx: Context) -> int:
+    target = Path(args.target)
+    key = _mount_key(target)
+    found = False
+    unmount_path(target)
+    for name in SNAPSHOTTERS:
+        if not snapshotter_root(ctx.config.state_dir, name).is_dir():
+            continue
+        with open_snapshotter(ctx.config, name) as snaps:
+            try:
+                snaps.remove(key)
+                found = True
+            except NotFoundError:
+                continue
+    if not found:
+        raise NotFoundError(f"image unmount: no image is mounted at {os.path.abspath(target)}")
+    return 0
+
+
+def register(group: argparse._SubParsersAction[Any]) -> None:
+    """Add rpull, mount and unmount to the ``image`` group."""
+    p = group.add_parser("rpull", help="pull an IPFS-enabled image lazily (eStargz layers "
+                         "mounted on demand)")
+    p.add_argument("--ipfs", action="store_true", help="REF is an IPFS CID (required)")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                   help="platform to pull from an index (default: this machine's)")
+    p.add_argument("--snapshotter", choices=SNAPSHOTTERS, default=STARGZ,
+                   help="stargz: lazy layers (default); overlayfs: layers fetched whole")
+    p.add_argument("ref", metavar="REF", help="CID, ipfs://CID or /ipfs/CID")
+    p.set_defaults(func=cmd_rpull)
+
+    p = group.add_parser("mount", help="mount an image's read-only rootfs (pulls if needed)")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]")
+    p.add_argument("--snapshotter", choices=SNAPSHOTTERS, default=STARGZ)
+    p.add_argument("ref", metavar="REF", help="image name, CID, ipfs://CID or /ipfs/CID")
+    p.add_argument("target", metavar="TARGET", help="existing directory to mount on")
+    p.set_defaults(func=cmd_mount)
+
+    p = group.add_parser("unmount", help="unmount an image mounted with 'image mount'")
+    p.add_argument("target", metavar="TARGET")
+    p.set_defaults(func=cmd_unmount)

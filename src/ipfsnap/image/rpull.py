@@ -1,0 +1,91 @@
+"""``rpull``: make an IPFS-enabled image usable before its layers are local.
+
+Resolve the CID (root descriptor -> index -> manifest for the platform -> config, each blob
+verified and stored), prepare one snapshot per layer (lazily mounted eStargz layers, or
+fetched whole), and only then name the image ``ipfs://<CID>``: a failure leaves no name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ipfsnap.content import ImageStore
+from ipfsnap.image.resolve import (
+    BlobFetcher,
+    ClientSource,
+    image_name,
+    parse_ipfs_ref,
+    resolve_remote,
+)
+from ipfsnap.image.unpack import UnpackResult, chain_ids, unpack
+from ipfsnap.oci import Descriptor, ImageConfig, Manifest, Platform
+from ipfsnap.progress import Progress
+from ipfsnap.snapshot import Snapshotter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PulledImage:
+    """An rpulled image: its local name, documents and layer chain IDs (bottom first)."""
+
+    name: str
+    target: Descriptor
+    manifest_descriptor: Descriptor
+    manifest: Manifest
+    config: ImageConfig
+    chain_ids: tuple[str, ...]
+    #: what unpacking did (None when no snapshotter was given)
+    unpacked: UnpackResult | None = None
+    #: descriptors of the blobs actually fetched from IPFS, in order
+    fetched: tuple[Descriptor, ...] = ()
+
+
+def rpull(
+    ref: str,
+    snapshotter: Snapshotter | None,
+    *,
+    client: ClientSource,
+    images: ImageStore,
+    platform: Platform | None = None,
+    lazy: bool = True,
+    prefetch_size: int | None = None,
+    report: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
+) -> PulledImage:
+    """Pull the IPFS-enabled image ``ref`` (``CID``, ``ipfs://CID``, ``/ipfs/CID``).
+
+    With a ``snapshotter``, its layers become committed snapshots named by chain ID (lazily
+    mounted when ``lazy`` and the snapshotter supports it); without one only the documents
+    are stored (``run`` unpacks later with the snapshotter it uses). ``report`` gets one
+    ``fetching sha256:<8 hex>... <mediaType>`` line per blob fetched.
+    """
+    cid = parse_ipfs_ref(ref)
+    name = image_name(cid)
+    fetcher = BlobFetcher(client, images.blobs, report=report, progress=progress)
+    # the lease keeps gc from sweeping blobs stored before the name exists
+    with images.lease():
+        remote = resolve_remote(fetcher, cid, platform)
+        result: UnpackResult | None = None
+        if snapshotter is not None:
+            result = unpack(name, remote.manifest, remote.config, snapshotter,
+                            blobs=images.blobs, fetcher=fetcher, lazy=lazy,
+                            prefetch_size=prefetch_size)
+            chains = result.chain_ids
+        else:
+            chains = tuple(chain_ids(remote.config.diff_ids))
+        images.put(name, remote.target, remote_layers=True)
+    log.info("image %s pulled (%d layers, %d blobs fetched)", name, len(remote.manifest.layers),
+             len(fetcher.fetched))
+    return PulledImage(
+        name=name,
+        target=remote.target,
+        manifest_descriptor=remote.manifest_descriptor,
+        manifest=remote.manifest,
+        config=remote.config,
+        chain_ids=tuple(chains),
+        unpacked=result,
+        fetched=tuple(fetcher.fetched),
+    )
