@@ -158,7 +158,16 @@ def test_async_face(ipfs_node: ManagedNode) -> None:
                     nursery.start_soon(read, off)
             for off, chunk in got.items():
                 assert chunk == data[off:off + 70000]
-            assert await c.block_get(raw_cid(data[:CHUNK_SIZE])) == data[:CHUNK_SIZE]
+            leaf = raw_cid(data[:CHUNK_SIZE])
+            assert await c.block_get(leaf) == data[:CHUNK_SIZE]
+            assert (await c.block_stat(leaf)).size == CHUNK_SIZE
+            assert (await c.files_stat(result.cid)).size == len(data)
+            assert result.cid in await c.pin_add(result.cid)
+            assert isinstance((await c.version())["Version"], str)
+            assert isinstance(await c.swarm_peers(), list)
+            assert isinstance(await c.bootstrap_list(), list)
+            with pytest.raises(ShortRead):
+                await c.cat(result.cid, len(data) - 5, 10)
 
     trio.run(main)
 
