@@ -267,11 +267,12 @@ def test_cli_snapshotter_start_stop_and_ls(make_svc: Callable[..., Svc]) -> None
     assert "no snapshotter runs" in svc.cli("snapshotter", "stop").stderr
 
 
-def test_grpc_address_is_reserved(make_svc: Callable[..., Svc]) -> None:
+def test_grpc_address_needs_foreground(make_svc: Callable[..., Svc]) -> None:
     svc = make_svc()
-    res = svc.cli("snapshotter", "--foreground", "--grpc-address", "/tmp/x.sock", check=False)
+    res = svc.cli("snapshotter", "--grpc-address", str(svc.state / "grpc.sock"), check=False)
     assert res.returncode == 2
     assert "--grpc-address" in res.stderr
+    assert svc.pid() is None
 
 
 def test_python_m_entry_point_runs() -> None:

@@ -17,12 +17,15 @@ import fcntl
 import os
 from pathlib import Path
 
+from ipfsnap.image.snapshotters import SNAPSHOTS_DIR, STARGZ, snapshotter_root
+
 SOCKET_NAME = "snapshotter.sock"
 PID_NAME = "snapshotter.pid"
 LOG_NAME = "snapshotter.log"
 
-#: the store of the lazy (stargz) snapshotter, relative to the state dir
-STARGZ_ROOT = Path("snapshots") / "stargz"
+#: the store of the lazy (stargz) snapshotter, relative to the state dir (the one definition
+#: of the snapshotters' roots is :mod:`ipfsnap.image.snapshotters`)
+STARGZ_ROOT = Path(SNAPSHOTS_DIR) / STARGZ
 
 
 def socket_path(state_dir: Path) -> Path:
@@ -38,7 +41,7 @@ def log_path(state_dir: Path) -> Path:
 
 
 def stargz_root(state_dir: Path) -> Path:
-    return state_dir / STARGZ_ROOT
+    return snapshotter_root(state_dir, STARGZ)
 
 
 #: unix socket paths are limited to 108 bytes (sun_path) including the NUL
