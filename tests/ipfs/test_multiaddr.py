@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ipfsnap.config import load_config
 from ipfsnap.ipfs.client import endpoint_from_config
@@ -125,3 +127,17 @@ def test_endpoint_from_config(tmp_path: Path) -> None:
     assert ep == Endpoint("127.0.0.1", 1234) and ep.auth == "Bearer t"
     cfg = load_config(config_path=toml, environ={**env, "IPFSNAP_IPFS_API": "http://h:1"})
     assert endpoint_from_config(cfg).url == "http://h:1"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(
+    st.text(max_size=60),
+    st.lists(st.sampled_from(["", "ip4", "ip6", "dns4", "tcp", "http", "https", "127.0.0.1",
+                              "::1", "5001", "0", "x", "unix"]), max_size=7).map("/".join),
+))
+def test_parser_only_ever_raises_badmultiaddr(text: str) -> None:
+    try:
+        ep = parse_api(text)
+    except BadMultiaddr:
+        return
+    assert 0 < ep.port < 65536 and ep.scheme in ("http", "https") and ep.host
