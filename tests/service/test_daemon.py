@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from ipfsnap.snapshot.errors import (
     SnapshotStateError,
 )
 from tests.service.conftest import Svc
-from tests.support import require_root
+from tests.support import require_root, require_tool
 
 
 def test_started_on_demand_in_its_own_session(
@@ -280,3 +281,82 @@ def test_python_m_entry_point_runs() -> None:
                          capture_output=True, text=True, check=True)
     assert "--foreground" in res.stdout
     assert lock_holder(Path("/nonexistent-state-dir")) is None
+
+
+def test_concurrent_on_demand_starts_share_one_daemon(make_svc: Callable[..., Svc]) -> None:
+    require_root()
+    svc = make_svc()
+    pids: list[int] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            with connect_or_start(svc.config) as c:
+                pids.append(int(c.ping()["pid"]))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(pids) == 4 and len(set(pids)) == 1
+    assert svc.pid() == pids[0]
+    # one daemon ever served; any loser of the start race refused and said why
+    log = (svc.state / "snapshotter.log").read_text()
+    assert log.count(") serving ") == 1
+    losers = log.count("already serves state dir")
+    assert losers <= 3
+
+
+def test_parallel_clients_are_served_concurrently(make_svc: Callable[..., Svc]) -> None:
+    require_root()
+    svc = make_svc()
+    connect_or_start(svc.config).close()
+    results: dict[str, list[str]] = {"ok": [], "exists": []}
+    lock = threading.Lock()
+
+    def work(n: int) -> None:
+        with SnapshotterClient(svc.state) as c:
+            for i in range(10):
+                c.prepare(f"k-{n}-{i}")
+            try:
+                c.prepare("contended")
+                with lock:
+                    results["ok"].append(str(n))
+            except SnapshotExists:
+                with lock:
+                    results["exists"].append(str(n))
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results["ok"]) == 1 and len(results["exists"]) == 5
+    with SnapshotterClient(svc.state) as c:
+        assert len(c.walk()) == 6 * 10 + 1
+
+
+def test_systemd_unit_is_valid(tmp_path: Path) -> None:
+    analyze = require_tool("systemd-analyze")
+    unit = Path(__file__).resolve().parents[2] / "deploy" / "ipfsnap-snapshotter.service"
+    text = unit.read_text()
+    settings = dict(
+        line.split("=", 1) for line in text.splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    assert settings["Type"] == "simple"
+    assert settings["KillMode"] == "process"
+    assert settings["Restart"] == "on-failure"
+    exe = Path(sys.executable).with_name("ipfsnap")
+    assert exe.exists()
+    assert settings["ExecStart"].split()[1:] == ["snapshotter", "--foreground"]
+    copy = tmp_path / "ipfsnap-snapshotter.service"
+    copy.write_text(text.replace(settings["ExecStart"].split()[0], str(exe)))
+    res = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True,
+                         check=False)
+    assert res.returncode == 0, res.stderr
+    assert "ipfsnap-snapshotter.service" not in res.stderr, res.stderr
