@@ -1,0 +1,57 @@
+"""``ipfsnap --containerd SOCKET [--namespace NS] image rpull --ipfs CID``: pull an
+IPFS-enabled image into a running containerd, unpacked with the ``ipfsnap`` proxy
+snapshotter (see :mod:`ipfsnap.image.containerd` and docs/containerd.md).
+
+``image rpull`` hands over here when the global ``--containerd`` option is given. Output as
+the plain rpull: one ``fetching sha256:<8 hex>... <mediaType>`` line per blob fetched from
+IPFS, then nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ipfsnap.cli.common import Context
+from ipfsnap.errors import UsageError
+from ipfsnap.ipfs import IPFSClient
+
+log = logging.getLogger(__name__)
+
+
+def _report(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def cmd_rpull_containerd(args: argparse.Namespace, ctx: Context) -> int:
+    """rpull through the containerd at ``--containerd`` (image named by its CID)."""
+    from ipfsnap.cli.rpull import ipfs_client
+    from ipfsnap.image.containerd import DEFAULT_SNAPSHOTTER, rpull_containerd
+    from ipfsnap.oci import parse_platform
+    from ipfsnap.progress import progress_for
+
+    if not args.ipfs:
+        raise UsageError("image rpull: only IPFS images are supported: pass --ipfs")
+    snapshotter = getattr(args, "containerd_snapshotter", None) or DEFAULT_SNAPSHOTTER
+    clients: list[IPFSClient] = []
+
+    def client() -> IPFSClient:
+        clients.append(ipfs_client(ctx.config))
+        return clients[-1]
+
+    try:
+        pulled = rpull_containerd(
+            args.ref, ctx.args.containerd, client=client, state_dir=ctx.config.state_dir,
+            namespace=ctx.args.namespace, snapshotter=snapshotter,
+            platform=parse_platform(args.platform) if args.platform else None,
+            prefetch_size=ctx.config.prefetch_size or None, report=_report,
+            progress=progress_for(),
+        )
+    finally:
+        for c in clients:
+            c.close()
+    log.info("containerd image %s: %s", pulled.name,
+             ", ".join(f"{r.chain_id[:19]} {r.how}" for r in pulled.unpacked.layers))
+    return 0
