@@ -137,7 +137,14 @@ def closing_lazy(store: SnapshotStore) -> Iterator[SnapshotStore]:
 
 
 def unmount_state(state: Path) -> None:
-    """Stop what CLI runs left behind under ``state``: lazy layers and their workers."""
+    """Stop what CLI runs left behind under ``state``: the snapshotter service (it unmounts
+    its lazy layers), then any lazy layer still mounted."""
+    from ipfsnap.service import paths
+    from ipfsnap.service.client import SnapshotterClient
+
+    if paths.lock_holder(state) is not None:
+        with SnapshotterClient(state) as client:
+            client.stop()
     root = snapshotter_root(state, "stargz")
     if root.is_dir():
         cfg = Config(state_dir=state)

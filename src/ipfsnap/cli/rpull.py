@@ -3,8 +3,8 @@
 
 Snapshot stores: one per snapshotter, at :func:`ipfsnap.image.snapshotters.snapshotter_root`
 (``<state_dir>/snapshots/stargz`` with the lazy layer filesystem, ``.../overlayfs`` without).
-They are opened in-process (the FUSE layer workers run in their own sessions and outlive the
-CLI); :func:`open_snapshotter` is the one place to switch to the snapshotter service client.
+The stargz one is served by the snapshotter service (``ipfsnap.service``, started on demand),
+the overlayfs one is opened in-process: see :func:`open_snapshotter`.
 
 Output: rpull prints one ``fetching sha256:<8 hex>... <mediaType>`` line per blob fetched on
 stdout, as the reference's ``ctr-remote image rpull`` does, and nothing else.
@@ -33,7 +33,7 @@ from ipfsnap.image.unpack import unpack
 from ipfsnap.ipfs import IPFSClient, RetryPolicy
 from ipfsnap.oci import Platform, parse_platform
 from ipfsnap.progress import progress_for
-from ipfsnap.snapshot import SnapshotStore, mount_all
+from ipfsnap.snapshot import SnapshotStore, Snapshotter, mount_all
 from ipfsnap.snapshot import unmount as unmount_path
 
 log = logging.getLogger(__name__)
@@ -47,15 +47,25 @@ MOUNT_KEY_PREFIX = "ipfsnap-mount "
 
 
 @contextlib.contextmanager
-def open_snapshotter(config: Config, name: str) -> Iterator[SnapshotStore]:
-    """The snapshot store of snapshotter ``name`` (in-process; see the module doc)."""
-    root = snapshotter_root(config.state_dir, name)
-    if is_lazy(name):
-        from ipfsnap.fs import LayerMounter
+def open_snapshotter(config: Config, name: str) -> Iterator[Snapshotter]:
+    """The snapshots of snapshotter ``name``.
 
-        store = SnapshotStore(root, remote=LayerMounter(config))
-    else:
-        store = SnapshotStore(root, restore=False)
+    stargz: the snapshotter service of the state dir (started on demand), which owns the
+    store at ``snapshotter_root(state_dir, "stargz")`` and its lazy layer mounts; the
+    service outlives this command, so the mounts stay served. overlayfs: the store at
+    ``snapshotter_root(state_dir, "overlayfs")``, in-process (plain directories, nothing to
+    serve).
+    """
+    if is_lazy(name):
+        from ipfsnap.service.client import connect_or_start
+
+        client = connect_or_start(config)
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    store = SnapshotStore(snapshotter_root(config.state_dir, name), restore=False)
     try:
         yield store
     finally:
@@ -96,7 +106,9 @@ def pull(ctx: Context, ref: str, snapshotter: str | None,
                      progress=progress_for())
 
 
-def layer_snapshots(ctx: Context, snaps: Any, image: ResolvedImage, snapshotter: str) -> str:
+def layer_snapshots(
+    ctx: Context, snaps: Snapshotter, image: ResolvedImage, snapshotter: str
+) -> str:
     """Every layer of ``image`` a committed snapshot in ``snaps`` (lazily for a lazy
     snapshotter; layers missing locally are fetched from IPFS); returns the top chain ID."""
     images = ImageStore(ctx.config.state_dir)
@@ -150,6 +162,10 @@ def _platform(args: argparse.Namespace) -> Platform | None:
 
 
 def cmd_rpull(args: argparse.Namespace, ctx: Context) -> int:
+    if ctx.args.containerd:  # pull into a running containerd (issue 7)
+        from ipfsnap.cli.containerd import cmd_rpull_containerd
+
+        return cmd_rpull_containerd(args, ctx)
     if not args.ipfs:
         raise UsageError("image rpull: only IPFS images are supported: pass --ipfs")
     pull(ctx, args.ref, args.snapshotter, _platform(args))
@@ -186,7 +202,7 @@ def cmd_unmount(args: argparse.Namespace, ctx: Context) -> int:
     unmount_path(target)
     for name in SNAPSHOTTERS:
         if not snapshotter_root(ctx.config.state_dir, name).is_dir():
-            continue
+            continue  # never used: nothing mounted from it (and no service to start)
         with open_snapshotter(ctx.config, name) as snaps:
             try:
                 snaps.remove(key)

@@ -39,7 +39,7 @@ from ipfsnap.runtime.runc import have_terminal
 
 if TYPE_CHECKING:
     from ipfsnap.content import ResolvedImage
-    from ipfsnap.snapshot import SnapshotStore, Snapshotter
+    from ipfsnap.snapshot import Snapshotter
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +160,8 @@ class LayerSnapshots(Protocol):
 
 
 @contextlib.contextmanager
-def open_snapshots(ctx: Context, snapshotter: str = OVERLAYFS) -> Iterator[SnapshotStore]:
-    """The store of ``snapshotter`` (stargz: with the lazy layer filesystem)."""
+def open_snapshots(ctx: Context, snapshotter: str = OVERLAYFS) -> Iterator[Snapshotter]:
+    """The snapshots of ``snapshotter`` (stargz: through the snapshotter service)."""
     from ipfsnap.cli.rpull import open_snapshotter
 
     with open_snapshotter(ctx.config, snapshotter) as store:
