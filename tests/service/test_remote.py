@@ -11,16 +11,20 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ipfsnap.cli.main import main as cli_main
+from ipfsnap.fs import LAYER_DIGEST_LABEL, TOC_DIGEST_LABEL, URLS_LABEL
 from ipfsnap.fs.mounter import is_mountpoint
 from ipfsnap.fs.spec import read_status
+from ipfsnap.ipfs import IPFSClient
 from ipfsnap.service import LayerState, SnapshotterClient, connect_or_start
-from ipfsnap.snapshot import REMOTE_LABEL, Kind, mount_all, unmount
+from ipfsnap.snapshot import REMOTE_LABEL, TARGET_SNAPSHOT_LABEL, Kind, mount_all, unmount
 from ipfsnap.snapshot.errors import SnapshotExists
 from tests.fs.layers import Blob, expected_tree, snapshot_tree
+from tests.fs.test_ipfs import extents
 from tests.service.conftest import Svc, remote_labels
 from tests.support import require_fuse
 
@@ -226,3 +230,30 @@ def test_status_shows_prefetch_free_ready_layers_and_a_dead_worker(
         os.kill(st.pid, signal.SIGKILL)
         dead = _wait_status(client, mp, lambda s: s.state == "error")
         assert f"pid {st.pid}" in dead.last_error
+
+
+def test_remote_layer_from_ipfs_through_the_daemon(
+    make_svc: Callable[..., Svc], layer_blob: Blob, ipfs_node: Any
+) -> None:
+    """The daemon, started on demand, gets the IPFS API from the config file and serves a
+    layer whose only source is an ipfs:// url; reads fetch exactly the file's chunks."""
+    require_fuse()
+    with IPFSClient(ipfs_node.api_url) as ipfs:
+        cid = ipfs.add(layer_blob.path).cid
+    svc = make_svc(config_text=f'ipfs_api = "{ipfs_node.api_url}"\n' + NO_FETCH_AHEAD)
+    labels = {
+        LAYER_DIGEST_LABEL: layer_blob.digest,
+        TOC_DIGEST_LABEL: layer_blob.toc_digest,
+        URLS_LABEL: f"ipfs://{cid}",
+        TARGET_SNAPSHOT_LABEL: "from-ipfs",
+    }
+    with connect_or_start(svc.config) as client:
+        with pytest.raises(SnapshotExists):
+            client.prepare("extract", labels=labels)
+        mounts = client.view("v", parent="from-ipfs")
+        mp = Path(mounts[0].source)
+        want = next(it.data for it in layer_blob.items if it.name == "data/exact")
+        assert (mp / "data/exact").read_bytes() == want
+        st = _fresh_status(svc, client, mp)
+        assert st.read_bytes == extents(layer_blob, "data/exact")
+        assert snapshot_tree(mp) == expected_tree(layer_blob.items)
