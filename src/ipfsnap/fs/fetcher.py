@@ -197,28 +197,30 @@ class ChunkFetcher:
                 mine[c.chunk_digest][1].resolve(None, exc)
             return
 
-        def verify_and_store() -> list[tuple[Chunk, bytes | None, IpfsnapError | None]]:
-            out: list[tuple[Chunk, bytes | None, IpfsnapError | None]] = []
+        def verify_and_store() -> list[tuple[Chunk, bytes | None, IpfsnapError | None, bool]]:
+            out: list[tuple[Chunk, bytes | None, IpfsnapError | None, bool]] = []
             for c in run:
                 try:
                     data = self._decompress(
                         self.compression, blob[c.offset - start : c.end - start], c
                     )
                 except IpfsnapError as exc:
-                    out.append((c, None, exc))
+                    out.append((c, None, exc, False))
                     continue
-                self.cache.put(c.chunk_digest, data, remember=not background)
-                out.append((c, data, None))
+                stored = self.cache.put(c.chunk_digest, data, remember=not background)
+                out.append((c, data, None, stored))
             return out
 
-        for c, data, error in await trio.to_thread.run_sync(verify_and_store):
+        for c, data, error, stored in await trio.to_thread.run_sync(verify_and_store):
             if error is not None:
                 self.stats.last_error = str(error)
                 log.debug("%s: chunk %s at blob offset %d: %s",
                           self.source.name, c.chunk_digest, c.offset, error)
             else:
                 self.stats.chunks_fetched += 1
-                if self.on_fetched is not None:
+                # a chunk served but not cached (full disk, over the size limit) is not
+                # "fetched" for status and background planning: it will be fetched again
+                if self.on_fetched is not None and stored:
                     self.on_fetched(c)
             mine[c.chunk_digest][1].resolve(data, error)
 

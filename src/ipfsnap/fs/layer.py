@@ -174,15 +174,31 @@ class LazyLayer:
             by_digest.setdefault(c.chunk_digest, c)
         return sorted(by_digest.values(), key=lambda c: c.offset)
 
-    async def fetch_range(self, end: int, *, background: bool,
-                          pause: Callable[[], object] | None = None) -> None:
-        """Fetch every chunk starting before blob offset ``end`` that is not cached."""
+    def _todo(self, end: int, background: bool) -> list[Chunk]:
         todo = [c for c in self._chunks_in_blob_order(end) if c.chunk_digest not in self._have]
+        limit = self.cache.max_entry
+        if background and limit is not None:
+            # a chunk the cache may not keep is fetched on demand only, never in background
+            todo = [c for c in todo if c.chunk_size <= limit]
+        return todo
+
+    async def fetch_range(self, end: int, *, background: bool,
+                          pause: Callable[[], object] | None = None) -> bool:
+        """Fetch every chunk starting before blob offset ``end`` that is not cached.
+
+        In background, stops before a request the cache has no room for (size limit nearly
+        reached, or a write failed recently: see ``ChunkCache.background_room``) and returns
+        False; True when every chunk was fetched."""
+        todo = self._todo(end, background)
         for run in coalesce(todo, self.fetcher.max_span):
             if background:
                 await self.fetcher.wait_foreground_idle()
+                room = sum(c.chunk_size for c in run)
+                if not await trio.to_thread.run_sync(self.cache.background_room, room):
+                    return False
             await self.fetcher.get(run, background=background)
             self.update_status()
+        return True
 
     async def prefetch(self, end: int, timeout: float) -> bool:
         """Fetch the prioritized range; False (logged) if it did not finish in time."""
@@ -196,25 +212,46 @@ class LazyLayer:
             return False
         return True
 
-    async def background_fetch(self, retry_delay: float = 5.0, max_delay: float = 300.0
-                               ) -> None:
+    async def background_fetch(self, retry_delay: float = 5.0, max_delay: float = 300.0,
+                               pause_delay: float = 30.0) -> None:
         """Fetch everything not cached yet, yielding to foreground reads. Failed ranges are
         retried after ``retry_delay`` seconds, doubling up to ``max_delay``, until the layer
-        is complete (a daemon that comes back is used again)."""
+        is complete (a daemon that comes back is used again).
+
+        When the cache has no room (size limit: it is at ``BACKGROUND_FILL`` of its limit;
+        or a cache write failed, e.g. a full disk) it checks again every ``pause_delay``
+        seconds. Each chunk is fetched in background at most once while cached: evicted
+        chunks are not fetched again (they would only evict others)."""
         end = self.blob_size + 1
         delay = retry_delay
-        while not self.complete:
+        paused = False
+        while self._todo(end, background=True):
             try:
-                await self.fetch_range(end, background=True)
-                delay = retry_delay
+                done = await self.fetch_range(end, background=True)
             except IpfsnapError as exc:
                 self.status.last_error = str(exc)
                 log.warning("%s: background fetch: %s (retrying in %gs)",
                             self.source.name, exc, delay)
                 await trio.sleep(delay)
                 delay = min(max_delay, delay * 2)
+                continue
+            delay = retry_delay
+            if done:
+                paused = False
+                continue  # chunks not stored by a failed write are still to do
+            if not paused:
+                why = self.cache.last_write_error if self.cache.write_failures else \
+                    "cache size limit nearly reached"
+                log.info("%s: background fetch paused: %s", self.source.name, why)
+                self.status.last_error = f"background fetch paused: {why}"
+            paused = True
+            await trio.sleep(pause_delay)
         self.update_status()
-        log.info("%s: all %d bytes of chunks cached", self.source.name, self.chunk_bytes)
+        if self.complete:
+            log.info("%s: all %d bytes of chunks cached", self.source.name, self.chunk_bytes)
+        else:
+            log.info("%s: background fetch done; chunks larger than the cache may keep are "
+                     "fetched on demand only", self.source.name)
 
     # -- status ---------------------------------------------------------------------------
     def update_status(self) -> LayerStatus:

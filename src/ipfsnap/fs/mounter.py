@@ -192,6 +192,7 @@ class LayerMounter:
             toc_digest=toc,
             cache_dir=str(self.cache_root / layer.partition(":")[2]),
             status_path=str(wdir / "status.json"),
+            cache_size_limit=cfg.cache_size_limit,
             layer=layer,
             blob_size=size,
             noprefetch=cfg.noprefetch,

@@ -36,6 +36,8 @@ class WorkerSpec:
     status_path: str
     #: the layer's digest (for status and logs)
     layer: str = ""
+    #: bound of all the layer directories under the cache root, bytes (0 = unlimited)
+    cache_size_limit: int = 0
     #: blob size; None = ask the source (file size or IPFS files/stat)
     blob_size: int | None = None
     noprefetch: bool = False

@@ -126,7 +126,9 @@ def load_tables_isolated(spec: WorkerSpec) -> LayerTables:
 def open_lazy_layer(spec: WorkerSpec, source: BlobSource, *, isolated: bool = True
                     ) -> LazyLayer:
     tables = load_tables_isolated(spec) if isolated else load_tables(spec)
-    cache = ChunkCache(Path(spec.cache_dir))
+    # the cache root (parent of the layer directories) is shared by all workers: the limit
+    # bounds their total
+    cache = ChunkCache(Path(spec.cache_dir), limit=spec.cache_size_limit)
 
     def decompress(compression: str, data: bytes, chunk: Chunk) -> bytes:
         return decompress_chunk(compression, data, chunk, name=source.name)
