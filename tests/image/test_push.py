@@ -403,3 +403,35 @@ def test_a_daemon_with_other_add_options_is_caught(
                    state_dir=state_dir)
     assert blob_set(image_store) == blobs
     assert not any(r.name.startswith("ipfs://") for r in image_store.list())
+
+
+class Recorder:
+    """A Progress that remembers every report."""
+
+    def __init__(self) -> None:
+        self.updates: list[tuple[str, str, int]] = []
+        self.finished: list[tuple[str, str]] = []
+
+    def update(self, key: str, status: str, done: int = 0, total: int = 0) -> None:
+        self.updates.append((key, status, done))
+
+    def finish(self, key: str, status: str) -> None:
+        self.finished.append((key, status))
+
+
+def test_progress_per_blob(image_store: ImageStore, state_dir: Path, client: IPFSClient) -> None:
+    src = sample_image(image_store, "test/sample:1")
+    rec = Recorder()
+    result = push_image(image_store, "test/sample:1", client, OPTS, state_dir=state_dir,
+                        progress=rec)
+    walked = walk(client, result.cid)
+    for layer in image_store.read_manifest(src).layers:
+        key = layer.digest[7:19]
+        assert any(k == key and s == "converting" for k, s, _ in rec.updates)
+        assert any(k == key and s.startswith("converted") for k, s in rec.finished)
+    for desc in walked.descriptors:
+        key = desc.digest[7:19]
+        adding = [n for k, s, n in rec.updates if k == key and s == "adding"]
+        assert adding and max(adding) == desc.size
+        cid = desc.urls[0].removeprefix("ipfs://")
+        assert (key, f"added {cid}") in rec.finished
