@@ -129,6 +129,19 @@ class ContainerdEnv:
             )
         _wait_socket(self.grpc_address, self.snap_proc, log)
 
+    def wait_reconnected(self) -> None:
+        """Until containerd talks to the (re)started snapshotter again: its proxy client
+        redials with exponential backoff capped at 3 s (containerd 1.6 services/server), and
+        calls fail fast as Unavailable meanwhile."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            res = self.ctr("snapshots", "--snapshotter", "ipfsnap", "ls", check=False)
+            if res.returncode == 0:
+                return
+            if "unavailable" not in res.stderr or time.monotonic() > deadline:
+                raise AssertionError(f"containerd does not reach the snapshotter: {res.stderr}")
+            time.sleep(0.2)
+
     def kill_snapshotter(self, sig: int = signal.SIGTERM) -> None:
         """End the snapshotter process as a restart would (mounts stay)."""
         proc = self.snap_proc

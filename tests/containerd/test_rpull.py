@@ -1,0 +1,121 @@
+"""``ipfsnap --containerd SOCK image rpull --ipfs CID`` into a private containerd, run with
+``ctr run --snapshotter ipfsnap``: the rootfs equals a plain overlayfs import of the same
+layers; eStargz layers are mounted lazily, the others fetched whole; restarting the
+snapshotter under a running containerd keeps every snapshot and lazy mount."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ipfsnap.content.sample import SampleImage
+from ipfsnap.image.unpack import chain_ids
+from ipfsnap.ipfs import IPFSClient
+from ipfsnap.ipfs.node import ManagedNode
+from tests.containerd.conftest import ContainerdEnv, ContainerdFactory
+from tests.image.rpull_helpers import PushedImage, push
+
+pytestmark = pytest.mark.integration
+
+#: everything of the rootfs but what the runtime adds (/proc, /sys, /dev are other mounts;
+#: -xdev keeps to the rootfs): type, mode, owner, size and link target per path, then the
+#: md5 of every regular file
+LIST_ROOTFS = (
+    "cd / && /bin/busybox find . -xdev ! -path ./proc ! -path ./sys ! -path ./dev "
+    "! -path ./etc/resolv.conf | /bin/busybox sort | while read -r p; do "
+    # a directory's size is the filesystem's business (ext4 4096, the lazy fs 0)
+    'if [ -d "$p" ] && [ ! -L "$p" ]; then /bin/busybox stat -c "%n %F %a %u:%g" "$p"; '
+    'else /bin/busybox stat -c "%n %F %a %u:%g %s %N" "$p"; fi; done; '
+    "/bin/busybox find . -xdev -type f | /bin/busybox sort | "
+    "/bin/busybox xargs /bin/busybox md5sum"
+)
+
+
+@pytest.fixture(scope="module")
+def pushed(ipfs_node: ManagedNode, busybox_image: SampleImage) -> Iterator[PushedImage]:
+    """The busybox sample on IPFS: layer 1 (busybox) eStargz, layer 2 plain gzip."""
+    with IPFSClient(ipfs_node.api_url) as client:
+        yield push(client, busybox_image.layer_tars, [True, False])
+
+
+def remote_label(env: ContainerdEnv, name: str) -> str | None:
+    info = json.loads(env.ctr("snapshots", "--snapshotter", "ipfsnap", "info", name).stdout)
+    labels: dict[str, str] = info.get("Labels") or {}
+    return labels.get("containerd.io/snapshot/remote")
+
+
+def lazy_mountpoints(state: Path) -> list[str]:
+    root = str(state / "snapshots" / "stargz" / "snapshots") + "/"
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return sorted(line.split()[4] for line in f
+                      if line.split()[4].startswith(root) and " - fuse" in line)
+
+
+def test_rpull_through_containerd_runs_lazily_and_matches_overlayfs(
+    containerd_env: ContainerdFactory, ipfs_node: ManagedNode, busybox_image: SampleImage,
+    pushed: PushedImage,
+) -> None:
+    env = containerd_env(ipfs_api=ipfs_node.api_url)
+    res = env.ipfsnap("image", "rpull", "--ipfs", pushed.cid)
+    fetched = res.stdout.splitlines()
+    # documents and the plain layer are fetched; the eStargz layer is not (lazy)
+    assert f"fetching {pushed.layers[1].digest[:15]}... {pushed.layers[1].media_type}" \
+        in fetched
+    assert not any(pushed.layers[0].digest[:15] in line for line in fetched)
+    assert pushed.cid in env.ctr("images", "ls", "-q").stdout.split()
+
+    chains = chain_ids(pushed.diff_ids)
+    assert remote_label(env, chains[0]) == "remote snapshot"
+    assert remote_label(env, chains[1]) is None
+    assert len(lazy_mountpoints(env.state)) == 1
+
+    lazy = env.ctr("run", "--rm", "--snapshotter", "ipfsnap", pushed.cid, "lazy1",
+                   "/bin/busybox", "sh", "-c", LIST_ROOTFS).stdout
+    assert "./hello.txt regular file 644 0:0 19" in lazy
+    assert "./etc/removed.txt" not in lazy
+    # the same layers imported the ordinary way, unpacked by containerd into overlayfs
+    env.ctr("images", "import", "--snapshotter", "overlayfs", str(busybox_image.oci_archive))
+    full = env.ctr("run", "--rm", "--snapshotter", "overlayfs", busybox_image.name, "full1",
+                   "/bin/busybox", "sh", "-c", LIST_ROOTFS).stdout
+    assert lazy.splitlines() == full.splitlines()
+
+    # pulling again: everything is there, nothing fetched, same snapshots
+    before = env.ctr("snapshots", "--snapshotter", "ipfsnap", "ls").stdout
+    again = env.ipfsnap("image", "rpull", "--ipfs", pushed.cid)
+    assert again.stdout == ""
+    assert env.ctr("snapshots", "--snapshotter", "ipfsnap", "ls").stdout == before
+
+
+def test_snapshotter_restart_under_running_containerd(
+    containerd_env: ContainerdFactory, ipfs_node: ManagedNode, busybox_image: SampleImage,
+    pushed: PushedImage,
+) -> None:
+    env = containerd_env(ipfs_api=ipfs_node.api_url)
+    env.ipfsnap("image", "rpull", "--ipfs", pushed.cid)
+    # a container that stays prepared (its snapshot is active) across the restart
+    env.ctr("containers", "create", "--snapshotter", "ipfsnap", pushed.cid, "kept",
+            "/bin/busybox", "cat", "/hello.txt")
+    snaps = env.ctr("snapshots", "--snapshotter", "ipfsnap", "ls").stdout
+    mounted = lazy_mountpoints(env.state)
+    assert len(mounted) == 1
+
+    env.kill_snapshotter()  # SIGTERM: what a service restart does
+    assert lazy_mountpoints(env.state) == mounted  # lazy layers stay mounted meanwhile
+    env.start_snapshotter()
+    env.wait_reconnected()
+
+    assert env.ctr("snapshots", "--snapshotter", "ipfsnap", "ls").stdout == snaps
+    assert lazy_mountpoints(env.state) == mounted
+    assert "remote snapshots: 1 mounted, 0 failed" in env.snapshotter_log()
+    # a new container reads the whole lazy busybox binary through the restored mount
+    out = env.ctr("run", "--rm", "--snapshotter", "ipfsnap", pushed.cid, "after",
+                  "/bin/busybox", "sha256sum", "/bin/busybox").stdout
+    assert out.split()[0] == hashlib.sha256(busybox_image.files["bin/busybox"]).hexdigest()
+    # and the container prepared before the restart still starts
+    assert env.ctr("tasks", "start", "kept").stdout == \
+        busybox_image.files["hello.txt"].decode()
+    env.ctr("containers", "delete", "kept")
