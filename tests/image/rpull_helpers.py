@@ -61,6 +61,7 @@ def push(
     *,
     layer_hook: Callable[[int, Descriptor], Descriptor] | None = None,
     config_hook: DescHook | None = None,
+    chunk_size: int = CHUNK,
 ) -> PushedImage:
     """Add an IPFS-enabled image of ``tars`` (bottom first) to the node behind ``client``."""
     layers: list[Descriptor] = []
@@ -69,7 +70,8 @@ def push(
     for i, (tar, lazy) in enumerate(zip(tars, estargz, strict=True)):
         if lazy:
             out = io.BytesIO()
-            res = build(io.BytesIO(tar), out, BuildOptions(chunk_size=CHUNK, level=1, workers=1))
+            opts = BuildOptions(chunk_size=chunk_size, level=1, workers=1)
+            res = build(io.BytesIO(tar), out, opts)
             blob = out.getvalue()
             annotations = res.annotations()
             diff_id = res.diff_id

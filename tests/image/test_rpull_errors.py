@@ -196,3 +196,43 @@ def test_descriptor_without_ipfs_url(ipfs_pair: Any, tmp_path: Path) -> None:
         _no_name(state, image.cid)
         assert store.walk() == []
 
+
+
+@pytest.mark.integration
+def test_platform_selection(ipfs_pair: Any, tmp_path: Path) -> None:
+    """An index with two platforms: only the selected manifest and config are fetched."""
+    from ipfsnap.image.errors import PlatformNotFound
+    from ipfsnap.oci import Index, Manifest, Platform, canonical_json, mediatypes, parse_platform
+
+    with IPFSClient(ipfs_pair.a.api_url) as a:
+        image = push(a, small_tars()[:1], [False])
+
+        def add(media_type: str, data: bytes, platform: Platform | None = None) -> Descriptor:
+            cid = a.add(data).cid
+            return Descriptor(media_type, sha256_digest(data), len(data), urls=(f"ipfs://{cid}",),
+                              platform=platform)
+
+        arm_config = add(mediatypes.OCI_CONFIG, canonical_json({
+            "architecture": "arm64", "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": image.diff_ids}}))
+        arm = add(mediatypes.OCI_MANIFEST,
+                  Manifest(mediatypes.OCI_MANIFEST, arm_config, tuple(image.layers)).to_bytes(),
+                  Platform("linux", "arm64"))
+        index = add(mediatypes.OCI_INDEX,
+                    Index(mediatypes.OCI_INDEX, (image.manifest, arm)).to_bytes())
+        root = Descriptor(index.media_type, index.digest, index.size, urls=index.urls)
+        cid = a.add(canonical_json(root.to_dict())).cid
+    ipfs_pair.connect()
+    state = tmp_path / "state"
+    with IPFSClient(ipfs_pair.b.api_url) as b:
+        lines: list[str] = []
+        img = rpull(cid, None, client=b, images=ImageStore(state),
+                    platform=parse_platform("linux/arm64"), report=lines.append)
+        assert img.config.raw["architecture"] == "arm64"
+        assert lines == [fetching_line(d) for d in (index, arm, arm_config)]
+        assert ImageStore(state).get(f"ipfs://{cid}").target.digest == index.digest
+        with pytest.raises(PlatformNotFound) as info:
+            rpull(cid, None, client=b, images=ImageStore(tmp_path / "other"),
+                  platform=parse_platform("linux/s390x"))
+        assert "linux/s390x" in str(info.value)
+        _no_name(tmp_path / "other", cid)
