@@ -103,7 +103,7 @@ def sha256_digest(data: bytes) -> str:
 class CacheEntry:
     """One chunk file found by a scan of the cache root."""
 
-    path: Path
+    path: str
     size: int
     mtime: float
 
@@ -177,7 +177,7 @@ class CacheAccounting:
                 except OSError:
                     continue
                 if _is_entry_name(e.name):
-                    out.append(CacheEntry(Path(e.path), st.st_size, st.st_mtime))
+                    out.append(CacheEntry(e.path, st.st_size, st.st_mtime))
                 elif e.name.endswith(".tmp") and now - st.st_mtime > STALE_TEMP:
                     with contextlib.suppress(OSError):
                         os.unlink(e.path)
@@ -188,7 +188,7 @@ class CacheAccounting:
         total = sum(e.size for e in entries)
         if total <= target:
             return total
-        entries.sort(key=lambda e: (e.mtime, e.path.name))
+        entries.sort(key=lambda e: (e.mtime, e.path))
         evicted = 0
         for e in entries:
             if total <= target:

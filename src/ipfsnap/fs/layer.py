@@ -51,6 +51,10 @@ class LayerStatus:
     source_calls: int = 0
     entries: int = 0
     last_error: str = ""
+    #: cache writes skipped because they failed (full disk ...), and cache entries this
+    #: worker evicted (any layer's: the size limit is shared), since the worker started
+    cache_write_failures: int = 0
+    cache_evicted: int = 0
     updated: float = 0.0
 
     def to_json(self) -> dict[str, object]:
@@ -264,6 +268,8 @@ class LazyLayer:
         st.source_calls = self.fetcher.stats.source_calls
         if self.fetcher.stats.last_error:
             st.last_error = self.fetcher.stats.last_error
+        st.cache_write_failures = self.cache.write_failures
+        st.cache_evicted = self.cache.account.evicted if self.cache.account else 0
         if st.state == "ready" and self.complete:
             st.state = "complete"
         st.updated = time.time()
