@@ -5,6 +5,7 @@ snapshotter under a running containerd keeps every snapshot and lazy mount."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterator
@@ -13,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from ipfsnap.content.sample import SampleImage
+from ipfsnap.estargz import TOC_DIGEST_ANNOTATION
 from ipfsnap.image.unpack import chain_ids
 from ipfsnap.ipfs import IPFSClient
 from ipfsnap.ipfs.node import ManagedNode
+from ipfsnap.oci import Descriptor
 from tests.containerd.conftest import ContainerdEnv, ContainerdFactory
 from tests.image.rpull_helpers import PushedImage, push
 
@@ -83,11 +86,45 @@ def test_rpull_through_containerd_runs_lazily_and_matches_overlayfs(
                    "/bin/busybox", "sh", "-c", LIST_ROOTFS).stdout
     assert lazy.splitlines() == full.splitlines()
 
-    # pulling again: everything is there, nothing fetched, same snapshots
+    # containerd's garbage collector (run synchronously by an image removal) keeps the
+    # pulled image's snapshots: its config's gc.ref.snapshot label holds the chain
     before = env.ctr("snapshots", "--snapshotter", "ipfsnap", "ls").stdout
+    env.ctr("images", "rm", "--sync", busybox_image.name)
+    assert env.ctr("snapshots", "--snapshotter", "overlayfs", "ls").stdout.count("\n") == 1
+    # pulling again: everything is there, nothing fetched, same snapshots
     again = env.ipfsnap("image", "rpull", "--ipfs", pushed.cid)
     assert again.stdout == ""
     assert env.ctr("snapshots", "--snapshotter", "ipfsnap", "ls").stdout == before
+    assert len(lazy_mountpoints(env.state)) == 1
+
+    # removing the image lets the collector remove its snapshots, lazy mount included
+    env.ctr("images", "rm", "--sync", pushed.cid)
+    assert env.ctr("snapshots", "--snapshotter", "ipfsnap", "ls").stdout.count("\n") == 1
+    assert lazy_mountpoints(env.state) == []
+
+
+def test_fallback_when_a_layer_cannot_be_mounted_lazily(
+    containerd_env: ContainerdFactory, ipfs_node: ManagedNode, busybox_image: SampleImage,
+) -> None:
+    """An eStargz layer whose TOC digest annotation is wrong is refused by the lazy fs; the
+    snapshotter falls back to a normal snapshot, and the layer is fetched whole, checked
+    against its diffID and unpacked into the mounts containerd hands over."""
+    bad_toc = "sha256:" + "0" * 64
+
+    def wrong_toc(i: int, desc: Descriptor) -> Descriptor:
+        annotations = {**desc.annotations, TOC_DIGEST_ANNOTATION: bad_toc}
+        return dataclasses.replace(desc, annotations=annotations)
+
+    with IPFSClient(ipfs_node.api_url) as client:
+        image = push(client, busybox_image.layer_tars[:1], [True], layer_hook=wrong_toc)
+    env = containerd_env(ipfs_api=ipfs_node.api_url)
+    fetched = env.ipfsnap("image", "rpull", "--ipfs", image.cid).stdout
+    assert f"fetching {image.layers[0].digest[:15]}..." in fetched
+    assert remote_label(env, chain_ids(image.diff_ids)[0]) is None
+    assert lazy_mountpoints(env.state) == []
+    out = env.ctr("run", "--rm", "--snapshotter", "ipfsnap", image.cid, "fb",
+                  "/bin/busybox", "cat", "/etc/passwd").stdout
+    assert out == busybox_image.files["etc/passwd"].decode()
 
 
 def test_snapshotter_restart_under_running_containerd(
