@@ -303,6 +303,10 @@ def test_bad_input_through_the_cli(
 ) -> None:
     api = ipfs_node.api_multiaddr
     tars = sample_tars()
+    # no daemon at the given address: caught before converting anything
+    sample_image(image_store, "test/sample:1")
+    cli_fails(state_dir, "/ip4/127.0.0.1/tcp/1", "test/sample:1", capsys,
+              "image docker.io/test/sample:1", "127.0.0.1:1")
     # a ref that does not exist
     cli_fails(state_dir, api, "test/nothing:1", capsys, "test/nothing:1", "not in the local store")
     # a corrupt layer after a good one: the good one's conversion is undone too

@@ -14,8 +14,10 @@ from typing import Any
 from ipfsnap.cli.common import Context, parse_bool
 from ipfsnap.cli.ipfs_node import ensure_api
 from ipfsnap.content import ImageStore
+from ipfsnap.errors import IPFSError
 from ipfsnap.estargz import DEFAULT_CHUNK_SIZE
 from ipfsnap.image.convert import DEFAULT_LEVEL, ConvertOptions
+from ipfsnap.image.errors import PushError
 from ipfsnap.image.push import PushOptions, push_image
 from ipfsnap.ipfs import IPFSClient, RetryPolicy
 from ipfsnap.oci import parse_platform
@@ -50,11 +52,16 @@ def cmd_ipfs_push(args: argparse.Namespace, ctx: Context) -> int:
         )
     )
     store = ImageStore(cfg.state_dir)
-    store.get(args.ref)  # a missing image fails before any IPFS node is started
+    record = store.get(args.ref)  # a missing image fails before any IPFS node is started
     api = ensure_api(cfg)
     with IPFSClient(
         api, auth=cfg.ipfs_auth, timeout=ADD_TIMEOUT, retry=RetryPolicy.from_config(cfg.blob)
     ) as client:
+        # fail before a long conversion when the daemon is not there
+        try:
+            client.id()
+        except IPFSError as exc:
+            raise PushError(f"image {record.name}: cannot push: {exc}") from None
         result = push_image(
             store, args.ref, client, options, state_dir=cfg.state_dir, progress=progress_for()
         )

@@ -211,8 +211,9 @@ class _Pusher:
             data = replace(doc, media_type=mediatypes.OCI_INDEX, manifests=entries).to_bytes()
             return self._document(desc, data, "index")
         assert isinstance(doc, Manifest)
-        config = self.leaf(doc.config, "config")
+        # layers first, then the config (the reference's order; any order gives the same CIDs)
         layers = tuple(self.leaf(layer, "layer") for layer in doc.layers)
+        config = self.leaf(doc.config, "config")
         man = replace(doc, media_type=mediatypes.OCI_MANIFEST, config=config, layers=layers)
         return self._document(desc, man.to_bytes(), "manifest")
 
