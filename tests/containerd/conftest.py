@@ -81,8 +81,13 @@ class ContainerdEnv:
     def state(self) -> Path:
         return self.dir / "ipfsnap"
 
+    @property
+    def config(self) -> Path:
+        return self.dir / "ipfsnap.toml"
+
     def ipfsnap_argv(self, *args: str) -> list[str]:
-        argv = [sys.executable, "-m", "ipfsnap.cli.main", "--state-dir", str(self.state)]
+        argv = [sys.executable, "-m", "ipfsnap.cli.main", "--state-dir", str(self.state),
+                "--config", str(self.config)]
         if self.ipfs_api:
             argv += ["--ipfs-api", self.ipfs_api]
         return argv + list(args)
@@ -227,7 +232,8 @@ ContainerdFactory = Callable[..., ContainerdEnv]
 
 @pytest.fixture
 def containerd_env() -> Iterator[ContainerdFactory]:
-    """``containerd_env(ipfs_api=None)`` -> a running :class:`ContainerdEnv`."""
+    """``containerd_env(ipfs_api=None, config="")`` -> a running :class:`ContainerdEnv`
+    (``config``: the ipfsnap config.toml text its commands and snapshotter use)."""
     require_root()
     require_tool("containerd")
     require_tool("ctr")
@@ -237,9 +243,10 @@ def containerd_env() -> Iterator[ContainerdFactory]:
     require(Path("/dev/fuse").exists(), "/dev/fuse")
     envs: list[ContainerdEnv] = []
 
-    def start(ipfs_api: str | None = None) -> ContainerdEnv:
+    def start(ipfs_api: str | None = None, config: str = "") -> ContainerdEnv:
         env = ContainerdEnv(Path(tempfile.mkdtemp(prefix="ictd-", dir="/tmp")), ipfs_api)
         envs.append(env)
+        env.config.write_text(config)
         env.start_snapshotter()
         env.start_containerd()
         return env
