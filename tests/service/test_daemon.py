@@ -360,3 +360,29 @@ def test_systemd_unit_is_valid(tmp_path: Path) -> None:
                          check=False)
     assert res.returncode == 0, res.stderr
     assert "ipfsnap-snapshotter.service" not in res.stderr, res.stderr
+
+
+def test_probing_the_lock_never_makes_a_start_fail(make_svc: Callable[..., Svc]) -> None:
+    """lock_holder() tests the lock without taking it: a start racing with probes (as the
+    on-demand start loop does every 50 ms) always gets the lock."""
+    require_root()
+    svc = make_svc()
+    stop = threading.Event()
+    probes = [0]
+
+    def probe() -> None:
+        while not stop.is_set():
+            lock_holder(svc.state)
+            probes[0] += 1
+
+    t = threading.Thread(target=probe)
+    t.start()
+    try:
+        for _ in range(3):
+            with connect_or_start(svc.config) as client:
+                client.stop()
+    finally:
+        stop.set()
+        t.join()
+    assert probes[0] > 100
+    assert "already serves" not in (svc.state / "snapshotter.log").read_text()

@@ -6,7 +6,7 @@ behalf of CLI commands talking to it over ``<state>/snapshotter.sock``
 (:mod:`ipfsnap.service.protocol`).
 
 Life cycle
-- Start: take the state dir's lock (``snapshotter.pid``, fcntl; a second daemon refuses),
+- Start: take the state dir's lock (``snapshotter.pid``, a POSIX lock; a second daemon refuses),
   open the store, re-mount every remote snapshot whose worker is gone or broken
   (``restore_remote``: their chunk caches are reused), then serve.
 - SIGTERM / SIGINT: stop accepting, let requests in flight finish (bounded), exit. Mounts
@@ -25,7 +25,6 @@ to the configured fetch and prefetch timeouts) does not hold its lock, so ``stat
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import selectors
@@ -152,16 +151,13 @@ class Daemon:
     def _take_lock(self) -> None:
         path = paths.pid_path(self.state_dir)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            with contextlib.suppress(OSError, ValueError):
-                other = os.read(fd, 64).decode().strip()
+        if not paths.take_lock(fd):
             os.close(fd)
+            other = paths.lock_holder(self.state_dir)
             raise DaemonAlreadyRunning(
                 f"a snapshotter already serves state dir {self.state_dir} "
-                f"(pid {other or 'unknown'}, lock {path})"
-            ) from None
+                f"(pid {other if other and other > 0 else 'unknown'}, lock {path})"
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd

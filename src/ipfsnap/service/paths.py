@@ -3,7 +3,7 @@
 ::
 
     <state>/snapshotter.sock     the unix socket of the CLI API (0600)
-    <state>/snapshotter.pid      pid file, fcntl-locked while a snapshotter runs
+    <state>/snapshotter.pid      pid file, locked (fcntl F_SETLK) while a snapshotter runs
     <state>/snapshotter.log      log of a snapshotter started on demand
     <state>/snapshots/stargz/    the snapshot store the snapshotter serves (metadata.db, ...)
     <state>/fs/workers/<id>/     one run dir per lazy layer (spec, status, worker log)
@@ -12,9 +12,10 @@
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import fcntl
 import os
+import struct
 from pathlib import Path
 
 from ipfsnap.image.snapshotters import SNAPSHOTS_DIR, STARGZ, snapshotter_root
@@ -61,6 +62,27 @@ def socket_address(path: Path) -> tuple[str, int | None]:
     return f"/proc/self/fd/{fd}/{path.name}", fd
 
 
+#: struct flock on Linux x86_64/arm64: short l_type, short l_whence, off_t l_start,
+#: off_t l_len, pid_t l_pid (+ padding to 32 bytes)
+_FLOCK = "hhqqi4x"
+
+
+def take_lock(fd: int) -> bool:
+    """Take the snapshotter lock on ``fd`` (open for writing); False if another holds it.
+
+    A POSIX record lock (not flock): :func:`lock_holder` can then *test* it with F_GETLK,
+    which takes nothing, so probing never makes a starting daemon fail to lock; and it names
+    the holder's pid; and it is never inherited by the worker processes the daemon forks.
+    """
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EAGAIN):
+            return False
+        raise
+    return True
+
+
 def lock_holder(state_dir: Path) -> int | None:
     """The pid of the snapshotter holding ``state_dir``'s lock, or None if none does."""
     try:
@@ -68,13 +90,10 @@ def lock_holder(state_dir: Path) -> int | None:
     except FileNotFoundError:
         return None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            with contextlib.suppress(OSError, ValueError):
-                return int(os.read(fd, 64).decode().strip() or "0") or -1
-            return -1  # held, pid not written yet
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
+        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        l_type, _, _, _, l_pid = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, query))
     finally:
         os.close(fd)
+    if l_type == fcntl.F_UNLCK:
+        return None
+    return int(l_pid) if l_pid > 0 else -1
