@@ -7,6 +7,7 @@ import bisect
 import collections
 import hashlib
 import io
+import json
 import logging
 import os
 import types
@@ -41,7 +42,7 @@ from ipfsnap.estargz.footer import (
     parse_zstd_footer,
 )
 from ipfsnap.estargz.tario import BLOCK, iter_headers
-from ipfsnap.estargz.toc import parse_toc_json
+from ipfsnap.estargz.toc import decode_entries
 from ipfsnap.estargz.types import (
     DEFAULT_LIMITS,
     LANDMARKS,
@@ -92,8 +93,27 @@ def _checked_name(name: str, what: str, limits: Limits) -> str:
     return "/".join(parts)
 
 
-def _parent(path: str) -> str:
-    return path.rpartition("/")[0]
+def _fast_name(name: str, short: int) -> str | None:
+    """The cleaned form of an already clean name (``a/b`` or a directory's ``a/b/``), or
+    None when the name needs :func:`_checked_name` (odd, unsafe or possibly too long).
+
+    ``short`` is the longest name (in characters) that cannot exceed the byte limit: a
+    character takes at most 4 bytes in UTF-8, so ``max_name_length // 4``."""
+    if name.endswith("/"):
+        name = name[:-1]
+    if (
+        not name
+        or len(name) > short
+        or name[0] == "/"
+        or name[-1] == "/"
+        or "//" in name
+        or "\x00" in name
+        # "." and ".." components (and, conservatively, any hidden name)
+        or name[0] == "."
+        or "/." in name
+    ):
+        return None
+    return name
 
 
 class LayerIndex:
@@ -110,88 +130,166 @@ class LayerIndex:
         toc_entries: list[TOCEntry],
         limits: Limits,
         name: str,
+        raw_toc: Callable[[], list[TOCEntry]] | None = None,
     ) -> None:
+        """Index ``toc_entries``. With ``raw_toc`` (which parses the TOC again) the index
+        takes ownership of ``toc_entries`` and rewrites them in place, and
+        :attr:`toc_entries` is parsed again on demand; without it the entries are copied."""
         self.compression = compression
         self.toc_digest = toc_digest
         self.toc_offset = toc_offset
         self.blob_size = blob_size
         self.name = name
-        #: the TOC as parsed, names as written (``estargz ls``)
-        self.toc_entries = toc_entries
         self.prefetch_end = 0
         self._payload_end = payload_end
+        self._toc_len = len(toc_entries)
+        self._raw_toc = raw_toc
+        self._toc_entries: list[TOCEntry] | None = None
+        if raw_toc is None:
+            self._toc_entries = toc_entries
+            toc_entries = [replace(e, xattrs=dict(e.xattrs)) for e in toc_entries]
         self._entries: dict[str, TOCEntry] = {}
         self._links: dict[str, str] = {}  # hardlink path -> final target path
+        self._link_count: dict[str, int] = {}  # target path -> hardlinks resolving to it
         self._chunks: dict[str, tuple[Chunk, ...]] = {}
+        #: chunks of files a later entry of the same name replaced (still in the blob)
+        self._shadowed: list[tuple[str, tuple[Chunk, ...]]] = []
         self._children: dict[str, dict[str, TOCEntry]] = {}
-        self._nlink: dict[int, int] = {}
-        #: every data chunk in the TOC, landmarks and overridden duplicates included
-        self.all_chunks: list[tuple[str, Chunk]] = []
-        self._build(limits)
+        self._build(toc_entries, limits)
+
+    @property
+    def toc_entries(self) -> list[TOCEntry]:
+        """The TOC as parsed, names as written (``estargz ls``); parsed again on first use,
+        so the index itself does not keep a second copy of every entry."""
+        if self._toc_entries is None:
+            assert self._raw_toc is not None
+            self._toc_entries = self._raw_toc()
+        return self._toc_entries
+
+    @property
+    def all_chunks(self) -> list[tuple[str, Chunk]]:
+        """Every data chunk in the TOC, landmarks and overridden duplicates included."""
+        out = [(p, c) for p, cs in self._chunks.items() for c in cs]
+        out.extend((p, c) for p, cs in self._shadowed for c in cs)
+        return out
 
     # -- construction -------------------------------------------------------------------
-    def _build(self, limits: Limits) -> None:
+    def _build(self, toc_entries: list[TOCEntry], limits: Limits) -> None:
         blob = self.name
-        offsets = sorted(
-            {e.offset for e in self.toc_entries if e.type in ("reg", "chunk") and e.offset}
-        )
-        offsets.append(self._payload_end)
-
-        def end_of(offset: int) -> int:
-            return offsets[bisect.bisect_right(offsets, offset)]
-
+        short = limits.max_name_length // 4
+        entries = self._entries
+        offsets: list[int] = []
         last_reg: TOCEntry | None = None
-        last_pieces: list[TOCEntry] = []
-        regs: list[tuple[TOCEntry, list[TOCEntry]]] = []
+        regs: list[TOCEntry] = []
+        #: regs index -> all pieces of a file split into chunk entries
+        pieces_of: dict[int, list[TOCEntry]] = {}
+        hardlinks: list[str] = []
         # Writers omit a user/group name equal to the last one written for the same id;
         # carry the names forward so every entry has them.
         users: dict[int, str] = {}
         groups: dict[int, str] = {}
-        for i, raw in enumerate(self.toc_entries):
-            what = f"{blob}: TOC entry #{i} {raw.name[:200]!r}"
-            name = _checked_name(raw.name, what, limits)
-            e = replace(raw, name=name, xattrs=dict(raw.xattrs))
-            if e.type == "chunk":
+        for i, e in enumerate(toc_entries):
+            raw_name = e.name
+            name = _fast_name(raw_name, short)
+            if name is None:
+                what = f"{blob}: TOC entry #{i} {raw_name[:200]!r}"
+                name = _checked_name(raw_name, what, limits)
+            e.name = name
+            typ = e.type
+            if typ == "chunk":
                 if last_reg is None or name != last_reg.name:
+                    what = f"{blob}: TOC entry #{i} {raw_name[:200]!r}"
                     raise InvalidTOC(f"{what}: chunk entry does not follow its file's entry")
-                last_pieces.append(e)
+                k = len(regs) - 1
+                pieces = pieces_of.get(k)
+                if pieces is None:
+                    pieces = pieces_of[k] = [last_reg]
+                pieces.append(e)
+                if e.offset:
+                    offsets.append(e.offset)
                 continue
+            if not name and typ != "dir":
+                what = f"{blob}: TOC entry #{i} {raw_name[:200]!r}"
+                raise InvalidTOC(f"{what}: the root must be a directory, not {typ}")
             if e.user_name:
                 users[e.uid] = e.user_name
-            else:
+            elif users:
                 e.user_name = users.get(e.uid, "")
             if e.group_name:
                 groups[e.gid] = e.group_name
-            else:
+            elif groups:
                 e.group_name = groups.get(e.gid, "")
-            if e.type == "reg":
-                last_reg, last_pieces = e, [e]
-                regs.append((e, last_pieces))
+            if typ == "reg":
+                last_reg = e
+                regs.append(e)
+                if e.offset:
+                    offsets.append(e.offset)
             else:
                 last_reg = None
-            if name == "" and e.type != "dir":
-                raise InvalidTOC(f"{what}: the root must be a directory, not {e.type}")
-            if e.type in ("hardlink", "symlink"):
-                if len(e.link_name.encode("utf-8", "surrogatepass")) > limits.max_name_length:
-                    raise NameTooLong(f"{what}: link target exceeds {limits.max_name_length}")
-                if "\x00" in e.link_name or not e.link_name:
-                    raise UnsafeEntry(f"{what}: empty link target or one with a NUL byte")
-            if e.type == "hardlink":
-                e.link_name = _checked_name(e.link_name, f"{what} (hardlink target)", limits)
-            self._entries[name] = e
-        for reg, pieces in regs:
-            self._add_chunks(reg, pieces, end_of, limits)
+                if typ == "hardlink" or typ == "symlink":
+                    what = f"{blob}: TOC entry #{i} {raw_name[:200]!r}"
+                    link = e.link_name
+                    if len(link.encode("utf-8", "surrogatepass")) > limits.max_name_length:
+                        raise NameTooLong(f"{what}: link target exceeds {limits.max_name_length}")
+                    if "\x00" in link or not link:
+                        raise UnsafeEntry(f"{what}: empty link target or one with a NUL byte")
+                    if typ == "hardlink":
+                        e.link_name = _checked_name(link, f"{what} (hardlink target)", limits)
+                        hardlinks.append(name)
+            entries[name] = e
+        offsets.sort()
+        offsets.append(self._payload_end)
+        self._index_chunks(regs, pieces_of, offsets, limits)
         # Landmarks are format markers, not files: keep them out of the tree.
         for lm in LANDMARKS:
-            mark = self._entries.pop(lm, None)
+            mark = entries.pop(lm, None)
             if lm == PREFETCH_LANDMARK and mark is not None and mark.type == "reg":
                 self.prefetch_end = mark.offset
-        self._resolve_links()
+        self._resolve_links(hardlinks)
         self._make_tree()
 
-    def _add_chunks(
-        self, reg: TOCEntry, pieces: list[TOCEntry], end_of: Callable[[int], int], limits: Limits
+    def _index_chunks(
+        self,
+        regs: list[TOCEntry],
+        pieces_of: dict[int, list[TOCEntry]],
+        offsets: list[int],
+        limits: Limits,
     ) -> None:
+        payload_end = self._payload_end
+        max_chunk = limits.max_chunk_size
+        table = self._chunks
+        bisect_right = bisect.bisect_right
+        for k, reg in enumerate(regs):
+            pieces = pieces_of.get(k)
+            size = reg.size
+            if pieces is not None or reg.chunk_offset or reg.inner_offset:
+                chunks = self._file_chunks(reg, pieces or [reg], offsets, limits)
+            elif size == 0:
+                chunks = ()
+            else:
+                # the common case, one entry holding the whole file: the same checks as
+                # _file_chunks, inline
+                digest = reg.chunk_digest or reg.digest
+                off = reg.offset
+                if (
+                    (reg.chunk_size and reg.chunk_size != size)
+                    or size > max_chunk
+                    or not digest
+                    or not 0 < off < payload_end
+                ):
+                    chunks = self._file_chunks(reg, [reg], offsets, limits)
+                else:
+                    end = offsets[bisect_right(offsets, off)]
+                    chunks = (Chunk(off, end, 0, size, digest, 0),)
+                    reg.chunk_size = size
+            old = table.get(reg.name)
+            if old is not None:
+                self._shadowed.append((reg.name, old))
+            table[reg.name] = chunks
+
+    def _file_chunks(
+        self, reg: TOCEntry, pieces: list[TOCEntry], offsets: list[int], limits: Limits
+    ) -> tuple[Chunk, ...]:
         what = f"{self.name}: file {reg.name!r}"
         chunks: list[Chunk] = []
         expect = 0
@@ -218,23 +316,25 @@ class LayerIndex:
                     f"{what}: chunk offset {p.offset} is outside the blob's payload "
                     f"(0..{self._payload_end})"
                 )
-            chunks.append(Chunk(p.offset, end_of(p.offset), expect, size, digest, p.inner_offset))
+            end = offsets[bisect.bisect_right(offsets, p.offset)]
+            chunks.append(Chunk(p.offset, end, expect, size, digest, p.inner_offset))
             expect += size
         if expect != reg.size:
             raise InvalidTOC(f"{what}: chunks cover {expect} bytes of a {reg.size}-byte file")
         if reg.chunk_size == 0 and reg.size:
             reg.chunk_size = chunks[0].chunk_size if chunks else 0
-        self._chunks[reg.name] = tuple(chunks)
-        self.all_chunks.extend((reg.name, c) for c in chunks)
+        return tuple(chunks)
 
-    def _resolve_links(self) -> None:
-        for name, e in self._entries.items():
-            if e.type != "hardlink":
-                continue
+    def _resolve_links(self, hardlinks: list[str]) -> None:
+        entries = self._entries
+        for name in dict.fromkeys(hardlinks):  # a name may repeat; count it once
+            e = entries.get(name)
+            if e is None or e.type != "hardlink":
+                continue  # replaced by a later entry of the same name
             seen = {name}
             target = e.link_name
             while True:
-                t = self._entries.get(target)
+                t = entries.get(target)
                 if t is None:
                     raise UnsafeEntry(
                         f"{self.name}: hardlink {name!r} points to {e.link_name!r}, "
@@ -249,35 +349,33 @@ class LayerIndex:
             if t.type == "dir":
                 raise UnsafeEntry(f"{self.name}: hardlink {name!r} points to a directory")
             self._links[name] = target
+            self._link_count[target] = self._link_count.get(target, 0) + 1
 
     def _make_tree(self) -> None:
-        if "" not in self._entries:
-            self._entries[""] = TOCEntry(name="", type="dir", mode=IMPLICIT_DIR_MODE)
-        for name in list(self._entries):
+        entries = self._entries
+        children = self._children
+        links = self._links
+        if "" not in entries:
+            entries[""] = TOCEntry(name="", type="dir", mode=IMPLICIT_DIR_MODE)
+        for name in list(entries):
             child = name
             while child:
-                parent = _parent(child)
-                p = self._entries.get(parent)
-                if p is None:
-                    p = TOCEntry(name=parent, type="dir", mode=IMPLICIT_DIR_MODE)
-                    self._entries[parent] = p
-                elif p.type != "dir":
-                    raise InvalidTOC(
-                        f"{self.name}: {name!r} lies under {parent!r}, which is a {p.type}"
-                    )
-                kids = self._children.setdefault(parent, {})
-                base = child.rpartition("/")[2]
-                if base in kids:
+                parent, _, base = child.rpartition("/")
+                kids = children.get(parent)
+                if kids is None:
+                    # first child seen: check (or create) the parent directory once
+                    p = entries.get(parent)
+                    if p is None:
+                        entries[parent] = TOCEntry(name=parent, type="dir", mode=IMPLICIT_DIR_MODE)
+                    elif p.type != "dir":
+                        raise InvalidTOC(
+                            f"{self.name}: {name!r} lies under {parent!r}, which is a {p.type}"
+                        )
+                    kids = children[parent] = {}
+                elif base in kids:
                     break  # this parent chain is already linked
-                kids[base] = self._resolved(child)
+                kids[base] = entries[links.get(child, child)]
                 child = parent
-        for name, e in self._entries.items():
-            target = self._resolved(name)
-            if e.type == "dir":
-                subdirs = sum(1 for c in self._children.get(name, {}).values() if c.type == "dir")
-                self._nlink[id(e)] = 2 + subdirs
-            else:
-                self._nlink[id(target)] = self._nlink.get(id(target), 0) + 1
 
     def _resolved(self, path: str) -> TOCEntry:
         return self._entries[self._links.get(path, path)]
@@ -298,24 +396,42 @@ class LayerIndex:
 
     def walk(self) -> Iterator[tuple[str, TOCEntry]]:
         stack = [""]
+        entries = self._entries
+        links = self._links
+        children = self._children
         while stack:
             path = stack.pop()
-            yield path, self._resolved(path)
-            kids = self._children.get(path, {})
-            prefix = f"{path}/" if path else ""
-            stack.extend(prefix + k for k in sorted(kids, reverse=True))
+            yield path, entries[links.get(path, path)]
+            kids = children.get(path)
+            if kids:
+                prefix = f"{path}/" if path else ""
+                stack.extend([prefix + k for k in sorted(kids, reverse=True)])
 
     def nlink(self, path: str) -> int:
-        e = self.entry(path)
-        return 0 if e is None else self._nlink.get(id(e), 1)
+        """Link count as a filesystem shows it: 2 + subdirectories for a directory, the
+        number of names (hardlinks included) for anything else; 0 if there is no entry."""
+        p = clean_path(path)
+        if p not in self._entries:
+            return 0
+        target = self._links.get(p, p)
+        e = self._entries[target]
+        if e.type == "dir":
+            kids = self._children.get(target, {})
+            return 2 + sum(1 for c in kids.values() if c.type == "dir")
+        return 1 + self._link_count.get(target, 0)
 
     def __len__(self) -> int:
-        return len(self.toc_entries)
+        return self._toc_len
 
 
 # -- opening -----------------------------------------------------------------------------
 def _gunzip_bounded(data: bytes, limit: int, what: str) -> bytes:
     """Inflate gzip members from ``data`` (as many as needed) to at most ``limit`` bytes."""
+    return bytes(_gunzip_into(data, limit, what))
+
+
+def _gunzip_into(data: bytes, limit: int, what: str) -> bytearray:
+    """:func:`_gunzip_bounded` without the final copy (a TOC can be tens of MiB)."""
     out = bytearray()
     buf = data
     while len(out) < limit and buf:
@@ -331,11 +447,16 @@ def _gunzip_bounded(data: bytes, limit: int, what: str) -> bytes:
                 break
             raise TruncatedBlob(f"{what}: gzip data ends in the middle of a member")
         buf = d.unused_data
-    return bytes(out)
+    return out
 
 
 def _unzstd_bounded(data: bytes, limit: int, what: str) -> bytes:
     """Decompress zstd frames from ``data`` to at most ``limit`` bytes."""
+    return bytes(_unzstd_into(data, limit, what))
+
+
+def _unzstd_into(data: bytes, limit: int, what: str) -> bytearray:
+    """:func:`_unzstd_bounded` without the final copy."""
     out = bytearray()
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(
@@ -348,11 +469,12 @@ def _unzstd_bounded(data: bytes, limit: int, what: str) -> bytes:
             out += piece
     except zstandard.ZstdError as exc:
         raise BadCompression(f"{what}: corrupt zstd data: {exc}") from None
-    return bytes(out)
+    return out
 
 
-def _toc_from_tar(plain: bytes, blob: str, limits: Limits) -> bytes:
-    src = io.BytesIO(plain)
+def _toc_from_tar(plain: bytearray, blob: str, limits: Limits) -> memoryview:
+    # the headers lie within the slack; do not copy the whole TOC into a BytesIO
+    src = io.BytesIO(bytes(memoryview(plain)[:_TOC_TAR_SLACK]))
     try:
         hdr = next(iter_headers(src, f"{blob} TOC"), None)
     except BadTar as exc:
@@ -363,7 +485,7 @@ def _toc_from_tar(plain: bytes, blob: str, limits: Limits) -> bytes:
     if hdr.size > limits.max_toc_size:
         raise TOCTooLarge(f"{blob}: TOC JSON is {hdr.size} bytes, limit is {limits.max_toc_size}")
     start = len(hdr.raw)
-    data = plain[start : start + hdr.size]
+    data = memoryview(plain)[start : start + hdr.size]
     if len(data) != hdr.size:
         raise TruncatedBlob(f"{blob}: TOC JSON ends after {len(data)} of {hdr.size} bytes")
     return data
@@ -422,23 +544,17 @@ def open_layer(
             f"{name}: compressed TOC is {toc_end - toc_off} bytes, limit is {limits.max_toc_size}"
         )
     comp = reader.read_at(toc_off, toc_end - toc_off)
-    if zf is not None:
-        if zf.toc_size > limits.max_toc_size:
-            raise TOCTooLarge(
-                f"{name}: TOC JSON is {zf.toc_size} bytes, limit is {limits.max_toc_size}"
-            )
-        toc_json = _unzstd_bounded(comp, zf.toc_size + 1, f"{name} TOC")
-        if len(toc_json) != zf.toc_size:
-            raise InvalidTOC(
-                f"{name}: TOC decompresses to {len(toc_json)} bytes, footer says {zf.toc_size}"
-            )
-    else:
-        plain = _gunzip_bounded(comp, limits.max_toc_size + _TOC_TAR_SLACK, f"{name} TOC")
-        toc_json = _toc_from_tar(plain, name, limits)
-    digest = "sha256:" + hashlib.sha256(toc_json).hexdigest()
+    text, digest = _toc_text(comp, zf.toc_size if zf is not None else None, name, limits)
     if toc_digest is not None and digest != toc_digest:
         raise TOCDigestMismatch(f"{name}: TOC digest is {digest}, expected {toc_digest}")
-    entries = parse_toc_json(toc_json, name, limits.max_entries)
+    entries = decode_entries(text, name, limits.max_entries)
+    del text
+
+    def raw_toc() -> list[TOCEntry]:
+        # the compressed TOC was verified above; parse it again for `toc_entries`
+        again, _ = _toc_text(comp, zf.toc_size if zf is not None else None, name, limits)
+        return decode_entries(again, name, limits.max_entries)
+
     log.debug("%s: %s TOC with %d entries at %d", name, compression, len(entries), toc_off)
     return LayerIndex(
         compression=compression,
@@ -449,7 +565,36 @@ def open_layer(
         toc_entries=entries,
         limits=limits,
         name=name,
+        raw_toc=raw_toc,
     )
+
+
+def _toc_text(comp: bytes, zstd_toc_size: int | None, name: str, limits: Limits
+              ) -> tuple[str, str]:
+    """The TOC JSON as text and its digest, from the compressed TOC (one copy of the JSON
+    bytes at a time: a 100k-entry TOC is ~37 MB)."""
+    if zstd_toc_size is not None:
+        if zstd_toc_size > limits.max_toc_size:
+            raise TOCTooLarge(
+                f"{name}: TOC JSON is {zstd_toc_size} bytes, limit is {limits.max_toc_size}"
+            )
+        plain = _unzstd_into(comp, zstd_toc_size + 1, f"{name} TOC")
+        if len(plain) != zstd_toc_size:
+            raise InvalidTOC(
+                f"{name}: TOC decompresses to {len(plain)} bytes, footer says {zstd_toc_size}"
+            )
+        data = memoryview(plain)
+    else:
+        plain = _gunzip_into(comp, limits.max_toc_size + _TOC_TAR_SLACK, f"{name} TOC")
+        data = _toc_from_tar(plain, name, limits)
+    with data:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        try:
+            # as json.loads does with bytes: UTF-8, or UTF-16/32 by detection
+            text = str(data, json.detect_encoding(bytes(data[:4])), "surrogatepass")
+        except (UnicodeDecodeError, LookupError) as exc:
+            raise InvalidTOC(f"{name}: TOC is not valid JSON: {exc}") from None
+    return text, digest
 
 
 # -- chunks ------------------------------------------------------------------------------

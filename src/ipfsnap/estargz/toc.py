@@ -127,7 +127,8 @@ def _digest(d: dict[str, Any], key: str, where: str) -> str:
     return v
 
 
-def entry_from_json(d: Any, index: int) -> TOCEntry:
+def _entry_checked(d: Any, index: int) -> TOCEntry:
+    """The slow, thorough conversion: exact messages for whatever is wrong."""
     where = f"TOC entry #{index}"
     if not isinstance(d, dict):
         raise InvalidTOC(f"{where}: not a JSON object")
@@ -136,20 +137,8 @@ def entry_from_json(d: Any, index: int) -> TOCEntry:
         raise InvalidTOC(f"{where}: missing or non-string name")
     where = f"TOC entry #{index} {name[:200]!r}"
     typ = d.get("type")
-    if typ not in ENTRY_TYPES:
+    if not isinstance(typ, str) or typ not in ENTRY_TYPES:
         raise InvalidTOC(f"{where}: unknown type {typ!r}")
-    xattrs: dict[str, bytes] = {}
-    raw_x = d.get("xattrs")
-    if raw_x is not None:
-        if not isinstance(raw_x, dict):
-            raise InvalidTOC(f"{where}: xattrs must be an object")
-        for k, v in raw_x.items():
-            if not isinstance(v, str):
-                raise InvalidTOC(f"{where}: xattr {k!r} value must be base64 text")
-            try:
-                xattrs[k] = base64.b64decode(v, validate=True)
-            except (binascii.Error, ValueError):
-                raise InvalidTOC(f"{where}: xattr {k!r} value is not base64") from None
     return TOCEntry(
         name=name,
         type=str(typ),
@@ -163,7 +152,7 @@ def entry_from_json(d: Any, index: int) -> TOCEntry:
         group_name=_str(d, "groupName", where),
         dev_major=_int(d, "devMajor", where),
         dev_minor=_int(d, "devMinor", where),
-        xattrs=xattrs,
+        xattrs=_xattrs(d.get("xattrs"), where),
         digest=_digest(d, "digest", where),
         offset=_int(d, "offset", where),
         chunk_offset=_int(d, "chunkOffset", where),
@@ -173,23 +162,147 @@ def entry_from_json(d: Any, index: int) -> TOCEntry:
     )
 
 
-def parse_toc_json(data: bytes, blob: str, max_entries: int) -> list[TOCEntry]:
-    """Entries of an untrusted TOC document (limits on size are checked by the caller)."""
+def _xattrs(raw_x: Any, where: str) -> dict[str, bytes]:
+    xattrs: dict[str, bytes] = {}
+    if raw_x is None:
+        return xattrs
+    if not isinstance(raw_x, dict):
+        raise InvalidTOC(f"{where}: xattrs must be an object")
+    for k, v in raw_x.items():
+        if not isinstance(v, str):
+            raise InvalidTOC(f"{where}: xattr {k!r} value must be base64 text")
+        try:
+            xattrs[k] = base64.b64decode(v, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidTOC(f"{where}: xattr {k!r} value is not base64") from None
+    return xattrs
+
+
+def entry_from_json(d: Any, index: int, shared: dict[str, str] | None = None) -> TOCEntry:
+    """One untrusted TOC entry object as a :class:`TOCEntry`, or raise :class:`InvalidTOC`.
+
+    The fast path checks every field with a few type/range tests and builds the entry
+    directly; anything unusual (nulls, wrong types, bad digests) goes through
+    :func:`_entry_checked`, which accepts or rejects exactly the same input but says
+    precisely what is wrong. ``shared`` interns repeated strings (owner names, modtimes)
+    across the entries of one TOC, which keeps a 100k-entry index small."""
+    if d.__class__ is not dict:
+        return _entry_checked(d, index)
+    g = d.get
+    name = g("name")
+    typ = g("type")
+    if name.__class__ is not str or typ.__class__ is not str or typ not in ENTRY_TYPES:
+        return _entry_checked(d, index)
+    size = g("size", 0)
+    mode = g("mode", 0)
+    uid = g("uid", 0)
+    gid = g("gid", 0)
+    dev_major = g("devMajor", 0)
+    dev_minor = g("devMinor", 0)
+    offset = g("offset", 0)
+    chunk_offset = g("chunkOffset", 0)
+    chunk_size = g("chunkSize", 0)
+    inner_offset = g("innerOffset", 0)
+    for v in (size, mode, uid, gid, dev_major, dev_minor, offset, chunk_offset, chunk_size,
+              inner_offset):
+        if v.__class__ is not int or v < 0 or v > _INT_MAX:
+            return _entry_checked(d, index)
+    modtime = g("modtime", "")
+    link_name = g("linkName", "")
+    user_name = g("userName", "")
+    group_name = g("groupName", "")
+    digest = g("digest", "")
+    chunk_digest = g("chunkDigest", "")
+    for s in (modtime, link_name, user_name, group_name, digest, chunk_digest):
+        if s.__class__ is not str:
+            return _entry_checked(d, index)
+    if digest and not _DIGEST_RE.match(digest):
+        return _entry_checked(d, index)
+    if chunk_digest:
+        if chunk_digest == digest:
+            chunk_digest = digest  # one string object for both (single-chunk files)
+        elif not _DIGEST_RE.match(chunk_digest):
+            return _entry_checked(d, index)
+    raw_x = g("xattrs")
+    xattrs = {} if raw_x is None else _xattrs(raw_x, f"TOC entry #{index} {name[:200]!r}")
+    if shared is not None:
+        modtime = shared.setdefault(modtime, modtime)
+        user_name = shared.setdefault(user_name, user_name)
+        group_name = shared.setdefault(group_name, group_name)
+    return TOCEntry(name, typ, size, modtime, link_name, mode, uid, gid, user_name, group_name,
+                    dev_major, dev_minor, xattrs, digest, offset, chunk_offset, chunk_size,
+                    chunk_digest, inner_offset)
+
+
+class _EntryHook:
+    """``json.loads`` object hook turning entry objects into :class:`TOCEntry` as they are
+    parsed, so the parse never holds the per-entry dicts of the whole TOC at once.
+
+    An object is converted when it looks like an entry (string ``name``, known ``type``)
+    and holds a non-string value: a valid ``xattrs`` object holds only strings, so it is
+    never mistaken for an entry. Objects left as dicts are converted (or rejected) by
+    :func:`decode_entries` afterwards, with the same checks."""
+
+    def __init__(self, blob: str, max_entries: int) -> None:
+        self.blob = blob
+        self.max_entries = max_entries
+        self.count = 0
+        self.shared: dict[str, str] = {}
+
+    def __call__(self, d: dict[str, Any]) -> Any:
+        if "name" not in d:
+            return d
+        self.count += 1
+        if self.count > self.max_entries:
+            from ipfsnap.estargz.errors import TooManyEntries
+
+            raise TooManyEntries(
+                f"{self.blob}: TOC has more than {self.max_entries} entries, the limit"
+            )
+        typ = d.get("type")
+        if typ.__class__ is not str or typ not in ENTRY_TYPES or "entries" in d:
+            return d
+        for v in d.values():
+            if v.__class__ is not str:
+                return entry_from_json(d, self.count - 1, self.shared)
+        return d
+
+
+def decode_entries(text: str, blob: str, max_entries: int) -> list[TOCEntry]:
+    """Entries of an untrusted TOC document given as text (limits on size are checked by
+    the caller); names as written."""
     from ipfsnap.estargz.errors import TooManyEntries
 
+    hook = _EntryHook(blob, max_entries)
     try:
-        doc = json.loads(data, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidTOC(f"{blob}: TOC is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
-        raise InvalidTOC(f"{blob}: TOC JSON has no entries list")
-    version = doc.get("version")
-    if type(version) is not int:
-        raise InvalidTOC(f"{blob}: TOC version {version!r} is not an integer")
-    raw = doc["entries"]
-    if len(raw) > max_entries:
-        raise TooManyEntries(f"{blob}: TOC has {len(raw)} entries, limit is {max_entries}")
-    try:
-        return [entry_from_json(d, i) for i, d in enumerate(raw)]
+        try:
+            doc = json.loads(text, parse_constant=_reject_constant, object_hook=hook)
+        except (ValueError, RecursionError) as exc:
+            raise InvalidTOC(f"{blob}: TOC is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
+            raise InvalidTOC(f"{blob}: TOC JSON has no entries list")
+        version = doc.get("version")
+        if type(version) is not int:
+            raise InvalidTOC(f"{blob}: TOC version {version!r} is not an integer")
+        raw: list[Any] = doc["entries"]
+        if len(raw) > max_entries:
+            raise TooManyEntries(f"{blob}: TOC has {len(raw)} entries, limit is {max_entries}")
+        for i, d in enumerate(raw):
+            if d.__class__ is not TOCEntry:
+                raw[i] = entry_from_json(d, i, hook.shared)
     except InvalidTOC as exc:
+        if str(exc).startswith(blob + ": "):
+            raise
         raise InvalidTOC(f"{blob}: {exc}") from None
+    return raw
+
+
+def parse_toc_json(data: bytes | str, blob: str, max_entries: int) -> list[TOCEntry]:
+    """Entries of an untrusted TOC document (limits on size are checked by the caller)."""
+    if not isinstance(data, str):
+        try:
+            # as json.loads does with bytes: UTF-8 (or UTF-16/32 by detection)
+            data = data.decode(json.detect_encoding(data), "surrogatepass")
+        except (UnicodeDecodeError, LookupError) as exc:
+            raise InvalidTOC(f"{blob}: TOC is not valid JSON: {exc}") from None
+    return decode_entries(data, blob, max_entries)
