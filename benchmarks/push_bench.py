@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -53,10 +54,13 @@ NAMESPACE = "ipfsnap-bench"
 @dataclass
 class Run:
     ipfsnap_convert: float
+    ipfsnap_convert_cpu: float
     ipfsnap_add: float
     ipfsnap_push: float
     ipfsnap_push_cached: float
     reference_convert: float
+    reference_convert_cpu: float
+    load_average: float
     layers: int
     source_bytes: int
     estargz_bytes: int
@@ -143,7 +147,7 @@ def ctr(sock: Path, *args: str, tool: str = "ctr") -> subprocess.CompletedProces
     return proc
 
 
-def reference_convert(sock: Path, archive: Path, run: int) -> float:
+def reference_convert(sock: Path, archive: Path, run: int) -> tuple[float, float]:
     """Import the archive (untimed), then time ``ctr-remote images convert``."""
     out = ctr(sock, "images", "import", "--no-unpack", str(archive)).stdout
     names = [line.split()[1] for line in out.splitlines() if line.startswith("unpacking")]
@@ -151,11 +155,15 @@ def reference_convert(sock: Path, archive: Path, run: int) -> float:
         names = ctr(sock, "images", "ls", "-q").stdout.split()
     src = names[0]
     dst = f"localhost/bench/esgz:{run}"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
+    # the conversion runs in the ctr-remote process (containerd only serves the content)
     ctr(sock, "images", "convert", "--estargz", "--oci", src, dst, tool="ctr-remote")
     seconds = time.monotonic() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     ctr(sock, "images", "rm", dst)
-    return seconds
+    return seconds, cpu
 
 
 # -- ipfsnap --------------------------------------------------------------------------------------
@@ -176,10 +184,13 @@ def ipfsnap_push(archive: Path, state: Path, api: str) -> tuple[Run, str]:
     new = store.resolve(first.name)
     run = Run(
         ipfsnap_convert=first.convert_seconds,
+        ipfsnap_convert_cpu=first.conversion.cpu_seconds,
         ipfsnap_add=first.add_seconds,
         ipfsnap_push=total,
         ipfsnap_push_cached=cached,
         reference_convert=0.0,
+        reference_convert_cpu=0.0,
+        load_average=os.getloadavg()[0],
         layers=len(src.layers),
         source_bytes=sum(x.size for x in src.layers),
         estargz_bytes=sum(x.size for x in new.layers),
@@ -212,28 +223,32 @@ def main() -> int:
                     state = base / f"state{i}"
                     if i % 2 == 0:
                         run, _ = ipfsnap_push(image.oci_archive, state, node.api_url)
-                        run.reference_convert = reference_convert(sock, image.oci_archive, i)
+                        ref = reference_convert(sock, image.oci_archive, i)
                     else:
                         ref = reference_convert(sock, image.oci_archive, i)
                         run, _ = ipfsnap_push(image.oci_archive, state, node.api_url)
-                        run.reference_convert = ref
+                    run.reference_convert, run.reference_convert_cpu = ref
                     shutil.rmtree(state, ignore_errors=True)
                     report.runs.append(run)
                     print(f"run {i + 1}: {json.dumps(asdict(run))}", file=sys.stderr)
         finally:
             node.stop()
     med = {k: statistics.median(getattr(r, k) for r in report.runs)
-           for k in ("ipfsnap_convert", "ipfsnap_add", "ipfsnap_push", "ipfsnap_push_cached",
-                     "reference_convert")}
+           for k in ("ipfsnap_convert", "ipfsnap_convert_cpu", "ipfsnap_add", "ipfsnap_push",
+                     "ipfsnap_push_cached", "reference_convert", "reference_convert_cpu",
+                     "load_average")}
     r0 = report.runs[0]
     print(f"image {report.image}: {r0.layers} layers, {r0.source_bytes / 1e6:.1f} MB gzip -> "
           f"{r0.estargz_bytes / 1e6:.1f} MB eStargz; {report.cores} cores; "
-          f"median of {len(report.runs)} runs")
+          f"median of {len(report.runs)} runs; load average {med['load_average']:.1f}")
     print("| step | ipfsnap (s) | reference ctr-remote (s) | ratio ipfsnap/reference |")
     print("|---|---|---|---|")
     print(f"| convert to eStargz (gzip 9) | {med['ipfsnap_convert']:.1f} | "
           f"{med['reference_convert']:.1f} | "
           f"{med['ipfsnap_convert'] / med['reference_convert']:.2f} |")
+    print(f"| convert, CPU seconds | {med['ipfsnap_convert_cpu']:.1f} | "
+          f"{med['reference_convert_cpu']:.1f} | "
+          f"{med['ipfsnap_convert_cpu'] / med['reference_convert_cpu']:.2f} |")
     print(f"| add all blobs to IPFS | {med['ipfsnap_add']:.1f} | - | - |")
     print(f"| whole ipfs-push | {med['ipfsnap_push']:.1f} | - | - |")
     print(f"| ipfs-push again (conversion cached) | {med['ipfsnap_push_cached']:.1f} | - | - |")

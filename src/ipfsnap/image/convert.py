@@ -156,6 +156,8 @@ class ConvertResult:
     #: blobs this call wrote to the content store (unnamed until the caller names them)
     created: frozenset[str]
     seconds: float
+    #: CPU seconds of this process (all threads) during the conversion
+    cpu_seconds: float = 0.0
 
     @property
     def built(self) -> int:
@@ -621,6 +623,7 @@ def convert_image(
     cache_dir, tmp_dir = state_paths(state_dir)
     run = _Run(store, opts, what, progress, cache_dir, tmp_dir)
     start = time.monotonic()
+    cpu_start = time.process_time()
     try:
         layers: list[Descriptor] = []
         _collect(run, target, 0, layers)
@@ -634,5 +637,8 @@ def convert_image(
         exc.created = set(run.created)  # type: ignore[attr-defined]
         raise
     seconds = time.monotonic() - start
-    return ConvertResult(new_target, tuple(run.layers.values()), frozenset(run.created), seconds)
+    cpu = time.process_time() - cpu_start
+    return ConvertResult(
+        new_target, tuple(run.layers.values()), frozenset(run.created), seconds, cpu
+    )
 
