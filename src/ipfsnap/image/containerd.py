@@ -131,6 +131,8 @@ class Containerd:
         self.address = os.path.abspath(address)
         self.namespace = namespace
         self.lease_id: str | None = None
+        if not os.path.exists(self.address):  # fail now rather than after CONNECT_TIMEOUT
+            raise ContainerdUnavailable(f"containerd socket {self.address} does not exist")
         self.channel = grpc.insecure_channel(
             f"unix:{self.address}",
             # documents and Info lists can exceed gRPC's 4 MiB default in big namespaces
