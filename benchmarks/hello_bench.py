@@ -1,0 +1,530 @@
+"""hello-bench: cold start of ``python3 -c 'print("Hello, World!")'`` from IPFS, lazy vs full.
+
+For each mode, every run starts from nothing local:
+
+* ``lazy``: the image pushed as eStargz; ``rpull --ipfs CID`` (stargz snapshotter) then
+  ``run --snapshotter=stargz``: the layers are FUSE mounts whose chunks come from IPFS on
+  demand.
+* ``full``: the image pushed with ``--estargz=false``; ``rpull --ipfs CID --snapshotter
+  overlayfs`` fetches and unpacks every layer, then ``run --snapshotter=overlayfs``.
+
+The blobs live only on node A (the pusher). Each run gets a fresh node B (new repo, so no
+block is cached) connected to A, a fresh ipfsnap state dir (no image, snapshot or chunk
+cache), and a dropped page cache (``echo 3 > /proc/sys/vm/drop_caches``); everything crosses
+bitswap over loopback. Modes alternate (lazy, full, lazy, ...). Timed: pull (the rpull
+command), run (the run command until it exits, having printed "Hello, World!"), total.
+Bytes fetched from IPFS = bytes node B received over bitswap (``stats/bitswap``
+``DataReceived``), which counts each block once, whoever asked for it.
+
+Image: a python image about the size of the seed's ``python:3.9`` (Debian bookworm + the
+build tools the official image carries + python3; 4 layers, ~600 MB uncompressed), built
+offline once with debootstrap + chroot apt-get and cached in /var/cache/ipfsnap-test.
+``--quick`` uses the small python sample (ipfsnap.content.sample, 2 layers) and one run each.
+
+    .venv/bin/python benchmarks/hello_bench.py [--runs 5] [--quick] [--image big|small]
+    .venv/bin/python benchmarks/hello_bench.py --build-only     # just build/cache the image
+
+Needs root, FUSE, runc, debootstrap and the managed IPFS node (js-ipfs) installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ipfsnap.content.sample import (
+    DEFAULT_CACHE,
+    SAMPLE_CREATED,
+    apt_mirror,
+    build_python,
+    gzip_bytes,
+    tar_directory,
+    upperdir_to_tar,
+    write_layout_index,
+)
+from ipfsnap.ipfs.node import ManagedNode, rpc_call
+from ipfsnap.ipfs.pnet import generate_swarm_key, write_swarm_key
+from ipfsnap.oci import (
+    Descriptor,
+    Manifest,
+    canonical_json,
+    digest_hex,
+    host_platform,
+    mediatypes,
+    sha256_digest,
+)
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+IPFSNAP = ROOT / ".venv" / "bin" / "ipfsnap"
+GREETING = "Hello, World!"
+HELLO_CMD = ["python3", "-c", f'print("{GREETING}")']
+
+#: bump when the recipe changes, so the cached image is rebuilt
+BIG_IMAGE_VERSION = "1"
+BIG_IMAGE_NAME = "ipfsnap-bench/python:bookworm-build"
+
+#: layers 2..4 of the big image, as the official python image stacks them: buildpack-deps'
+#: curl+scm layer, its compilers and -dev libraries, then python itself
+BIG_LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "curl, ca-certificates, git, ssh client (buildpack-deps:bookworm-scm)",
+        ("ca-certificates", "curl", "wget", "gnupg", "netbase", "git", "openssh-client",
+         "procps", "unzip", "xz-utils"),
+    ),
+    (
+        "build-essential and -dev libraries (buildpack-deps:bookworm)",
+        ("build-essential", "autoconf", "automake", "libtool", "pkg-config", "make",
+         "libssl-dev", "libffi-dev", "zlib1g-dev", "libbz2-dev", "liblzma-dev",
+         "libsqlite3-dev", "libreadline-dev", "libncurses-dev", "libxml2-dev",
+         "libxslt1-dev", "libyaml-dev", "libgdbm-dev", "libdb-dev", "uuid-dev",
+         "libexpat1-dev", "libgmp-dev", "libcurl4-openssl-dev", "libpq-dev",
+         "default-libmysqlclient-dev", "libjpeg-dev", "libpng-dev", "libwebp-dev",
+         "libfreetype-dev", "libtiff-dev", "libglib2.0-dev"),
+    ),
+    (
+        "python3, python3-dev, pip, venv",
+        ("python3", "python3-dev", "python3-pip", "python3-venv", "python3-setuptools",
+         "python3-wheel"),
+    ),
+)
+
+#: lazy: the default configuration (background fetch on, as users run it); lazy-nobg: the
+#: same with ``no_background_fetch = true``, so the bytes fetched are what the start read
+MODES = ("lazy", "lazy-nobg", "full")
+#: ipfsnap config.toml per mode
+MODE_CONFIG = {"lazy": "", "lazy-nobg": "no_background_fetch = true\n", "full": ""}
+
+
+class BenchError(Exception):
+    """The benchmark could not be set up or a run failed."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the big python image (built once, cached)
+
+
+def _sh(cmd: Sequence[str], what: str, timeout: float = 1800) -> None:
+    log.info("build: %s", " ".join(cmd))
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise BenchError(f"image build: {what} exited {proc.returncode}: {' | '.join(tail)}")
+
+
+def _mount_overlay(lowers: Sequence[Path], target: Path, upper: Path | None = None,
+                   work: Path | None = None) -> None:
+    """Overlay of ``lowers`` (top first) at ``target``; read-only without an upperdir."""
+    opts = "lowerdir=" + ":".join(str(p) for p in lowers)
+    if upper is not None and work is not None:
+        opts += f",upperdir={upper},workdir={work}"
+    elif len(lowers) == 1:
+        # overlay needs two lowers when read-only; one directory is just a bind mount
+        _sh(["mount", "--bind", "-o", "ro", str(lowers[0]), str(target)], f"bind {target}")
+        return
+    _sh(["mount", "-t", "overlay", "overlay", "-o", opts, str(target)], f"overlay {target}")
+
+
+def _umount(path: Path) -> None:
+    subprocess.run(["umount", "-R", str(path)], capture_output=True)
+
+
+def _apt_layer(work: Path, n: int, lowers: list[Path], packages: Sequence[str]) -> Path:
+    """Install ``packages`` with chroot apt-get on an overlay of ``lowers`` (top first);
+    return the layer tar built from the overlay's upperdir."""
+    upper, ovwork, merged, below = (work / f"{name}{n}" for name in
+                                    ("upper", "ovwork", "merged", "below"))
+    for d in (upper, ovwork, merged, below):
+        d.mkdir()
+    _mount_overlay(lowers, merged, upper, ovwork)
+    try:
+        for sub in ("proc", "sys", "dev"):
+            _sh(["mount", "--bind", f"/{sub}", str(merged / sub)], f"bind /{sub}")
+        shutil.copy("/etc/resolv.conf", merged / "etc/resolv.conf")
+        env = ["/usr/bin/env", "DEBIAN_FRONTEND=noninteractive"]
+        _sh(["chroot", str(merged), *env, "apt-get", "update", "-q"], "apt-get update")
+        _sh(["chroot", str(merged), *env, "apt-get", "install", "-y", "-q",
+             "--no-install-recommends", *packages], f"apt-get install ({n})")
+        _sh(["chroot", str(merged), "apt-get", "clean"], "apt-get clean")
+    finally:
+        for sub in ("dev", "sys", "proc"):
+            _umount(merged / sub)
+        _umount(merged)
+    # images ship neither the package lists nor the .deb cache
+    for junk in ("var/lib/apt/lists", "var/cache/apt", "etc/resolv.conf", "var/log/apt",
+                 "var/cache/debconf/templates.dat-old"):
+        p = upper / junk
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+    out = work / f"layer{n}.tar"
+    # the "lower" view tells upperdir_to_tar which opaque dirs also exist below
+    _mount_overlay(lowers, below)
+    try:
+        upperdir_to_tar(upper, below, out)
+    finally:
+        _umount(below)
+    lowers.insert(0, upper)
+    return out
+
+
+def _write_blob(layout: Path, data: bytes) -> str:
+    digest = sha256_digest(data)
+    path = layout / "blobs" / "sha256" / digest_hex(digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_bytes(data)
+    return digest
+
+
+def _assemble(base: Path, tars: Sequence[Path], history: Sequence[str]) -> Path:
+    layout = base / "layout"
+    if layout.exists():
+        shutil.rmtree(layout)
+    layers = []
+    diff_ids = []
+    for t in tars:
+        raw = t.read_bytes()
+        diff_ids.append(sha256_digest(raw))
+        gz = gzip_bytes(raw)
+        del raw
+        layers.append(Descriptor(mediatypes.OCI_LAYER_GZIP, _write_blob(layout, gz), len(gz)))
+    plat = host_platform()
+    config = {
+        "created": SAMPLE_CREATED,
+        "architecture": plat.architecture,
+        "os": "linux",
+        "config": {
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    "LANG=C.UTF-8"],
+            "Cmd": ["python3"],
+        },
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": [{"created": SAMPLE_CREATED, "created_by": h} for h in history],
+    }
+    cbytes = canonical_json(config)
+    cdesc = Descriptor(mediatypes.OCI_CONFIG, _write_blob(layout, cbytes), len(cbytes))
+    mbytes = Manifest(mediatypes.OCI_MANIFEST, cdesc, tuple(layers)).to_bytes()
+    target = Descriptor(mediatypes.OCI_MANIFEST, _write_blob(layout, mbytes), len(mbytes))
+    write_layout_index(layout, BIG_IMAGE_NAME, target)
+    archive = base / "image.oci.tar"
+    tar_directory(layout, archive)
+    shutil.rmtree(layout)  # the archive is what the benchmark imports
+    return archive
+
+
+def build_big_image(cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """The ~600 MB 4-layer python image's oci-archive (built once, then cached)."""
+    base = cache_dir / f"hello-bench-python-{BIG_IMAGE_VERSION}"
+    archive = base / "image.oci.tar"
+    if archive.is_file():
+        return archive
+    if os.geteuid() != 0 or shutil.which("debootstrap") is None:
+        raise BenchError("building the benchmark image needs root and debootstrap")
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="build-", dir=base))
+    try:
+        rootfs = work / "rootfs"
+        t0 = time.monotonic()
+        _sh(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), apt_mirror()],
+            "debootstrap")
+        for deb in (rootfs / "var/cache/apt/archives").glob("*.deb"):
+            deb.unlink()
+        for index in (rootfs / "var/lib/apt/lists").glob("*"):
+            if index.is_file():
+                index.unlink()
+        tars = [work / "layer1.tar"]
+        tar_directory(rootfs, tars[0], root_owned=False)
+        log.info("build: base layer in %.0f s", time.monotonic() - t0)
+        lowers = [rootfs]
+        history = ["debootstrap --variant=minbase bookworm"]
+        for n, (what, packages) in enumerate(BIG_LAYERS, start=2):
+            t0 = time.monotonic()
+            tars.append(_apt_layer(work, n, lowers, packages))
+            history.append(f"apt-get install {what}")
+            log.info("build: layer %d (%s) in %.0f s", n, what, time.monotonic() - t0)
+        _assemble(base, tars, history)
+    finally:
+        _umount(work / "merged")
+        shutil.rmtree(work, ignore_errors=True)
+    return archive
+
+
+def small_image() -> Path:
+    image = build_python()
+    if image.oci_archive is None:
+        raise BenchError("small python sample has no oci-archive")
+    return image.oci_archive
+
+
+def image_sizes(archive: Path) -> tuple[int, int, int]:
+    """(layers, compressed bytes, uncompressed bytes) of a single-manifest oci-archive."""
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        def blob(digest: str) -> bytes:
+            f = tar.extractfile(f"blobs/sha256/{digest_hex(digest)}")
+            assert f is not None
+            return f.read()
+
+        index = json.loads(blob_index(tar))
+        manifest = json.loads(blob(index["manifests"][0]["digest"]))
+        compressed = sum(int(layer["size"]) for layer in manifest["layers"])
+        uncompressed = 0
+        for layer in manifest["layers"]:
+            f = tar.extractfile(f"blobs/sha256/{digest_hex(layer['digest'])}")
+            assert f is not None
+            import gzip
+
+            with gzip.GzipFile(fileobj=f) as gz:
+                while chunk := gz.read(1 << 20):
+                    uncompressed += len(chunk)
+        return len(manifest["layers"]), compressed, uncompressed
+
+
+def blob_index(tar: object) -> bytes:
+    import tarfile
+
+    assert isinstance(tar, tarfile.TarFile)
+    f = tar.extractfile("index.json")
+    assert f is not None
+    return f.read()
+
+
+# ---------------------------------------------------------------------------------------------
+# the runs
+
+
+@dataclass
+class Run:
+    mode: str
+    pull: float
+    run: float
+    fetched: int
+
+    @property
+    def total(self) -> float:
+        return self.pull + self.run
+
+
+@dataclass
+class Bench:
+    work: Path
+    node_a: ManagedNode
+    key_dir: Path
+    cids: dict[str, str] = field(default_factory=dict)
+
+
+def ipfsnap(state: Path, *args: str, api: str | None = None, timeout: float = 3600,
+            capture: bool = True) -> subprocess.CompletedProcess[str]:
+    cmd = [str(IPFSNAP), "--state-dir", str(state)]
+    config = state.with_name(state.name + ".toml")
+    if config.is_file():
+        cmd += ["--config", str(config)]
+    if api:
+        cmd += ["--ipfs-api", api]
+    proc = subprocess.run([*cmd, *args], capture_output=capture, text=True, timeout=timeout,
+                          env={**os.environ, "IPFSNAP_TEST_NO_TTY": "1"})
+    if proc.returncode != 0:
+        err = (proc.stderr or "").strip().splitlines()[-3:]
+        raise BenchError(f"ipfsnap {' '.join(args[:3])} exited {proc.returncode}: "
+                         + " | ".join(err))
+    return proc
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def bitswap_received(api_url: str) -> int:
+    stats = rpc_call(api_url, "stats/bitswap", timeout=30.0)
+    return int(stats.get("DataReceived", 0))
+
+
+def cleanup_state(state: Path) -> None:
+    """Stop what a run left (snapshotter, lazy mounts) and delete its state dir."""
+    subprocess.run([str(IPFSNAP), "--state-dir", str(state), "snapshotter", "stop"],
+                   capture_output=True, timeout=120)
+    out = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True)
+    for m in sorted(out.stdout.split("\n"), reverse=True):
+        if m.startswith(str(state) + "/"):
+            subprocess.run(["umount", "-l", m], capture_output=True)
+    shutil.rmtree(state, ignore_errors=True)
+
+
+def one_run(bench: Bench, mode: str, n: int) -> Run:
+    # node B joins A's private network (same swarm.key), so it can fetch only from A
+    repo = bench.work / f"node-b-{mode}-{n}"
+    shutil.copy(bench.key_dir / "swarm.key", _mkdir(repo) / "swarm.key")
+    node_b = ManagedNode(repo).start()
+    state = bench.work / f"state-{mode}-{n}"
+    state.mkdir()
+    state.with_name(state.name + ".toml").write_text(MODE_CONFIG[mode])
+    try:
+        rpc_call(node_b.api_url, "swarm/connect", timeout=30.0, arg=bench.node_a.swarm_addrs[0])
+        api = node_b.api_multiaddr
+        snapshotter = "overlayfs" if mode == "full" else "stargz"
+        cid = bench.cids["full" if mode == "full" else "lazy"]
+        drop_caches()
+        before = bitswap_received(node_b.api_url)
+        t0 = time.perf_counter()
+        ipfsnap(state, "image", "rpull", "--ipfs", "--snapshotter", snapshotter, cid, api=api)
+        t1 = time.perf_counter()
+        proc = ipfsnap(state, "run", f"--snapshotter={snapshotter}", "--rm", cid, "hello",
+                       *HELLO_CMD, api=api)
+        t2 = time.perf_counter()
+        if GREETING not in proc.stdout:
+            raise BenchError(f"{mode} run {n}: no greeting in the output: {proc.stdout!r}")
+        fetched = bitswap_received(node_b.api_url) - before
+        return Run(mode, t1 - t0, t2 - t1, fetched)
+    finally:
+        cleanup_state(state)
+        node_b.stop()
+        shutil.rmtree(repo, ignore_errors=True)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def setup(archive: Path, work: Path) -> Iterator[Bench]:
+    """Node A with the image pushed both ways (eStargz for lazy, plain for full)."""
+    key = generate_swarm_key()
+    repo_a = work / "node-a"
+    write_swarm_key(repo_a, key)
+    key_dir = repo_a
+    node_a = ManagedNode(repo_a).start()
+    state_a = work / "state-a"
+    state_a.mkdir()
+    try:
+        bench = Bench(work, node_a, key_dir)
+        api = node_a.api_multiaddr
+        ipfsnap(state_a, "image", "import", str(archive), "--name", "hello-bench", api=api)
+        for mode, estargz in (("lazy", "true"), ("full", "false")):
+            t0 = time.perf_counter()
+            proc = ipfsnap(state_a, "image", "ipfs-push", f"--estargz={estargz}", "hello-bench",
+                           api=api)
+            bench.cids[mode] = proc.stdout.strip().splitlines()[-1]
+            print(f"# pushed for {mode}: {bench.cids[mode]} "
+                  f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+        yield bench
+    finally:
+        cleanup_state(state_a)
+        node_a.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def _fmt_s(values: Sequence[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def report(runs: Sequence[Run], image_bytes: tuple[int, int, int]) -> str:
+    layers, compressed, uncompressed = image_bytes
+    lines = [
+        f"image: {layers} layers, {_mb(compressed)} compressed, {_mb(uncompressed)} "
+        "uncompressed",
+        "",
+        "| mode | runs | pull s | run s | total s | fetched from IPFS | fetched / image |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    medians: dict[str, float] = {}
+    for mode in MODES:
+        rs = [r for r in runs if r.mode == mode]
+        if not rs:
+            continue
+        fetched = statistics.median(r.fetched for r in rs)
+        medians[mode] = statistics.median(r.total for r in rs)
+        lines.append(
+            f"| {mode} | {len(rs)} | {_fmt_s([r.pull for r in rs])} | "
+            f"{_fmt_s([r.run for r in rs])} | {_fmt_s([r.total for r in rs])} | "
+            f"{_mb(fetched)} | {100 * fetched / compressed:.1f}% |"
+        )
+    if "full" in medians:
+        lines.append("")
+        for lazy in ("lazy", "lazy-nobg"):
+            if lazy in medians:
+                lines.append(f"full/{lazy} (median total): "
+                             f"{medians['full'] / medians[lazy]:.1f}x")
+    lines.append("seconds: median (min-max); fetched = node B's bitswap DataReceived; "
+                 "fetched / image = of the compressed layer bytes")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="cold start from IPFS: lazy vs full")
+    parser.add_argument("--runs", type=int, default=5, help="runs per mode (default 5)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small python sample, 1 run each (smoke run)")
+    parser.add_argument("--image", choices=("big", "small"), default=None,
+                        help="big: ~600 MB 4-layer image (default); small: the python sample")
+    parser.add_argument("--build-only", action="store_true", help="build/cache the image, exit")
+    parser.add_argument("--json", metavar="FILE", help="also write every run as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="# %(message)s", stream=sys.stderr)
+    if os.geteuid() != 0:
+        print("hello_bench: needs root", file=sys.stderr)
+        return 1
+    which = args.image or ("small" if args.quick else "big")
+    runs_per_mode = 1 if args.quick else args.runs
+    try:
+        t0 = time.monotonic()
+        archive = build_big_image() if which == "big" else small_image()
+        print(f"# image {archive} ready ({time.monotonic() - t0:.0f} s)", file=sys.stderr)
+        sizes = image_sizes(archive)
+        if args.build_only:
+            print(f"{archive} layers={sizes[0]} compressed={sizes[1]} uncompressed={sizes[2]}")
+            return 0
+        runs: list[Run] = []
+        with tempfile.TemporaryDirectory(prefix="hello-bench-") as tmp, \
+                setup(archive, Path(tmp)) as bench:
+            for n in range(runs_per_mode):
+                for mode in MODES:
+                    r = one_run(bench, mode, n)
+                    print(f"# {mode} run {n + 1}: pull {r.pull:.2f} s, run {r.run:.2f} s, "
+                          f"total {r.total:.2f} s, fetched {_mb(r.fetched)}",
+                          file=sys.stderr, flush=True)
+                    runs.append(r)
+                    if args.json:  # as we go: a long run interrupted still leaves its data
+                        _write_json(Path(args.json), runs)
+    except BenchError as exc:
+        print(f"hello_bench: {exc}", file=sys.stderr)
+        return 1
+    load = os.getloadavg()
+    print(f"hello-bench {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, image {which}, "
+          f"{os.cpu_count()} cores, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    print(report(runs, sizes))
+    return 0
+
+
+def _write_json(path: Path, runs: Sequence[Run]) -> None:
+    path.write_text(json.dumps(
+        [{"mode": r.mode, "pull": r.pull, "run": r.run, "fetched": r.fetched} for r in runs],
+        indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
