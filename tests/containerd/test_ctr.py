@@ -8,7 +8,8 @@ import json
 import pytest
 
 from ipfsnap.content.sample import SampleImage
-from tests.containerd.conftest import ContainerdEnv, ContainerdFactory
+from tests.containerd.conftest import ContainerdFactory
+from tests.containerd.env import ContainerdEnv
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,8 @@ from ipfsnap.image.unpack import chain_ids
 from ipfsnap.ipfs import IPFSClient
 from ipfsnap.ipfs.node import ManagedNode
 from ipfsnap.oci import Descriptor
-from tests.containerd.conftest import ContainerdEnv, ContainerdFactory
+from tests.containerd.conftest import ContainerdFactory
+from tests.containerd.env import ContainerdEnv
 from tests.image.rpull_helpers import PushedImage, push
 
 pytestmark = pytest.mark.integration
