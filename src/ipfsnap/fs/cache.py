@@ -10,17 +10,20 @@ cache can never serve wrong bytes.
 Size limit (``cache_size_limit``, shared by every layer worker of one cache root)
 - Accounting: ``<root>/.usage`` holds the total bytes of all entries under the root; it is
   read and updated under an ``flock`` of ``<root>/.lock`` (one lock + 42-byte read/write per
-  stored chunk). It is rebuilt from a scan of the root when a worker starts, when it is
-  missing or unreadable, when it is older than :data:`RESYNC_INTERVAL`, and on every
-  eviction, so drift (crashes between rename and accounting, entries dropped as corrupt,
+  stored chunk). A writer renames its temp file into place under that lock, so a scan never
+  counts an entry its writer has not accounted for yet. It is rebuilt from a scan of the
+  root when a worker starts, when it is missing or unreadable, when it is older than
+  :data:`RESYNC_INTERVAL`, and on every eviction, so drift (entries dropped as corrupt,
   directories removed by the snapshotter) is bounded.
 - Eviction: after a write pushes the total over the limit, the writer scans the root and
   unlinks the least recently used entries (oldest mtime first) until the total is at most
-  :data:`EVICT_TO` of the limit. Recency is our own, not atime (relatime makes atime
-  useless): a hit touches the entry's mtime, at most once per :data:`TOUCH_INTERVAL`.
-  Unlinking an entry that another thread or process is reading is safe: the reader's open
-  file keeps its data until closed. Chunks of the prefetch range have no special standing;
-  they are evicted like any other (they are refetched on their next read).
+  :data:`EVICT_TO` of the limit (victims are chosen and subtracted under the lock and
+  unlinked after it is released, so other workers' writes do not wait for the unlinks).
+  Recency is our own, not atime (relatime makes atime useless): a hit touches the entry's
+  mtime, at most once per :data:`TOUCH_INTERVAL`. Unlinking an entry that another thread
+  or process is reading is safe: the reader's open file keeps its data until closed.
+  Chunks of the prefetch range have no special standing; they are evicted like any other
+  (they are refetched on their next read).
 - A chunk larger than :data:`EVICT_TO` of the limit is never written (it would evict the
   whole cache, itself included): it is served from memory only.
 - Background fetch asks :meth:`ChunkCache.background_room` before each request; it is
@@ -183,42 +186,57 @@ class CacheAccounting:
                         os.unlink(e.path)
         return out
 
-    def _evict(self, entries: list[CacheEntry], target: int) -> int:
-        """Unlink least recently used entries until the total is <= target; the new total."""
+    def _choose_victims(self, entries: list[CacheEntry], target: int
+                        ) -> tuple[int, list[CacheEntry]]:
+        """The least recently used entries to drop so that the total is <= target, and the
+        total after dropping them."""
         total = sum(e.size for e in entries)
         if total <= target:
-            return total
+            return total, []
         entries.sort(key=lambda e: (e.mtime, e.path))
-        evicted = 0
+        victims: list[CacheEntry] = []
         for e in entries:
             if total <= target:
                 break
+            victims.append(e)
+            total -= e.size
+        return total, victims
+
+    def _unlink(self, victims: list[CacheEntry], total: int) -> None:
+        """Remove chosen entries; done after the lock is released (an unlink may take ms
+        on a busy disk, and other workers' writes wait for the lock). If an entry is
+        written again meanwhile, the fresh copy goes: that costs one refetch, and the
+        accounting stays right (the writer counted it as a replacement)."""
+        if not victims:
+            return
+        removed = 0
+        for e in victims:
             try:
                 os.unlink(e.path)
+                removed += 1
             except FileNotFoundError:
                 pass  # gone already (another worker, or dropped as corrupt)
             except OSError as exc:
                 log.warning("chunk cache %s: cannot evict: %s", e.path, exc)
-                continue
-            total -= e.size
-            evicted += 1
-        self.evicted += evicted
+        self.evicted += removed
         log.info("chunk cache %s: evicted %d least recently used entries, %d bytes left "
-                 "(limit %d)", self.root, evicted, total, self.limit)
-        return total
+                 "(limit %d)", self.root, removed, total, self.limit)
 
     def resync(self) -> int:
         """Rebuild the accounting from a scan (evicting if over the limit); the total."""
         with self._locked():
-            return self._resync_locked()
+            total, victims = self._resync_locked()
+        self._unlink(victims, total)
+        return total
 
-    def _resync_locked(self) -> int:
+    def _resync_locked(self) -> tuple[int, list[CacheEntry]]:
         entries = self.scan()
         total = sum(e.size for e in entries)
+        victims: list[CacheEntry] = []
         if total > self.limit:
-            total = self._evict(entries, self.evict_target)
+            total, victims = self._choose_victims(entries, self.evict_target)
         self._write(total, time.time())
-        return total
+        return total, victims
 
     def usage(self) -> int:
         """Current total bytes (rebuilt by a scan when missing or stale)."""
@@ -228,19 +246,29 @@ class CacheAccounting:
             return got[0]
         return self.resync()
 
-    def added(self, delta: int) -> int:
-        """Account ``delta`` bytes just written (or removed); evict if over the limit.
+    def commit(self, tmp: Path, path: Path) -> int:
+        """Rename a written temp file into place and account for it; evict if over the limit.
 
-        Returns the new total."""
+        The rename happens under the lock, so a scan (also under the lock) never counts an
+        entry whose writer has not accounted for it yet. Returns the new total."""
+        victims: list[CacheEntry] = []
         with self._locked():
+            size = os.stat(tmp).st_size
+            try:
+                replaced = os.stat(path).st_size
+            except FileNotFoundError:
+                replaced = 0
+            os.replace(tmp, path)
+            delta = size - replaced
             got = self._read()
-            if got is None or time.time() - got[1] >= RESYNC_INTERVAL:
-                return self._resync_locked()
-            total = got[0] + delta
-            if total > self.limit:
-                return self._resync_locked()
-            self._write(total, got[1])
-            return total
+            if got is None or time.time() - got[1] >= RESYNC_INTERVAL or \
+                    got[0] + delta > self.limit:
+                total, victims = self._resync_locked()
+            else:
+                total = got[0] + delta
+                self._write(total, got[1])
+        self._unlink(victims, total)
+        return total
 
 
 class ChunkCache:
@@ -365,13 +393,12 @@ class ChunkCache:
         path = self.path(digest)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            replaced = 0
-            if account is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    replaced = path.stat().st_size
             with open(tmp, "wb") as f:
                 f.write(data)
-            os.replace(tmp, path)
+            if account is None:
+                os.replace(tmp, path)
+            else:
+                account.commit(tmp, path)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -380,10 +407,6 @@ class ChunkCache:
         if account is not None:
             with self._lock:
                 self._touched[digest] = time.monotonic()
-            try:
-                account.added(len(data) - replaced)
-            except OSError as exc:
-                log.warning("chunk cache %s: accounting failed: %s", account.root, exc)
         return True
 
     def _write_failed(self, path: Path, exc: OSError) -> None:
