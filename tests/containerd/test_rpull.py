@@ -157,3 +157,26 @@ def test_snapshotter_restart_under_running_containerd(
     assert env.ctr("tasks", "start", "kept").stdout == \
         busybox_image.files["hello.txt"].decode()
     env.ctr("containers", "delete", "kept")
+
+
+def test_rpull_into_containerd_overlayfs(
+    containerd_env: ContainerdFactory, ipfs_node: ManagedNode, busybox_image: SampleImage,
+    pushed: PushedImage,
+) -> None:
+    """``--snapshotter overlayfs``: containerd's own snapshotter; every layer is fetched
+    whole through IPFS, verified and unpacked into the mounts containerd hands over."""
+    env = containerd_env(ipfs_api=ipfs_node.api_url)
+    fetched = env.ipfsnap("image", "rpull", "--snapshotter", "overlayfs", "--ipfs",
+                          pushed.cid).stdout
+    for layer in pushed.layers:
+        assert f"fetching {layer.digest[:15]}..." in fetched
+    chains = chain_ids(pushed.diff_ids)
+    listed = env.ctr("snapshots", "--snapshotter", "overlayfs", "ls").stdout
+    assert all(c in listed for c in chains)
+    assert env.ctr("snapshots", "--snapshotter", "ipfsnap", "ls").stdout.count("\n") == 1
+    out = env.ctr("run", "--rm", "--snapshotter", "overlayfs", pushed.cid, "ov",
+                  "/bin/busybox", "sh", "-c", LIST_ROOTFS).stdout
+    env.ctr("images", "import", "--snapshotter", "overlayfs", str(busybox_image.oci_archive))
+    full = env.ctr("run", "--rm", "--snapshotter", "overlayfs", busybox_image.name, "ref",
+                   "/bin/busybox", "sh", "-c", LIST_ROOTFS).stdout
+    assert out.splitlines() == full.splitlines()

@@ -1,6 +1,7 @@
 """``ipfsnap --containerd SOCKET [--namespace NS] image rpull --ipfs CID``: pull an
 IPFS-enabled image into a running containerd, unpacked with the ``ipfsnap`` proxy
-snapshotter (see :mod:`ipfsnap.image.containerd` and docs/containerd.md).
+snapshotter (see :mod:`ipfsnap.image.containerd` and docs/containerd.md), or with
+``--snapshotter overlayfs`` into containerd's own overlayfs (every layer fetched whole).
 
 ``image rpull`` hands over here when the global ``--containerd`` option is given. Output as
 the plain rpull: one ``fetching sha256:<8 hex>... <mediaType>`` line per blob fetched from
@@ -20,6 +21,10 @@ from ipfsnap.ipfs import IPFSClient
 log = logging.getLogger(__name__)
 
 
+#: rpull --snapshotter value -> containerd snapshotter name
+CONTAINERD_SNAPSHOTTERS = {"stargz": "ipfsnap", "overlayfs": "overlayfs"}
+
+
 def _report(line: str) -> None:
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
@@ -34,7 +39,9 @@ def cmd_rpull_containerd(args: argparse.Namespace, ctx: Context) -> int:
 
     if not args.ipfs:
         raise UsageError("image rpull: only IPFS images are supported: pass --ipfs")
-    snapshotter = getattr(args, "containerd_snapshotter", None) or DEFAULT_SNAPSHOTTER
+    # rpull's --snapshotter names ipfsnap's snapshotters; in containerd, the lazy one is
+    # the ipfsnap proxy plugin and overlayfs is containerd's own (layers fetched whole)
+    snapshotter = CONTAINERD_SNAPSHOTTERS.get(args.snapshotter, DEFAULT_SNAPSHOTTER)
     clients: list[IPFSClient] = []
 
     def client() -> IPFSClient:
