@@ -216,14 +216,14 @@ class Daemon:
         """Start, serve until a signal or a ``stop`` request, shut down. Returns 0."""
         self.start()
         stops: list[Callable[[], None]] = []
-        for hook in self.on_serve:
-            stops.append(hook(self))
         previous = {
             s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)
         }
-        log.info("snapshotter (pid %d) serving %s on %s", os.getpid(), self.root,
-                 self.socket_path)
         try:
+            for hook in self.on_serve:  # a failing hook still gets the clean shutdown below
+                stops.append(hook(self))
+            log.info("snapshotter (pid %d) serving %s on %s", os.getpid(), self.root,
+                     self.socket_path)
             self._accept_loop()
         finally:
             for s, h in previous.items():
