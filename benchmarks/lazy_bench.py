@@ -1,0 +1,321 @@
+"""Lazy pull vs full pull of the python sample image over two IPFS nodes, and FUSE read
+throughput of a 100 MiB file. Prints the Markdown tables of docs/benchmarks.md ("Lazy pull").
+
+Usage (root, /dev/fuse, the managed IPFS node's js-ipfs, strace)::
+
+    .venv/bin/python benchmarks/lazy_bench.py [--size-mib 100]
+
+Set-up: node A holds the image (the python sample of ``ipfsnap.content.sample``, Debian
+bookworm + python3, ipfs-pushed as eStargz by ``ipfsnap.image.push``); each pull runs on its
+own fresh node (B1 lazy, B2 full, B3 raw cat) in the same private network, so every byte
+crosses bitswap over loopback. Bytes fetched = growth of the pulling node's repo (whole
+256 KiB blocks plus DAG nodes: what really crossed the network).
+
+* ready: ``rpull`` until the rootfs is mountable; lazy = stargz snapshotter (documents +
+  each layer's footer and TOC; no prefetch landmark in ipfs-pushed images; background fetch
+  off so the bytes are what reads need), full = overlayfs snapshotter (every layer fetched,
+  verified and unpacked).
+* ``python3 -c pass`` files: the files it opens, recorded once with
+  ``strace -f -e trace=open,openat`` in a chroot of the full rootfs, then read (whole,
+  cold: page cache dropped) through each rootfs.
+* 100 MiB: one incompressible file in a single-layer eStargz image (4 MiB chunks):
+  sequential 1 MiB reads through the lazy mount, cold (fetched from A through B1), warm
+  (page cache), chunk cache only (page cache dropped), vs the same bytes on local disk,
+  and vs a plain ``cat`` of a same-sized blob through B1 (what IPFS itself delivers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ipfsnap.config import Config
+from ipfsnap.content import ImageStore, import_image
+from ipfsnap.content.sample import build_python
+from ipfsnap.fs import LayerMounter
+from ipfsnap.image.push import push_image
+from ipfsnap.image.rpull import rpull
+from ipfsnap.image.snapshotters import snapshotter_root
+from ipfsnap.ipfs import IPFSClient
+from ipfsnap.ipfs.node import ManagedNode, rpc_call
+from ipfsnap.ipfs.pnet import generate_swarm_key, write_swarm_key
+from ipfsnap.snapshot import SnapshotStore, mount_all, unmount
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.image.rpull_helpers import push  # the tests' small image pusher
+
+MB = 1e6
+#: the eStargz builder's default chunk size (the reference's)
+CHUNK = 4 << 20
+_OPEN = re.compile(r'open(?:at)?\((?:AT_FDCWD, )?"([^"]+)", [^)]*\) = (\d+)')
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def received(node: ManagedNode) -> int:
+    """Bytes of blocks this node holds (``repo/stat`` RepoSize): every block a pull needs
+    comes from node A, so the growth is what crossed bitswap. (js-ipfs's ``stats/bitswap``
+    counters lag behind and often stay 0, so they cannot be used.)"""
+    stats = rpc_call(node.api_url, "repo/stat", timeout=30.0)
+    return int(stats.get("RepoSize", 0))
+
+
+def read_all(path: Path, bs: int = 1 << 20) -> int:
+    n = 0
+    with open(path, "rb", buffering=0) as f:
+        while b := f.read(bs):
+            n += len(b)
+    return n
+
+
+def resolve_in(root: Path, path: str, depth: int = 0) -> Path | None:
+    """``path`` inside ``root`` with symlinks resolved relative to ``root`` (an absolute
+    link must not escape to the host)."""
+    if depth > 40:
+        return None
+    parts = [p for p in path.split("/") if p and p != "."]
+    cur: list[str] = []
+    for i, part in enumerate(parts):
+        if part == "..":
+            if cur:
+                cur.pop()
+            continue
+        p = root.joinpath(*cur, part)
+        if p.is_symlink():
+            target = os.readlink(p)
+            rest = "/".join(parts[i + 1:])
+            base = target if target.startswith("/") else "/".join([*cur, target])
+            return resolve_in(root, base + ("/" + rest if rest else ""), depth + 1)
+        cur.append(part)
+    return root.joinpath(*cur)
+
+
+def python_files(rootfs: Path, tmp: Path) -> list[str]:
+    """Regular files ``python3 -c pass`` opens, paths inside the image."""
+    trace = tmp / "strace.txt"
+    subprocess.run(["strace", "-f", "-qq", "-e", "trace=open,openat,execve", "-o", str(trace),
+                    "chroot", str(rootfs), "/usr/bin/python3", "-c", "pass"], check=True)
+    seen: dict[str, None] = {}
+    started = False  # chroot's own opens (host files) come before python's execve
+    for line in trace.read_text().splitlines():
+        if 'execve("/usr/bin/python3"' in line:
+            started = True
+        if not started:
+            continue
+        m = _OPEN.search(line)
+        if m is None:
+            continue
+        real = resolve_in(rootfs, m.group(1))
+        if real is not None and real.is_file():
+            seen["/" + str(real.relative_to(rootfs))] = None
+    return list(seen)
+
+
+@contextlib.contextmanager
+def nodes(base: Path, count: int) -> Iterator[list[ManagedNode]]:
+    key = generate_swarm_key()
+    started: list[ManagedNode] = []
+    try:
+        for i in range(count):
+            repo = base / f"node{i}"
+            write_swarm_key(repo, key)
+            started.append(ManagedNode(repo).start())
+        for n in started[1:]:
+            rpc_call(n.api_url, "swarm/connect", timeout=30.0, arg=started[0].swarm_addrs[0])
+        yield started
+    finally:
+        for n in reversed(started):
+            n.stop()
+
+
+def worker_bytes(store: SnapshotStore, chains: tuple[str, ...]) -> int:
+    """Bytes the lazy layers' workers read from IPFS (chunk reads; the TOC read at mount
+    time is not included)."""
+    mounter = store.remote
+    assert isinstance(mounter, LayerMounter)
+    time.sleep(0.6)  # the workers rewrite their status every 0.2 s
+    total = 0
+    for chain in chains:
+        st = mounter.status(store.path(chain)) or {}
+        total += int(st.get("fetched_bytes", 0))
+    return total
+
+
+@contextlib.contextmanager
+def mounted_view(store: SnapshotStore, top: str, mp: Path) -> Iterator[Path]:
+    mp.mkdir(parents=True, exist_ok=True)
+    key = f"bench {mp}"
+    mount_all(store.view(key, top), mp)
+    try:
+        yield mp
+    finally:
+        unmount(mp)
+        store.remove(key)
+
+
+def pull_once(state: Path, node: ManagedNode, cid: str, lazy: bool) -> tuple[SnapshotStore,
+                                                                              Any, float, int]:
+    cfg = Config(state_dir=state, ipfs_api=node.api_url)
+    cfg.no_background_fetch = True
+    if lazy:
+        store = SnapshotStore(snapshotter_root(state, "stargz"),
+                              remote=LayerMounter(cfg, ready_timeout=600,
+                                                  extra={"status_interval": 0.2}))
+    else:
+        store = SnapshotStore(snapshotter_root(state, "overlayfs"), restore=False)
+    before = received(node)
+    t0 = time.monotonic()
+    with IPFSClient(node.api_url) as client:
+        img = rpull(cid, store, client=client, images=ImageStore(state), lazy=lazy)
+    return store, img, time.monotonic() - t0, received(node) - before
+
+
+def throughput(tmp: Path, a: ManagedNode, b: ManagedNode, size_mib: int) -> list[tuple[str, float]]:
+    data = os.urandom(size_mib << 20)
+    local = tmp / "local.bin"
+    local.write_bytes(data)
+
+    def tar_of(payload: bytes) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            ti = tarfile.TarInfo("big.bin")
+            ti.size = len(payload)
+            tf.addfile(ti, io.BytesIO(payload))
+        return buf.getvalue()
+
+    with IPFSClient(a.api_url) as ca:
+        image = push(ca, [tar_of(data)], [True], chunk_size=CHUNK)
+        other = ca.add(io.BytesIO(os.urandom(size_mib << 20))).cid
+    del data
+    rows: list[tuple[str, float]] = []
+    state = tmp / "tp-state"
+    store, img, _, _ = pull_once(state, b, image.cid, lazy=True)
+    try:
+        with mounted_view(store, img.chain_ids[-1], tmp / "tp-mp") as mp:
+            drop_caches()
+            t0 = time.monotonic()
+            n = read_all(mp / "big.bin")
+            rows.append(("lazy mount, cold (bitswap from A, verify, cache)",
+                         n / (time.monotonic() - t0) / MB))
+            t0 = time.monotonic()
+            n = read_all(mp / "big.bin")
+            rows.append(("lazy mount, warm (page cache)", n / (time.monotonic() - t0) / MB))
+            drop_caches()
+            t0 = time.monotonic()
+            n = read_all(mp / "big.bin")
+            rows.append(("lazy mount, chunk cache (page cache dropped)",
+                         n / (time.monotonic() - t0) / MB))
+    finally:
+        store.close(unmount_remote=True)
+    drop_caches()
+    t0 = time.monotonic()
+    n = read_all(local)
+    rows.append(("local disk, cold", n / (time.monotonic() - t0) / MB))
+    t0 = time.monotonic()
+    n = read_all(local)
+    rows.append(("local disk, warm (page cache)", n / (time.monotonic() - t0) / MB))
+    with IPFSClient(b.api_url) as cb:
+        t0 = time.monotonic()
+        got = cb.cat_into(other, 0, None, lambda _d: None)
+        rows.append(("plain IPFS cat through B (bitswap from A)",
+                     got / (time.monotonic() - t0) / MB))
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mib", type=int, default=100)
+    args = ap.parse_args()
+    for tool in ("strace", "chroot"):
+        if shutil.which(tool) is None:
+            sys.exit(f"lazy_bench: {tool} not found")
+    sample = build_python()
+    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="lazy-bench-") as d, \
+            nodes(Path(d), 4) as (a, b1, b2, b3):
+        tmp = Path(d)
+        state_a = tmp / "state-a"
+        images_a = ImageStore(state_a)
+        name = import_image(images_a, sample.layout)[0].name
+        with IPFSClient(a.api_url) as ca:
+            pushed = push_image(images_a, name, ca, state_dir=state_a)
+        cid = pushed.cid
+        blob_total = sum(layer.size for layer in images_a.resolve(pushed.name).layers)
+        print(f"image {name}: {len(sample.layer_digests)} layers, eStargz blobs "
+              f"{blob_total / MB:.1f} MB, pushed as {cid} (convert {pushed.convert_seconds:.1f}"
+              f" s, add {pushed.add_seconds:.1f} s)", flush=True)
+
+        lazy_store, lazy_img, lazy_ready, lazy_bytes = pull_once(tmp / "lazy", b1, cid, True)
+        full_store, full_img, full_ready, full_bytes = pull_once(tmp / "full", b2, cid, False)
+        try:
+            with mounted_view(lazy_store, lazy_img.chain_ids[-1], tmp / "lazy-mp") as lmp, \
+                    mounted_view(full_store, full_img.chain_ids[-1], tmp / "full-mp") as fmp:
+                files = python_files(fmp, tmp)
+                drop_caches()
+                t0 = time.monotonic()
+                full_read = sum(read_all(resolve_in(fmp, f) or fmp / f.lstrip("/"))
+                                for f in files)
+                full_files_s = time.monotonic() - t0
+                drop_caches()
+                before = received(b1)
+                worker_before = worker_bytes(lazy_store, lazy_img.chain_ids)
+                t0 = time.monotonic()
+                lazy_read = sum(read_all(resolve_in(lmp, f) or lmp / f.lstrip("/"))
+                                for f in files)
+                lazy_files_s = time.monotonic() - t0
+                lazy_files_bytes = received(b1) - before
+                lazy_worker_bytes = worker_bytes(lazy_store, lazy_img.chain_ids) - worker_before
+                assert lazy_read == full_read
+        finally:
+            lazy_store.close(unmount_remote=True)
+            full_store.close()
+        tp = throughput(tmp, a, b3, args.size_mib)
+
+    print()
+    print("| python image (" + f"{blob_total / MB:.1f} MB of eStargz blobs) | lazy (stargz) "
+          "| full (overlayfs) | full/lazy |")
+    print("|---|---:|---:|---:|")
+    print(f"| rpull until the rootfs is ready | {lazy_ready:.2f} s | {full_ready:.2f} s | "
+          f"{full_ready / lazy_ready:.1f}x |")
+    print(f"| bytes fetched by rpull | {lazy_bytes / MB:.2f} MB | {full_bytes / MB:.2f} MB | "
+          f"{full_bytes / max(lazy_bytes, 1):.1f}x |")
+    print(f"| read the {len(files)} files `python3 -c pass` opens ({full_read / MB:.1f} MB), "
+          f"cold | {lazy_files_s:.2f} s | {full_files_s:.2f} s | |")
+    print(f"| bytes fetched for those reads (blocks) | {lazy_files_bytes / MB:.2f} MB | 0 | |")
+    print(f"| bytes the lazy layers read from the IPFS API for them | "
+          f"{lazy_worker_bytes / MB:.2f} MB | 0 | |")
+    print(f"| ready + python files | {lazy_ready + lazy_files_s:.2f} s | "
+          f"{full_ready + full_files_s:.2f} s | "
+          f"{(full_ready + full_files_s) / (lazy_ready + lazy_files_s):.1f}x |")
+    print(f"| total fetched | {(lazy_bytes + lazy_files_bytes) / MB:.2f} MB "
+          f"({(lazy_bytes + lazy_files_bytes) / blob_total * 100:.1f}% of the blobs) | "
+          f"{full_bytes / MB:.2f} MB | |")
+    print()
+    print(f"| sequential read, {args.size_mib} MiB file, 1 MiB reads | MB/s |")
+    print("|---|---:|")
+    for label, rate in tp:
+        print(f"| {label} | {rate:.1f} |")
+    rates = dict(tp)
+    print()
+    print(f"warm lazy / warm local: {rates['lazy mount, warm (page cache)'] / rates['local disk, warm (page cache)']:.2f}; "  # noqa: E501
+          f"chunk cache / local cold: {rates['lazy mount, chunk cache (page cache dropped)'] / rates['local disk, cold']:.2f}; "  # noqa: E501
+          f"cold lazy / plain IPFS cat: {rates['lazy mount, cold (bitswap from A, verify, cache)'] / rates['plain IPFS cat through B (bitswap from A)']:.2f}")  # noqa: E501
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
