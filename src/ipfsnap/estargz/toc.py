@@ -8,7 +8,7 @@ import binascii
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ipfsnap.estargz.errors import InvalidTOC
@@ -234,38 +234,37 @@ def entry_from_json(d: Any, index: int, shared: dict[str, str] | None = None) ->
                     chunk_digest, inner_offset)
 
 
-class _EntryHook:
-    """``json.loads`` object hook turning entry objects into :class:`TOCEntry` as they are
-    parsed, so the parse never holds the per-entry dicts of the whole TOC at once.
+def _entry_hook(blob: str, max_entries: int, shared: dict[str, str]) -> Callable[[Any], Any]:
+    """A ``json.loads`` object hook turning entry objects into :class:`TOCEntry` as they
+    are parsed, so the parse never holds the per-entry dicts of the whole TOC at once.
 
     An object is converted when it looks like an entry (string ``name``, known ``type``)
     and holds a non-string value: a valid ``xattrs`` object holds only strings, so it is
     never mistaken for an entry. Objects left as dicts are converted (or rejected) by
-    :func:`decode_entries` afterwards, with the same checks."""
+    :func:`decode_entries` afterwards, with the same checks. Objects with a ``name`` count
+    against ``max_entries`` as they are parsed (a closure: this runs 100k times)."""
+    count = 0
 
-    def __init__(self, blob: str, max_entries: int) -> None:
-        self.blob = blob
-        self.max_entries = max_entries
-        self.count = 0
-        self.shared: dict[str, str] = {}
-
-    def __call__(self, d: dict[str, Any]) -> Any:
+    def hook(d: dict[str, Any]) -> Any:
+        nonlocal count
         if "name" not in d:
             return d
-        self.count += 1
-        if self.count > self.max_entries:
+        count += 1
+        if count > max_entries:
             from ipfsnap.estargz.errors import TooManyEntries
 
-            raise TooManyEntries(
-                f"{self.blob}: TOC has more than {self.max_entries} entries, the limit"
-            )
+            raise TooManyEntries(f"{blob}: TOC has more than {max_entries} entries, the limit")
         typ = d.get("type")
         if typ.__class__ is not str or typ not in ENTRY_TYPES or "entries" in d:
             return d
+        if d.get("mode").__class__ is int:  # nearly every entry: no need to look further
+            return entry_from_json(d, count - 1, shared)
         for v in d.values():
             if v.__class__ is not str:
-                return entry_from_json(d, self.count - 1, self.shared)
+                return entry_from_json(d, count - 1, shared)
         return d
+
+    return hook
 
 
 def decode_entries(text: str, blob: str, max_entries: int) -> list[TOCEntry]:
@@ -273,7 +272,8 @@ def decode_entries(text: str, blob: str, max_entries: int) -> list[TOCEntry]:
     the caller); names as written."""
     from ipfsnap.estargz.errors import TooManyEntries
 
-    hook = _EntryHook(blob, max_entries)
+    shared: dict[str, str] = {}
+    hook = _entry_hook(blob, max_entries, shared)
     try:
         try:
             doc = json.loads(text, parse_constant=_reject_constant, object_hook=hook)
@@ -289,7 +289,7 @@ def decode_entries(text: str, blob: str, max_entries: int) -> list[TOCEntry]:
             raise TooManyEntries(f"{blob}: TOC has {len(raw)} entries, limit is {max_entries}")
         for i, d in enumerate(raw):
             if d.__class__ is not TOCEntry:
-                raw[i] = entry_from_json(d, i, hook.shared)
+                raw[i] = entry_from_json(d, i, shared)
     except InvalidTOC as exc:
         if str(exc).startswith(blob + ": "):
             raise
