@@ -70,6 +70,13 @@ def runtime_state(state_dir: Path) -> Iterator[Path]:
         # cleanup of a failed test must not hide its failure
         with contextlib.suppress(Exception):
             store.destroy(cid, force=True)
+    # run --snapshotter=stargz starts the state dir's snapshotter service on demand
+    from ipfsnap.service import paths as service_paths
+    from ipfsnap.service.client import SnapshotterClient
+
+    if service_paths.lock_holder(state_dir) is not None:
+        with contextlib.suppress(Exception), SnapshotterClient(state_dir) as client:
+            client.stop()
     for target in reversed(mountinfo_targets()):
         if target.startswith(str(state_dir) + "/"):
             unmount_all(Path(target))
