@@ -192,3 +192,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     from ipfsnap.cli import image_push
 
     image_push.register(group)
+    from ipfsnap.cli import image_optimize
+
+    image_optimize.register(group)

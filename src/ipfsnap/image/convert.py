@@ -116,6 +116,20 @@ class ConvertOptions:
     all_platforms: bool = False
     #: concurrent layer conversions; 0 = one per core
     jobs: int = 0
+    #: per source layer digest, files to put first in that layer (``image optimize``); a
+    #: layer listed here uses its own list instead of ``prioritize`` and is rebuilt even when
+    #: it already is eStargz
+    prioritize_per_layer: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def prioritized(self, source_digest: str) -> tuple[str, ...]:
+        """The files to put first in the layer whose source digest is ``source_digest``."""
+        for digest, files in self.prioritize_per_layer:
+            if digest == source_digest:
+                return files
+        return self.prioritize
+
+    def optimized(self, source_digest: str) -> bool:
+        return any(d == source_digest for d, _ in self.prioritize_per_layer)
 
     def cache_key(self, source_digest: str) -> str:
         """Everything that determines the converted bytes, hashed."""
@@ -127,7 +141,7 @@ class ConvertOptions:
             "source": source_digest,
             "level": self.level,
             "chunk_size": self.chunk_size,
-            "prioritize": list(self.prioritize),
+            "prioritize": list(self.prioritized(source_digest)),
         }
         return hashlib.sha256(canonical_json(material)).hexdigest()
 
@@ -363,7 +377,7 @@ def _build(run: _Run, desc: Descriptor, workers: int) -> LayerResult:
     opts = BuildOptions(
         chunk_size=run.opts.chunk_size,
         level=run.opts.level,
-        prioritize=run.opts.prioritize,
+        prioritize=run.opts.prioritized(desc.digest),
         allow_missing_prioritized=True,
         workers=workers,
         spool_dir=str(run.tmp_dir),
@@ -420,7 +434,7 @@ def _convert_layer(run: _Run, desc: Descriptor, workers: int) -> LayerResult:
     if not run.opts.estargz:
         new = replace(desc, media_type=mediatypes.to_oci(desc.media_type))
         return LayerResult(desc, new, None, converted=False)
-    if _already_estargz(run, desc):
+    if not run.opts.optimized(desc.digest) and _already_estargz(run, desc):
         log.info("%s: layer %s is already eStargz: kept", run.what, desc.digest)
         return _keep(run, desc)
     cached = _cache_get(run, desc)

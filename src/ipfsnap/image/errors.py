@@ -5,7 +5,14 @@ Each derives from a branch of :mod:`ipfsnap.errors`; messages name the image, bl
 
 from __future__ import annotations
 
-from ipfsnap.errors import FormatError, IntegrityError, IPFSError, NotFoundError, UsageError
+from ipfsnap.errors import (
+    FormatError,
+    IntegrityError,
+    IPFSError,
+    NotFoundError,
+    RuntimeFailure,
+    UsageError,
+)
 
 
 class BadImageRef(UsageError):
@@ -54,3 +61,10 @@ class PushError(IPFSError):
 
 class CIDMismatch(IntegrityError):
     """The daemon returned a CID for a blob that differs from the CID computed locally."""
+
+
+# -- image optimize (workload recording) ---------------------------------------------------
+
+
+class RecordError(RuntimeFailure):
+    """Recording the files a workload reads failed (strace missing, no trace written)."""
