@@ -23,6 +23,7 @@ offline once with debootstrap + chroot apt-get and cached in /var/cache/ipfsnap-
 
     .venv/bin/python benchmarks/hello_bench.py [--runs 5] [--quick] [--image big|small]
     .venv/bin/python benchmarks/hello_bench.py --build-only     # just build/cache the image
+    .venv/bin/python benchmarks/hello_bench.py --report runs.json  # table of saved runs
 
 Needs root, FUSE, runc, debootstrap and the managed IPFS node (js-ipfs) installed.
 """
@@ -35,6 +36,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -314,7 +316,12 @@ class Run:
     mode: str
     pull: float
     run: float
+    #: bytes of blocks node B holds after the run (its repo was empty): what came over IPFS
     fetched: int
+    #: node B's bitswap DataReceived over the run (js-ipfs undercounts range reads: see docs)
+    bitswap: int
+    #: lazy modes: fetched bytes the layer filesystem reports (snapshot status), else -1
+    layer_fetched: int = -1
 
     @property
     def total(self) -> float:
@@ -356,6 +363,24 @@ def bitswap_received(api_url: str) -> int:
     return int(stats.get("DataReceived", 0))
 
 
+def blockstore_bytes(repo: Path) -> int:
+    """Bytes of the block files in an IPFS repo (js-ipfs and Kubo keep them in blocks/)."""
+    total = 0
+    for root, _dirs, files in os.walk(repo / "blocks"):
+        for name in files:
+            if name.endswith(".data"):
+                with contextlib.suppress(OSError):
+                    total += os.path.getsize(os.path.join(root, name))
+    return total
+
+
+def layer_fetched(state: Path, api: str) -> int:
+    """Sum of ``fetched`` over the lazy layers (``snapshot status``; starts the snapshotter,
+    which the cleanup stops)."""
+    out = ipfsnap(state, "snapshot", "status", "--json", api=api).stdout
+    return sum(int(json.loads(line)["fetched"]) for line in out.splitlines() if line.strip())
+
+
 def cleanup_state(state: Path) -> None:
     """Stop what a run left (snapshotter, lazy mounts) and delete its state dir."""
     subprocess.run([str(IPFSNAP), "--state-dir", str(state), "snapshotter", "stop"],
@@ -390,8 +415,10 @@ def one_run(bench: Bench, mode: str, n: int) -> Run:
         t2 = time.perf_counter()
         if GREETING not in proc.stdout:
             raise BenchError(f"{mode} run {n}: no greeting in the output: {proc.stdout!r}")
-        fetched = bitswap_received(node_b.api_url) - before
-        return Run(mode, t1 - t0, t2 - t1, fetched)
+        bitswap = bitswap_received(node_b.api_url) - before
+        fetched = blockstore_bytes(repo)
+        lf = layer_fetched(state, api) if mode != "full" else -1
+        return Run(mode, t1 - t0, t2 - t1, fetched, bitswap, lf)
     finally:
         cleanup_state(state)
         node_b.stop()
@@ -448,8 +475,9 @@ def report(runs: Sequence[Run], image_bytes: tuple[int, int, int]) -> str:
         f"image: {layers} layers, {_mb(compressed)} compressed, {_mb(uncompressed)} "
         "uncompressed",
         "",
-        "| mode | runs | pull s | run s | total s | fetched from IPFS | fetched / image |",
-        "|---|---|---|---|---|---|---|",
+        "| mode | runs | pull s | run s | total s | fetched from IPFS | fetched / image "
+        "| lazy layers' fetched |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     medians: dict[str, float] = {}
     for mode in MODES:
@@ -458,10 +486,12 @@ def report(runs: Sequence[Run], image_bytes: tuple[int, int, int]) -> str:
             continue
         fetched = statistics.median(r.fetched for r in rs)
         medians[mode] = statistics.median(r.total for r in rs)
+        lf = statistics.median(r.layer_fetched for r in rs)
         lines.append(
             f"| {mode} | {len(rs)} | {_fmt_s([r.pull for r in rs])} | "
             f"{_fmt_s([r.run for r in rs])} | {_fmt_s([r.total for r in rs])} | "
-            f"{_mb(fetched)} | {100 * fetched / compressed:.1f}% |"
+            f"{_mb(fetched)} | {100 * fetched / compressed:.1f}% | "
+            f"{_mb(lf) if lf >= 0 else '-'} |"
         )
     if "full" in medians:
         lines.append("")
@@ -469,9 +499,15 @@ def report(runs: Sequence[Run], image_bytes: tuple[int, int, int]) -> str:
             if lazy in medians:
                 lines.append(f"full/{lazy} (median total): "
                              f"{medians['full'] / medians[lazy]:.1f}x")
-    lines.append("seconds: median (min-max); fetched = node B's bitswap DataReceived; "
-                 "fetched / image = of the compressed layer bytes")
+    lines.append("seconds: median (min-max); fetched from IPFS = bytes of the blocks node B "
+                 "holds after the run (its repo starts empty); fetched / image = of the "
+                 "compressed layer bytes; lazy layers' fetched = sum of `snapshot status` "
+                 "fetched (medians)")
     return "\n".join(lines)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -483,8 +519,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="big: ~600 MB 4-layer image (default); small: the python sample")
     parser.add_argument("--build-only", action="store_true", help="build/cache the image, exit")
     parser.add_argument("--json", metavar="FILE", help="also write every run as JSON")
+    parser.add_argument("--report", metavar="FILE",
+                        help="print the table for the runs saved by --json FILE, then exit")
     args = parser.parse_args(argv)
+    if args.report:
+        which = args.image or ("small" if args.quick else "big")
+        archive = build_big_image() if which == "big" else small_image()
+        saved = json.loads(Path(args.report).read_text())
+        print(report([Run(**r) for r in saved], image_sizes(archive)))
+        return 0
     logging.basicConfig(level=logging.INFO, format="# %(message)s", stream=sys.stderr)
+    # stopping the benchmark must still stop its nodes and unmount its layers (finally
+    # blocks); a background job inherits SIGINT ignored, so install both handlers
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_on_signal)
     if os.geteuid() != 0:
         print("hello_bench: needs root", file=sys.stderr)
         return 1
@@ -505,7 +553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for mode in MODES:
                     r = one_run(bench, mode, n)
                     print(f"# {mode} run {n + 1}: pull {r.pull:.2f} s, run {r.run:.2f} s, "
-                          f"total {r.total:.2f} s, fetched {_mb(r.fetched)}",
+                          f"total {r.total:.2f} s, fetched {_mb(r.fetched)} (bitswap "
+                          f"{_mb(r.bitswap)}, layers {_mb(r.layer_fetched)})",
                           file=sys.stderr, flush=True)
                     runs.append(r)
                     if args.json:  # as we go: a long run interrupted still leaves its data
@@ -522,7 +571,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _write_json(path: Path, runs: Sequence[Run]) -> None:
     path.write_text(json.dumps(
-        [{"mode": r.mode, "pull": r.pull, "run": r.run, "fetched": r.fetched} for r in runs],
+        [{"mode": r.mode, "pull": r.pull, "run": r.run, "fetched": r.fetched,
+          "bitswap": r.bitswap, "layer_fetched": r.layer_fetched} for r in runs],
         indent=1))
 
 
