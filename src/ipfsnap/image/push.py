@@ -136,8 +136,11 @@ class _Pusher:
     blobs: int = 0
     nbytes: int = 0
 
-    def _add(self, source: Path | bytes, kind: str, digest: str, expect: str | None) -> str:
-        key = digest[7:19] if digest.startswith("sha256:") else digest
+    def _add(
+        self, source: Path | bytes, kind: str, digest: str, expect: str | None,
+        key: str | None = None,
+    ) -> str:
+        key = key or digest[7:19]
         try:
             result = self.client.add(source, name=key, pin=True, progress=self.progress)
         except IPFSError as exc:
@@ -246,7 +249,7 @@ def push_image(
             top = pusher.tree(conv.target)
             root = root_descriptor(top)
             data = root_descriptor_bytes(top)
-            cid = pusher._add(data, "root descriptor of", top.digest, _dag_of(data))
+            cid = pusher._add(data, "root descriptor of", top.digest, _dag_of(data), "root")
             add_seconds = time.monotonic() - start
             name = ipfs_url(cid)
             store.put(name, root)
