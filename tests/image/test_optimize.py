@@ -8,6 +8,8 @@ root, runc and strace (they FAIL without them) and share one optimized busybox i
 from __future__ import annotations
 
 import gzip
+import json
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -29,9 +31,12 @@ from ipfsnap.estargz import (
 from ipfsnap.image.convert import ConvertOptions
 from ipfsnap.image.optimize import OptimizeResult, optimize_image
 from ipfsnap.image.record import Workload, parse_command, parse_trace, resolve_files
+from ipfsnap.ipfs.node import ManagedNode
 from ipfsnap.oci import sha256_digest
 from ipfsnap.runtime.containers import mountinfo_targets
-from tests.support import require_root, require_tool
+from tests.fs.layers import Blob
+from tests.fs.mounts import labels_for, make_mounter, mounted
+from tests.support import require_fuse, require_root, require_tool
 
 #: the sample workload: a shell reading a file of each layer and listing a directory
 SCRIPT = "cat /etc/passwd; ls /bin; cat /hello.txt"
@@ -237,3 +242,62 @@ def test_cli_optimize_missing_image_fails_cleanly(state_dir: Path) -> None:
     )
     assert p.returncode != 0
     assert "nosuch" in p.stderr and p.stderr.count("\n") == 1
+
+
+def _prioritized_chunk_bytes(store: ImageStore, digest: str, size: int, files: list[str]) -> int:
+    """Compressed bytes of the distinct chunks of the regular files among ``files``."""
+    with store.blobs.open(digest) as f:
+        index = open_layer(FileRangeReader(f, digest), size)
+        extents = {c.chunk_digest: c.end - c.offset for p in files for c in index.chunks(p)}
+    return sum(extents.values())
+
+
+def test_lazy_mount_prefetches_the_prioritized_files_before_any_read(
+    optimized: Optimized, tmp_path: Path
+) -> None:
+    require_fuse()
+    store = optimized.store
+    image = store.resolve(optimized.result.name)
+    m = make_mounter(tmp_path / "fsstate", background=False)
+    for i, (layer, files) in enumerate(zip(image.layers, EXPECTED, strict=True)):
+        blob = Blob(store.blobs.path(layer.digest), layer.annotations[TOC_DIGEST_ANNOTATION],
+                    layer.digest, layer.size, [])
+        mp = tmp_path / f"mp{i}"
+        with mounted(m, mp, labels_for(blob)):
+            st = m.status(mp)
+            assert st is not None
+            want = _prioritized_chunk_bytes(store, layer.digest, layer.size, files)
+            assert want > 0
+            # ready means prefetched: exactly the recorded files' chunks, nothing else
+            assert st["cached_bytes"] == want
+            assert st["fetched_bytes"] == want
+            if i == 0:
+                assert want < st["chunk_bytes"]  # the layer holds more than the recorded files
+
+
+def test_ipfs_push_optimize(
+    busybox_store: tuple[ImageStore, str], state_dir: Path, ipfs_node: ManagedNode
+) -> None:
+    require_root()
+    require_tool("runc")
+    require_tool("strace")
+    store, name = busybox_store
+    p = subprocess.run(
+        [sys.executable, "-m", "ipfsnap.cli.main", "--state-dir", str(state_dir),
+         "--ipfs-api", ipfs_node.api_multiaddr, "image", "ipfs-push", "--level", "1",
+         "--optimize", "--args", json.dumps(["/bin/sh", "-c", SCRIPT]), name],
+        capture_output=True, timeout=TIMEOUT, check=False,
+    )
+    assert p.returncode == 0, p.stderr
+    cid = p.stdout.decode().strip()
+    assert re.fullmatch(r"baf[a-z2-7]+", cid), p.stdout
+    # the workload's output went to stderr, not into the CID line
+    assert b"Hello from layer 2" in p.stderr
+    image = store.resolve(f"ipfs://{cid}")
+    for layer, files in zip(image.layers, EXPECTED, strict=True):
+        assert layer.urls and layer.urls[0].startswith("ipfs://")
+        names = _toc_order(store, layer.digest, layer.size,
+                           layer.annotations[TOC_DIGEST_ANNOTATION])
+        head = names[: names.index(PREFETCH_LANDMARK)]
+        assert [n for n in head if not n.endswith("/")] == files
+    assert no_mounts(state_dir)

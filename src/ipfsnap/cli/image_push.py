@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from typing import Any
 
 from ipfsnap.cli.common import Context, parse_bool
@@ -62,6 +63,17 @@ def cmd_ipfs_push(args: argparse.Namespace, ctx: Context) -> int:
             client.id()
         except IPFSError as exc:
             raise PushError(f"image {record.name}: cannot push: {exc}") from None
+        if args.optimize:
+            # image optimize's recording: each layer gets the files the workload read first
+            from ipfsnap.cli.image_optimize import workload_from_args
+            from ipfsnap.image.optimize import optimized_convert_options
+
+            plan = optimized_convert_options(
+                store, args.ref, workload_from_args(args), options.convert,
+                state_dir=cfg.state_dir, platform=platforms[0] if platforms else None,
+                output=sys.stderr.fileno(),
+            )
+            options = replace(options, convert=plan.options)
         result = push_image(
             store, args.ref, client, options, state_dir=cfg.state_dir, progress=progress_for()
         )
@@ -111,4 +123,13 @@ def register(group: argparse._SubParsersAction[Any]) -> None:
         metavar="N",
         help=f"gzip level 0..9 (default {DEFAULT_LEVEL}, as the reference)",
     )
+    p.add_argument(
+        "--optimize",
+        action="store_true",
+        help="first run the image's command (or --args) once and put the files it reads "
+        "first in each layer, for prefetch (as 'image optimize')",
+    )
+    from ipfsnap.cli.image_optimize import add_workload_options
+
+    add_workload_options(p)
     p.set_defaults(func=cmd_ipfs_push)
