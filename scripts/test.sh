@@ -10,4 +10,4 @@ ruff check .
 echo "== mypy --strict" >&2
 mypy
 echo "== pytest" >&2
-exec pytest -q "$@"
+exec pytest -q --durations=25 "$@"
