@@ -28,7 +28,9 @@ from ipfsnap.estargz import (
     open_layer,
     verify_blob,
 )
+from ipfsnap.image import record as record_module
 from ipfsnap.image.convert import ConvertOptions
+from ipfsnap.image.errors import RecordError
 from ipfsnap.image.optimize import OptimizeResult, optimize_image
 from ipfsnap.image.record import Workload, parse_command, parse_trace, resolve_files
 from ipfsnap.ipfs.node import ManagedNode
@@ -120,6 +122,16 @@ def test_resolve_files_maps_paths_to_their_top_layer(
         ["bin/cat", "bin/busybox", "etc/passwd"],
         ["hello-link.txt", "data/numbers.txt"],
     ]
+
+
+def test_recording_without_strace_names_the_image(
+    busybox_store: tuple[ImageStore, str], state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, name = busybox_store
+    monkeypatch.setattr(record_module.shutil, "which", lambda _name: None)
+    with pytest.raises(RecordError, match=f"image {name}: .*strace is not installed"):
+        record_module.record_workload(store, store.resolve(name), Workload(args=("true",)),
+                                      state_dir=state_dir)
 
 
 # -- recording and rebuilding (root, runc, strace) --------------------------------------------

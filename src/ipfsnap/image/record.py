@@ -33,6 +33,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import subprocess
 import tarfile
 import threading
 import time
@@ -229,19 +230,19 @@ def record_workload(
         start = time.monotonic()
         try:
             timer.start()
-            out = output if output is not None else -3  # subprocess.DEVNULL
+            out = output if output is not None else subprocess.DEVNULL
             code = containers.run(record, ccfg, mount_rootfs=mount, release=release,
-                                   stdin=-3, stdout=out, stderr=out)
-        finally:
-            timer.cancel()
+                                   stdin=subprocess.DEVNULL, stdout=out, stderr=out)
             seconds = time.monotonic() - start
-        try:
             with open(trace, encoding="utf-8", errors="surrogateescape") as f:
                 accessed = parse_trace(f, ccfg.cwd)
-        except FileNotFoundError:
-            raise RecordError(f"image {image.record.name}: strace wrote no trace (is ptrace "
-                              "allowed here?)") from None
+        except FileNotFoundError as exc:
+            if exc.filename != str(trace):
+                raise
+            raise RecordError(f"image {image.record.name}: strace wrote no trace {trace} (is "
+                              "ptrace allowed here?)") from None
         finally:
+            timer.cancel()
             with contextlib.suppress(OSError):
                 trace.unlink()
     finally:
