@@ -554,7 +554,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     r = one_run(bench, mode, n)
                     print(f"# {mode} run {n + 1}: pull {r.pull:.2f} s, run {r.run:.2f} s, "
                           f"total {r.total:.2f} s, fetched {_mb(r.fetched)} (bitswap "
-                          f"{_mb(r.bitswap)}, layers {_mb(r.layer_fetched)})",
+                          f"{_mb(r.bitswap)}, layers "
+                          f"{_mb(r.layer_fetched) if r.layer_fetched >= 0 else '-'})",
                           file=sys.stderr, flush=True)
                     runs.append(r)
                     if args.json:  # as we go: a long run interrupted still leaves its data
