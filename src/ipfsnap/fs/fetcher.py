@@ -115,6 +115,10 @@ class ChunkFetcher:
         while self._foreground:
             await self._idle.wait()
 
+    def busy(self, digest: str) -> bool:
+        """Whether a fetch of chunk ``digest`` is in flight."""
+        return digest in self._inflight
+
     # -- public ---------------------------------------------------------------------------
     async def get(self, chunks: Sequence[Chunk], *, background: bool = False) -> list[bytes]:
         """The verified uncompressed bytes of each chunk, in order; raises on any failure."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -19,6 +20,15 @@ from ipfsnap.fs.inodes import IndexView, Inode, InodeTable
 from ipfsnap.fs.source import BlobSource
 
 log = logging.getLogger(__name__)
+
+#: chunks a sequential reader gets fetched ahead: two default-size (4 MiB) chunks, one
+#: ``max_span`` request, enough to keep the source busy while the reader consumes one chunk
+DEFAULT_READAHEAD = 2
+#: how far a read may start from where the file's previous read ended and still count as
+#: sequential: 1 MiB, the split of a typical 1 MiB read(2) into concurrent 128 KiB requests
+READAHEAD_SLACK = 1 << 20
+#: read-ahead runs waiting at most (more are dropped: the reader fetches on demand)
+READAHEAD_QUEUE = 4
 
 
 class LayerIndexView(IndexView, Protocol):
@@ -49,6 +59,10 @@ class LayerStatus:
     #: bytes this worker read from the source (all requests)
     fetched_bytes: int = 0
     source_calls: int = 0
+    #: runs of chunks fetched ahead of sequential readers
+    readahead_runs: int = 0
+    #: FUSE read requests served (reads the page cache answered never get here)
+    read_requests: int = 0
     entries: int = 0
     last_error: str = ""
     #: cache writes skipped because they failed (full disk ...), and cache entries this
@@ -92,6 +106,7 @@ class LazyLayer:
         max_concurrency: int = 2,
         timeout: float = 300.0,
         max_span: int = DEFAULT_MAX_SPAN,
+        readahead: int = DEFAULT_READAHEAD,
     ) -> None:
         # keep compact tables only: the caller may drop the (much larger) index
         tables = index if isinstance(index, LayerTables) else LayerTables.from_index(index)
@@ -108,6 +123,14 @@ class LazyLayer:
         )
         self.fetcher.on_fetched = self._fetched
         self._file_chunks: dict[int, Sequence[Chunk]] = {}
+        #: chunks fetched ahead of a sequential reader (0: none); needs :meth:`readahead_loop`
+        self.readahead = readahead
+        self._ra_send: trio.MemorySendChannel[list[Chunk]] | None = None
+        self._ra_queued: set[str] = set()
+        #: per inode, where the last read ended (sequential detection), recent files only
+        self._last_end: dict[int, int] = {}
+        self.readahead_runs = 0
+        self.read_requests = 0
         # status accounting: compressed bytes of the distinct chunks, and of those cached
         on_disk = cache.digests()
         sizes: dict[str, int] = {}
@@ -151,11 +174,14 @@ class LazyLayer:
 
     # -- reads ----------------------------------------------------------------------------
     async def read(self, node: Inode, offset: int, size: int) -> bytes:
+        self.read_requests += 1
         if offset >= node.size or size <= 0:
             return b""
         end = min(node.size, offset + size)
         chunks = self.chunks_of(node)
         needed = chunks_for_range(chunks, offset, end)
+        if self._ra_send is not None and needed:
+            self._read_ahead(node, chunks, needed[-1], offset, end)
         datas = await self.fetcher.get(needed)
         out = bytearray()
         for c, data in zip(needed, datas, strict=True):
@@ -168,6 +194,61 @@ class LazyLayer:
                 f"bytes at offset {offset}"
             )
         return bytes(out)
+
+    def _read_ahead(self, node: Inode, chunks: Sequence[Chunk], last: Chunk, offset: int,
+                    end: int) -> None:
+        """Queue the ``readahead`` chunks after ``last`` when ``node`` is read sequentially.
+
+        Without it a sequential cold read waits for one chunk fetch per chunk, with the
+        source idle while the reader consumes each chunk; fetching the next ones meanwhile
+        overlaps both (the kernel's own readahead stays within the current chunk: it asks for
+        at most a few 128 KiB requests past the reader)."""
+        prev = self._last_end.pop(node.ino, None)
+        if len(self._last_end) >= 1024:
+            self._last_end.pop(next(iter(self._last_end)))
+        self._last_end[node.ino] = end
+        # the kernel splits one read(2) into 128 KiB requests served concurrently, so
+        # "sequential" allows for requests arriving a little out of order
+        if offset != 0 and (prev is None or abs(offset - prev) > READAHEAD_SLACK):
+            return
+        i = bisect.bisect_right(chunks, last.chunk_offset, key=lambda c: c.chunk_offset)
+        run: list[Chunk] = []
+        for c in chunks[i : i + self.readahead]:
+            d = c.chunk_digest
+            if d in self._ra_queued or self.fetcher.busy(d) or \
+                    self.cache.get_memory(d) is not None:
+                continue
+            run.append(c)
+        if not run or self._ra_send is None:
+            return
+        try:
+            self._ra_send.send_nowait(run)
+        except trio.WouldBlock:
+            return  # enough already queued: the reader will fetch on demand
+        self._ra_queued.update(c.chunk_digest for c in run)
+
+    async def readahead_loop(self) -> None:
+        """Serve the read-ahead queue (one run at a time, so at most one source request
+        beyond the foreground ones) until cancelled."""
+        if self.readahead <= 0:
+            return
+        send, recv = trio.open_memory_channel[list[Chunk]](READAHEAD_QUEUE)
+        self._ra_send = send
+        try:
+            async for run in recv:
+                try:
+                    await self.fetcher.get(run)
+                    self.readahead_runs += 1
+                except IpfsnapError as exc:
+                    # a foreground read of these chunks fetches them again and reports
+                    log.debug("%s: read-ahead of %d chunks: %s", self.source.name, len(run),
+                              exc)
+                finally:
+                    self._ra_queued.difference_update(c.chunk_digest for c in run)
+                self.update_status()
+        finally:
+            self._ra_send = None
+            self._ra_queued.clear()
 
     # -- prefetch and background ----------------------------------------------------------
     def _chunks_in_blob_order(self, limit: int | None = None) -> list[Chunk]:
@@ -266,6 +347,8 @@ class LazyLayer:
             else 100.0
         st.fetched_bytes = self.fetcher.stats.fetched_bytes
         st.source_calls = self.fetcher.stats.source_calls
+        st.readahead_runs = self.readahead_runs
+        st.read_requests = self.read_requests
         if self.fetcher.stats.last_error:
             st.last_error = self.fetcher.stats.last_error
         st.cache_write_failures = self.cache.write_failures

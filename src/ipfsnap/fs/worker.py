@@ -135,7 +135,7 @@ def open_lazy_layer(spec: WorkerSpec, source: BlobSource, *, isolated: bool = Tr
 
     return LazyLayer(tables, source, cache, decompress=decompress,
                      max_concurrency=spec.max_concurrency, timeout=spec.fetching_timeout_sec,
-                     max_span=spec.max_span)
+                     max_span=spec.max_span, readahead=spec.readahead)
 
 
 class Worker:
@@ -213,6 +213,7 @@ class Worker:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._status_loop)
                 nursery.start_soon(self._signals)
+                nursery.start_soon(layer.readahead_loop)
                 if not spec.no_background_fetch:
                     nursery.start_soon(layer.background_fetch)
                 await pyfuse3.main()
