@@ -67,6 +67,14 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
+def drop_count() -> int:
+    """How many times anyone wrote /proc/sys/vm/drop_caches since boot."""
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        if line.startswith("drop_pagecache "):
+            return int(line.split()[1])
+    return 0
+
+
 def received(node: ManagedNode) -> int:
     """Bytes of blocks this node holds (``repo/stat`` RepoSize): every block a pull needs
     comes from node A, so the growth is what crossed bitswap. (js-ipfs's ``stats/bitswap``
@@ -220,21 +228,26 @@ def throughput(tmp: Path, a: ManagedNode, b: ManagedNode, size_mib: int,
     try:
         with mounted_view(store, img.chain_ids[-1], tmp / "tp-mp") as mp:
             drop_caches()
+            drops = drop_count()
             t0 = time.monotonic()
             n = read_all(mp / "big.bin")
+            print(f"cold read: page cache dropped {drop_count() - drops} times meanwhile",
+                  flush=True)
             rows.append(("lazy mount, cold (bitswap from A, verify, cache)",
                          n / (time.monotonic() - t0) / MB))
             # reads the page cache answers never reach the worker: a request during a warm
             # read means pages were dropped meanwhile (another benchmark on the machine
             # writing drop_caches during the long cold read): then the read is repeated
             for attempt in range(3):
+                drops = drop_count()
                 requests = worker_requests(store, img.chain_ids)
                 t0 = time.monotonic()
                 n = read_all(mp / "big.bin")
                 rate = n / (time.monotonic() - t0) / MB
                 requests = worker_requests(store, img.chain_ids) - requests
                 print(f"warm read {attempt + 1}: {rate:.1f} MB/s, {requests} FUSE read "
-                      "requests reached the worker", flush=True)
+                      f"requests reached the worker, page cache dropped "
+                      f"{drop_count() - drops} times meanwhile", flush=True)
                 if requests == 0:
                     break
             rows.append(("lazy mount, warm (page cache)", rate))
@@ -279,7 +292,7 @@ def main() -> int:
                     help="only the sequential-read table (2 nodes, no python image)")
     ap.add_argument("--readahead", type=int, default=None,
                     help="chunks the lazy workers fetch ahead of a sequential reader "
-                         "(default: the worker's; 0 = off)")
+                         "(default: the worker's, off)")
     args = ap.parse_args()
     if args.throughput_only:
         with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="lazy-bench-") as d, \

@@ -21,9 +21,11 @@ from ipfsnap.fs.source import BlobSource
 
 log = logging.getLogger(__name__)
 
-#: chunks a sequential reader gets fetched ahead: two default-size (4 MiB) chunks, one
-#: ``max_span`` request, enough to keep the source busy while the reader consumes one chunk
-DEFAULT_READAHEAD = 2
+#: chunks a sequential reader gets fetched ahead; off by default: in lazy_bench (100 MiB over
+#: bitswap, 2026-11-28) 2 chunks did not raise the cold rate (0.54-0.61x of a plain cat, vs
+#: 0.61-0.67x without), and a read at offset 0 that stops early (ld.so reading an ELF
+#: header, ``file``) would fetch up to 2 chunks (8 MiB) it never needs
+DEFAULT_READAHEAD = 0
 #: how far a read may start from where the file's previous read ended and still count as
 #: sequential: 1 MiB, the split of a typical 1 MiB read(2) into concurrent 128 KiB requests
 READAHEAD_SLACK = 1 << 20

@@ -50,8 +50,8 @@ class WorkerSpec:
     max_retries: int = 5
     #: bytes one coalesced source request may span
     max_span: int = 8 << 20
-    #: chunks fetched ahead of a sequential reader (0 = off), see LazyLayer.readahead
-    readahead: int = 2
+    #: chunks fetched ahead of a sequential reader (0 = off), see layer.DEFAULT_READAHEAD
+    readahead: int = 0
     attr_timeout: float = 1.0
     entry_timeout: float = 1.0
     status_interval: float = 1.0
