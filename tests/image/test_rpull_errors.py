@@ -117,11 +117,16 @@ def test_wrong_layer_digest_is_rejected_cli(ipfs_pair: Any, tmp_path: Path) -> N
         image = push(a, small_tars(), [False, False], layer_hook=hook)
     ipfs_pair.connect()
     state = tmp_path / "state"
-    p = subprocess.run(
-        [sys.executable, "-m", "ipfsnap.cli.main", "--state-dir", str(state), "--ipfs-api",
-         ipfs_pair.b.api_url, "image", "rpull", "--ipfs", image.cid],
-        capture_output=True, text=True, timeout=300,
-    )
+    base = [sys.executable, "-m", "ipfsnap.cli.main", "--state-dir", str(state), "--ipfs-api",
+            ipfs_pair.b.api_url]
+    try:
+        p = subprocess.run(
+            [*base, "image", "rpull", "--ipfs", image.cid],
+            capture_output=True, text=True, timeout=300,
+        )
+    finally:
+        # rpull started this state dir's snapshotter on demand: do not leave it running
+        subprocess.run([*base, "snapshotter", "stop"], capture_output=True, timeout=120)
     assert p.returncode != 0
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and image.layers[1].digest in err[0], p.stderr
