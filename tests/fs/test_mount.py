@@ -15,7 +15,7 @@ import pytest
 from ipfsnap.estargz import FileRangeReader, open_layer
 from ipfsnap.fs import TOC_DIGEST_LABEL
 from ipfsnap.fs.errors import LayerMountError, WorkerSpecError
-from ipfsnap.fs.mounter import _pid_alive, is_mountpoint
+from ipfsnap.fs.mounter import is_mountpoint, pid_alive
 from tests.fs.layers import (
     CHUNK,
     Blob,
@@ -63,7 +63,7 @@ def test_mounted_tree_equals_the_layer(every_type_blob: Blob, tmp_path: Path) ->
         assert line.startswith("ipfsnap ") and " fuse.ipfsnap " in line
         assert "ro," in line and "allow_other" in line and "nosuid" not in line
     # unmount cleaned up: worker gone, mountpoint empty
-    assert not _pid_alive(pid)
+    assert not pid_alive(pid)
     assert os.listdir(mp) == []
     st = m.status(mp)
     assert st is not None and st["state"] == "unmounted"
@@ -183,7 +183,7 @@ def test_check_detects_dead_worker(every_type_blob: Blob, tmp_path: Path) -> Non
         st = m.status(mp)
         assert st is not None
         os.kill(st["pid"], signal.SIGKILL)
-        wait_status(m, mp, lambda s: not _pid_alive(s["pid"]), timeout=10)
+        wait_status(m, mp, lambda s: not pid_alive(s["pid"]), timeout=10)
         with pytest.raises(LayerMountError, match="not running"):
             m.check(mp, {})
     finally:
@@ -244,15 +244,15 @@ def test_busy_mount_is_detached_and_worker_exits_after_last_close(
         assert not is_mountpoint(mp)
         want = next(it.data for it in every_type_items() if it.name == "data/exact")
         assert f.read() == want  # the open file keeps working
-        assert _pid_alive(pid)
+        assert pid_alive(pid)
     finally:
         f.close()
     wait_status(m, mp, lambda s: s["state"] == "unmounted", timeout=15)
     deadline = time.monotonic() + 15
-    while _pid_alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     m.reap()
-    assert not _pid_alive(pid)
+    assert not pid_alive(pid)
 
 
 def test_toc_entry_limit_refuses_the_mount(every_type_blob: Blob, tmp_path: Path) -> None:

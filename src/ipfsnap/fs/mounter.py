@@ -87,7 +87,8 @@ def is_mountpoint(path: Path) -> bool:
     return False
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
     if pid <= 0:
         return False
     try:
@@ -227,7 +228,7 @@ class LayerMounter:
             # a worker that outlived a snapshotter restart already serves this layer here
             st = self.status(mountpoint) or {}
             if (st.get("layer") == spec.layer and st.get("state") in ("ready", "complete")
-                    and _pid_alive(int(st.get("pid", 0)))):
+                    and pid_alive(int(st.get("pid", 0)))):
                 self.check(mountpoint, labels)
                 log.info("layer %s already mounted at %s (pid %s)", spec.layer, mountpoint,
                          st.get("pid"))
@@ -279,7 +280,7 @@ class LayerMounter:
         mountpoint = Path(os.path.abspath(mountpoint))
         st = self.status(mountpoint)
         pid = int(st.get("pid", 0)) if st else 0
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             raise LayerMountError(f"{mountpoint}: layer worker (pid {pid}) is not running")
         if not is_mountpoint(mountpoint):
             raise LayerMountError(f"{mountpoint}: not mounted")
@@ -339,11 +340,11 @@ class LayerMounter:
             if proc is not None:
                 if proc.poll() is not None:
                     return
-            elif not _pid_alive(pid):
+            elif not pid_alive(pid):
                 return
             time.sleep(0.05)
         target = proc.pid if proc is not None else pid
-        if target > 0 and _pid_alive(target):
+        if target > 0 and pid_alive(target):
             log.warning("%s: worker %d did not exit after unmount, killing it", mountpoint,
                         target)
             with contextlib.suppress(ProcessLookupError):

@@ -40,7 +40,7 @@ from typing import Any
 from ipfsnap.config import Config
 from ipfsnap.errors import IpfsnapError
 from ipfsnap.fs import LayerMounter
-from ipfsnap.fs.mounter import is_mountpoint
+from ipfsnap.fs.mounter import is_mountpoint, pid_alive
 from ipfsnap.service import paths
 from ipfsnap.service.errors import DaemonAlreadyRunning, ProtocolError, ServiceUnavailable
 from ipfsnap.service.protocol import (
@@ -97,22 +97,6 @@ def _state_of(st: Mapping[str, Any], background: bool) -> str:
             return "complete"
         return "background" if background else "ready"
     return state
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 class Daemon:
@@ -373,7 +357,7 @@ class Daemon:
             mp = str(st.get("mountpoint", ""))
             name = by_mountpoint.get(mp, "")
             pid = int(st.get("pid", 0) or 0)
-            alive = _pid_alive(pid)
+            alive = pid_alive(pid)
             if not name and not alive:
                 continue  # an old worker's leftover status file
             state = _state_of(st, background)
