@@ -38,6 +38,7 @@ from ipfsnap.content.errors import BlobNotFound, IncompleteImage
 from ipfsnap.errors import IPFSError, IpfsnapError
 from ipfsnap.image.convert import ConvertOptions, ConvertResult, convert_image
 from ipfsnap.image.errors import CIDMismatch, PushError, SourceBlobMismatch, UnsupportedMediaType
+from ipfsnap.image.resolve import IPFS_URL_PREFIX
 from ipfsnap.ipfs import AddResult, BadCID, normalize_cid
 from ipfsnap.ipfs.unixfs import DagBuilder
 from ipfsnap.oci import (
@@ -52,7 +53,6 @@ from ipfsnap.progress import Progress
 
 log = logging.getLogger(__name__)
 
-IPFS_URL_PREFIX = "ipfs://"
 #: nesting depth of indexes we follow (same bound as the content store's)
 MAX_DEPTH = 8
 _READ = 1 << 20

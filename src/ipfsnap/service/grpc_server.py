@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,7 +34,7 @@ from ipfsnap.errors import (
     UsageError,
 )
 from ipfsnap.service.proto import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
-from ipfsnap.snapshot import Info, Kind, Mount, Usage
+from ipfsnap.snapshot import Info, Kind, Mount, Snapshotter, Usage
 from ipfsnap.snapshot.errors import (
     SnapshotInvalidArgument,
     SnapshotStateError,
@@ -58,25 +58,10 @@ LIST_BATCH = 100
 STOP_GRACE = 5.0
 
 
-class GrpcStore(Protocol):
-    """What the gRPC service needs of a snapshot store (:class:`~ipfsnap.snapshot.SnapshotStore`
-    satisfies it)."""
-
-    def prepare(
-        self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
-    ) -> list[Mount]: ...
-
-    def view(
-        self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
-    ) -> list[Mount]: ...
-
-    def mounts(self, key: str) -> list[Mount]: ...
-
-    def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None: ...
-
-    def remove(self, key: str) -> None: ...
-
-    def stat(self, key: str) -> Info: ...
+class GrpcStore(Snapshotter, Protocol):
+    """What the gRPC service needs of a snapshot store: the :class:`Snapshotter` protocol plus
+    containerd's Update/List/Usage/Cleanup (:class:`~ipfsnap.snapshot.SnapshotStore` satisfies
+    it)."""
 
     def update(self, info: Info, fieldpaths: list[str] | None = None) -> Info: ...
 
