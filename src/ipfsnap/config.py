@@ -38,6 +38,22 @@ class BlobConfig:
     max_retries: int = 5
     min_wait_msec: int = 30
     max_wait_msec: int = 300
+    #: reference key: the prefetch of a layer's prioritized range is split into requests of
+    #: at most this many bytes (whole eStargz chunks), run ``prefetch_concurrency`` at once
+    prefetch_chunk_size: int = 1 << 20
+    #: on-demand reads also fetch the uncached chunks next to them, within the aligned
+    #: windows of this many bytes they touch (0 = off; 262144 = one IPFS block)
+    neighbour_span: int = 0
+
+
+@dataclass
+class BackgroundFetchConfig:
+    """``[background_fetch]``: how the rest of a lazy layer is fetched after mounting."""
+
+    #: no background request starts until no lazy layer served a read for this long
+    silence_period_msec: int = 5000
+    #: at least this long between two background requests (all layers together)
+    fetch_period_msec: int = 250
 
 
 @dataclass
@@ -67,12 +83,15 @@ class Config:
     prefetch_timeout_sec: int = 10
     #: concurrent blob fetches per layer
     max_concurrency: int = 2
+    #: concurrent requests per layer while prefetching its prioritized range
+    prefetch_concurrency: int = 4
     #: upper bound for the chunk cache, bytes (0 = unlimited)
     cache_size_limit: int = 0
     #: start a managed IPFS node when no API is found
     managed_ipfs: bool = True
     blob: BlobConfig = field(default_factory=BlobConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
+    background_fetch: BackgroundFetchConfig = field(default_factory=BackgroundFetchConfig)
 
     @property
     def ipfs_repo(self) -> Path:
@@ -86,7 +105,7 @@ def _coerce(section: str, obj: Any, data: dict[str, Any]) -> None:
         if key not in known:
             raise ConfigError(f"config: unknown key {section}{key!r}")
         current = getattr(obj, key)
-        if isinstance(current, (BlobConfig, FuseConfig)):
+        if isinstance(current, (BlobConfig, FuseConfig, BackgroundFetchConfig)):
             if not isinstance(value, dict):
                 raise ConfigError(f"config: [{key}] must be a table")
             _coerce(f"{key}.", current, value)

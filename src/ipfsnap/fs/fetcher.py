@@ -7,15 +7,26 @@
 - Every chunk goes through ``estargz.decompress_chunk``, which checks ``chunkDigest``,
   before it is cached or served; a mismatch is an error, never data.
 - Foreground reads take priority: :meth:`wait_foreground_idle` lets the background fetcher
-  pause while any foreground read is waiting.
+  pause while any foreground read of this layer is waiting, and :class:`BackgroundGate`
+  (over an :class:`ActivityBoard` shared by every layer worker of a state dir) holds every
+  layer's background requests until no layer has served a foreground read for
+  ``silence_period`` seconds, runs one background request at a time machine-wide, and
+  leaves at least ``fetch_period`` seconds between two of them.
+- A foreground request may carry ``extra`` chunks (neighbours in the blob, chosen by the
+  layer): they are fetched, verified and cached with the request but never fail it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import math
-from collections.abc import Callable, Sequence
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
@@ -45,6 +56,17 @@ class FetchStats:
     #: chunks served from the disk cache
     cache_hits: int = 0
     last_error: str = ""
+    #: foreground requests (reads and prefetch), their bytes, and the seconds they took
+    #: (summed, and the longest): where a cold start waits
+    foreground_calls: int = 0
+    foreground_bytes: int = 0
+    foreground_seconds: float = 0.0
+    foreground_max_seconds: float = 0.0
+    #: background requests and their bytes
+    background_calls: int = 0
+    background_bytes: int = 0
+    #: neighbour chunks fetched with foreground reads (see ``ChunkFetcher.get``'s extra)
+    neighbour_chunks: int = 0
 
 
 class _Pending:
@@ -61,6 +83,160 @@ class _Pending:
         self.data = data
         self.error = error
         self.event.set()
+
+#: file names in the activity directory (shared by every layer worker of one state dir);
+#: dot-names so that a scan of the cache root for layer directories skips them
+FOREGROUND_STAMP = ".foreground"
+BACKGROUND_LOCK = ".background.lock"
+#: a worker refreshes the foreground stamp at most this often (seconds): one utime per
+#: 100 ms of reading at most, 50x finer than the default silence period
+MARK_INTERVAL = 0.1
+#: how often a background fetcher that lost the race for the machine-wide slot retries
+SLOT_POLL = 0.05
+
+
+class ActivityBoard:
+    """Machine-wide foreground activity and background slot, as files in ``directory``.
+
+    - ``.foreground``: its mtime is the last time any worker served a foreground read
+      (:meth:`mark`). Files, not sockets: every worker and the mounter only touch it, no
+      process has to be up for the others to work, and a crashed worker leaves nothing
+      held.
+    - ``.background.lock``: a background request holds an exclusive ``flock`` of it while it
+      runs (:meth:`try_acquire`), so one runs at a time across processes; its mtime is when
+      the last one ended (:meth:`release`). The kernel drops the lock of a dead process.
+
+    Every method is a few syscalls on a local directory (microseconds): called directly
+    from the trio loop. ``clock`` is wall-clock seconds (mtimes are wall clock)."""
+
+    def __init__(self, directory: Path, *, clock: Callable[[], float] = time.time,
+                 mark_interval: float = MARK_INTERVAL) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.clock = clock
+        self.mark_interval = mark_interval
+        self._foreground = directory / FOREGROUND_STAMP
+        self._background = directory / BACKGROUND_LOCK
+        self._marked = -math.inf
+        self._fd = -1
+
+    def _stamp(self, path: Path, when: float) -> None:
+        try:
+            os.utime(path, (when, when))
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+                os.utime(path, (when, when))
+        except OSError as exc:
+            log.debug("activity stamp %s: %s", path, exc)
+
+    def _mtime(self, path: Path) -> float:
+        try:
+            return os.stat(path).st_mtime
+        except OSError:
+            return -math.inf
+
+    def mark(self) -> None:
+        """Record foreground activity now (rate limited to one write per mark_interval)."""
+        now = self.clock()
+        if now - self._marked < self.mark_interval:
+            return
+        self._marked = now
+        self._stamp(self._foreground, now)
+
+    def last_foreground(self) -> float:
+        return self._mtime(self._foreground)
+
+    def last_background(self) -> float:
+        return self._mtime(self._background)
+
+    def try_acquire(self) -> bool:
+        """Take the machine-wide background slot if free (never blocks)."""
+        if self._fd >= 0:
+            return False
+        fd = os.open(self._background, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
+
+    def release(self, ended: float | None = None) -> None:
+        """Give the slot back; ``ended`` (a background request ended then) starts the
+        fetch period, None (nothing was fetched) does not."""
+        if self._fd < 0:
+            return
+        try:
+            if ended is not None:
+                self._stamp(self._background, ended)
+        finally:
+            os.close(self._fd)  # releases the flock
+            self._fd = -1
+
+
+@dataclass
+class BackgroundPacing:
+    """``[background_fetch]`` in seconds (see docs/configuration.md)."""
+
+    #: no background request starts until no foreground read happened for this long
+    silence_period: float = 5.0
+    #: at least this long between the end of one background request and the next (any layer)
+    fetch_period: float = 0.25
+
+
+class BackgroundGate:
+    """When a background request may run: after ``silence_period`` without foreground
+    activity on any layer (the board) or this one (``local_busy``), at least
+    ``fetch_period`` after the previous background request ended (any layer), and only
+    while holding the machine-wide slot."""
+
+    def __init__(self, board: ActivityBoard, pacing: BackgroundPacing, *,
+                 local_busy: Callable[[], bool] = lambda: False,
+                 sleep: Callable[[float], Awaitable[object]] = trio.sleep) -> None:
+        self.board = board
+        self.pacing = pacing
+        self.local_busy = local_busy
+        self._sleep = sleep
+        #: seconds spent waiting for a turn, and turns taken (status, tests)
+        self.waited = 0.0
+        self.turns = 0
+
+    def delay(self) -> float:
+        """Seconds to wait before a background request may start (0: now)."""
+        now = self.board.clock()
+        if self.local_busy():
+            return max(self.pacing.silence_period, SLOT_POLL)
+        quiet = now - self.board.last_foreground()
+        since = now - self.board.last_background()
+        return max(0.0, self.pacing.silence_period - quiet, self.pacing.fetch_period - since)
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """Wait for a turn and hold the slot for one background request."""
+        while True:
+            wait = self.delay()
+            if wait > 0:
+                self.waited += wait
+                await self._sleep(wait)
+                continue
+            if not self.board.try_acquire():
+                self.waited += SLOT_POLL
+                await self._sleep(SLOT_POLL)
+                continue
+            if self.delay() > 0:  # a foreground read came between the check and the lock
+                self.board.release(None)
+                continue
+            break
+        self.turns += 1
+        try:
+            yield
+        finally:
+            self.board.release(self.board.clock())
 
 
 def coalesce(chunks: Sequence[Chunk], max_span: int) -> list[list[Chunk]]:
@@ -108,6 +284,8 @@ class ChunkFetcher:
         self.stats = FetchStats()
         #: called with each chunk newly verified and cached (status accounting)
         self.on_fetched: Callable[[Chunk], None] | None = None
+        #: called when a foreground request starts and ends (machine-wide activity stamp)
+        self.on_foreground: Callable[[], None] | None = None
 
     # -- priority -------------------------------------------------------------------------
     async def wait_foreground_idle(self) -> None:
@@ -115,26 +293,41 @@ class ChunkFetcher:
         while self._foreground:
             await self._idle.wait()
 
+    @property
+    def foreground_active(self) -> bool:
+        """Whether a foreground read is waiting for chunks."""
+        return self._foreground > 0
+
+    def set_concurrency(self, n: int) -> None:
+        """Allow ``n`` source requests at once from now on."""
+        self._limiter.total_tokens = max(1, n)
+
     def busy(self, digest: str) -> bool:
         """Whether a fetch of chunk ``digest`` is in flight."""
         return digest in self._inflight
 
     # -- public ---------------------------------------------------------------------------
-    async def get(self, chunks: Sequence[Chunk], *, background: bool = False) -> list[bytes]:
-        """The verified uncompressed bytes of each chunk, in order; raises on any failure."""
+    async def get(self, chunks: Sequence[Chunk], *, background: bool = False,
+                  extra: Sequence[Chunk] = ()) -> list[bytes]:
+        """The verified uncompressed bytes of each chunk, in order; raises on any failure.
+
+        ``extra`` chunks (not cached, not being fetched: the caller checks) ride along in
+        the same requests when they are contiguous with the missing ones; they are cached
+        but neither returned nor allowed to fail the call."""
         if not background:
             self._foreground += 1
             if self._foreground == 1:
                 self._idle = trio.Event()
         try:
-            return await self._get(chunks, background)
+            return await self._get(chunks, background, extra)
         finally:
             if not background:
                 self._foreground -= 1
                 if self._foreground == 0:
                     self._idle.set()
 
-    async def _get(self, chunks: Sequence[Chunk], background: bool) -> list[bytes]:
+    async def _get(self, chunks: Sequence[Chunk], background: bool,
+                   extra: Sequence[Chunk] = ()) -> list[bytes]:
         results: dict[str, bytes] = {}
         waiting: dict[str, _Pending] = {}
         mine: dict[str, tuple[Chunk, _Pending]] = {}
@@ -151,15 +344,16 @@ class ChunkFetcher:
                 pending = _Pending()
                 self._inflight[d] = pending
                 mine[d] = (c, pending)
+        requested = set(mine)
         if mine:
             try:
-                await self._load(mine, background)
+                await self._load(mine, background, requested, extra)
             finally:
                 for d, (_, pending) in mine.items():
                     pending.resolve(None, FetchError(f"{self.source.name}: fetch of {d} aborted"))
                     if self._inflight.get(d) is pending:
                         del self._inflight[d]
-            waiting.update({d: p for d, (_, p) in mine.items()})
+            waiting.update({d: p for d, (_, p) in mine.items() if d in requested})
         for d, pending in waiting.items():
             await pending.event.wait()
             if pending.error is not None:
@@ -168,7 +362,8 @@ class ChunkFetcher:
             results[d] = pending.data
         return [results[c.chunk_digest] for c in chunks]
 
-    async def _load(self, mine: dict[str, tuple[Chunk, _Pending]], background: bool) -> None:
+    async def _load(self, mine: dict[str, tuple[Chunk, _Pending]], background: bool,
+                    requested: set[str], extra: Sequence[Chunk] = ()) -> None:
         digests = list(mine)
 
         def from_disk() -> list[bytes | None]:
@@ -183,17 +378,41 @@ class ChunkFetcher:
                 missing.append(mine[d][0])
         if not missing:
             return
+        # extras are claimed now (no await until the runs are chosen), and only those in a
+        # run with a requested chunk are kept: an extra never costs a request of its own
+        claimed: set[str] = set()
+        for c in extra:
+            d = c.chunk_digest
+            if d in mine or d in self._inflight or self.cache.get_memory(d) is not None:
+                continue
+            mine[d] = (c, _Pending())
+            self._inflight[d] = mine[d][1]
+            claimed.add(d)
+            missing.append(c)
+        runs = coalesce(missing, self.max_span)
+        if claimed:
+            kept = []
+            for run in runs:
+                if any(c.chunk_digest in requested for c in run):
+                    kept.append(run)
+                    continue
+                for c in run:
+                    d = c.chunk_digest
+                    del self._inflight[d]
+                    del mine[d]
+            runs = kept
         async with trio.open_nursery() as nursery:
-            for run in coalesce(missing, self.max_span):
-                nursery.start_soon(self._fetch_run, run, mine, background)
+            for run in runs:
+                nursery.start_soon(self._fetch_run, run, mine, background, requested)
 
     async def _fetch_run(
-        self, run: list[Chunk], mine: dict[str, tuple[Chunk, _Pending]], background: bool
+        self, run: list[Chunk], mine: dict[str, tuple[Chunk, _Pending]], background: bool,
+        requested: set[str],
     ) -> None:
         start = run[0].offset
         end = max(c.end for c in run)
         try:
-            blob = await self._read(start, end - start)
+            blob = await self._read(start, end - start, background)
         except IpfsnapError as exc:
             self.stats.last_error = str(exc)
             log.debug("%s", exc)
@@ -211,7 +430,10 @@ class ChunkFetcher:
                 except IpfsnapError as exc:
                     out.append((c, None, exc, False))
                     continue
-                stored = self.cache.put(c.chunk_digest, data, remember=not background)
+                # neighbours stay out of the RAM LRU (a few entries): they must not push
+                # out the chunks readers are in
+                stored = self.cache.put(c.chunk_digest, data,
+                                        remember=not background and c.chunk_digest in requested)
                 out.append((c, data, None, stored))
             return out
 
@@ -222,18 +444,23 @@ class ChunkFetcher:
                           self.source.name, c.chunk_digest, c.offset, error)
             else:
                 self.stats.chunks_fetched += 1
+                if c.chunk_digest not in requested:
+                    self.stats.neighbour_chunks += 1
                 # a chunk served but not cached (full disk, over the size limit) is not
                 # "fetched" for status and background planning: it will be fetched again
                 if self.on_fetched is not None and stored:
                     self.on_fetched(c)
             mine[c.chunk_digest][1].resolve(data, error)
 
-    async def _read(self, offset: int, length: int) -> bytes:
+    async def _read(self, offset: int, length: int, background: bool = False) -> bytes:
         """One source request, bounded by ``timeout`` (the thread is abandoned on timeout;
         the IPFS client's own per-call timeout ends it later)."""
         timeout = self.timeout if self.timeout > 0 else math.inf
         async with self._limiter:
             self.stats.source_calls += 1
+            if not background and self.on_foreground is not None:
+                self.on_foreground()
+            t0 = time.monotonic()
             try:
                 with trio.fail_after(timeout):
                     data = await trio.to_thread.run_sync(
@@ -244,5 +471,20 @@ class ChunkFetcher:
                     f"{self.source.name}: reading {length} bytes at offset {offset} took "
                     f"longer than {timeout:g}s"
                 ) from None
+            finally:
+                took = time.monotonic() - t0
+                if background:
+                    self.stats.background_calls += 1
+                else:
+                    self.stats.foreground_calls += 1
+                    self.stats.foreground_seconds += took
+                    self.stats.foreground_max_seconds = max(
+                        self.stats.foreground_max_seconds, took)
+                    if self.on_foreground is not None:
+                        self.on_foreground()
         self.stats.fetched_bytes += len(data)
+        if background:
+            self.stats.background_bytes += len(data)
+        else:
+            self.stats.foreground_bytes += len(data)
         return data

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
@@ -15,7 +16,15 @@ from ipfsnap.errors import FormatError, IpfsnapError
 from ipfsnap.estargz.types import Chunk
 from ipfsnap.fs.cache import ChunkCache
 from ipfsnap.fs.chunks import ChunkTable
-from ipfsnap.fs.fetcher import DEFAULT_MAX_SPAN, ChunkFetcher, Decompressor, coalesce
+from ipfsnap.fs.fetcher import (
+    DEFAULT_MAX_SPAN,
+    ActivityBoard,
+    BackgroundGate,
+    BackgroundPacing,
+    ChunkFetcher,
+    Decompressor,
+    coalesce,
+)
 from ipfsnap.fs.inodes import IndexView, Inode, InodeTable
 from ipfsnap.fs.source import BlobSource
 
@@ -31,6 +40,22 @@ DEFAULT_READAHEAD = 0
 READAHEAD_SLACK = 1 << 20
 #: read-ahead runs waiting at most (more are dropped: the reader fetches on demand)
 READAHEAD_QUEUE = 4
+#: bound of one background request: 8 IPFS blocks (256 KiB each), ~0.1 s at the 20-30 MB/s
+#: of bitswap over loopback, so a foreground read that starts meanwhile shares the link
+#: with it for at most about that long (a single bigger chunk is still one request)
+BACKGROUND_SPAN = 2 << 20
+#: on-demand reads also fetch the uncached chunks next to them in the blob, up to the
+#: boundaries of the aligned windows of this many bytes they touch (0 = off). 256 KiB is
+#: the IPFS block size (add's fixed chunker): those bytes cross bitswap in any case, so the
+#: neighbours cost no network transfer, only a local cat, inflate and sha256
+DEFAULT_NEIGHBOUR_SPAN = 0
+#: prefetch of the prioritized range: requests of at most this many bytes (the
+#: reference's ``prefetch_chunk_size``), this many at once
+DEFAULT_PREFETCH_SPAN = 1 << 20
+DEFAULT_PREFETCH_CONCURRENCY = 4
+#: while a foreground fetch is in flight the machine-wide activity stamp is refreshed this
+#: often (seconds), so other layers see the activity even during one long request
+HEARTBEAT = 0.5
 
 
 class LayerIndexView(IndexView, Protocol):
@@ -65,6 +90,20 @@ class LayerStatus:
     readahead_runs: int = 0
     #: FUSE read requests served (reads the page cache answered never get here)
     read_requests: int = 0
+    #: foreground requests to the source, their bytes and seconds (sum, longest)
+    foreground_calls: int = 0
+    foreground_bytes: int = 0
+    foreground_seconds: float = 0.0
+    foreground_max_seconds: float = 0.0
+    #: background requests and bytes; seconds background fetch waited for its turn
+    background_calls: int = 0
+    background_bytes: int = 0
+    background_waited: float = 0.0
+    #: neighbour chunks fetched along with on-demand reads
+    neighbour_chunks: int = 0
+    #: prefetch: bytes of the prioritized range fetched, seconds it took
+    prefetch_bytes: int = 0
+    prefetch_seconds: float = 0.0
     entries: int = 0
     last_error: str = ""
     #: cache writes skipped because they failed (full disk ...), and cache entries this
@@ -109,6 +148,11 @@ class LazyLayer:
         timeout: float = 300.0,
         max_span: int = DEFAULT_MAX_SPAN,
         readahead: int = DEFAULT_READAHEAD,
+        neighbour_span: int = DEFAULT_NEIGHBOUR_SPAN,
+        prefetch_span: int = DEFAULT_PREFETCH_SPAN,
+        prefetch_concurrency: int = DEFAULT_PREFETCH_CONCURRENCY,
+        board: ActivityBoard | None = None,
+        pacing: BackgroundPacing | None = None,
     ) -> None:
         # keep compact tables only: the caller may drop the (much larger) index
         tables = index if isinstance(index, LayerTables) else LayerTables.from_index(index)
@@ -124,6 +168,19 @@ class LazyLayer:
             max_concurrency=max_concurrency, timeout=timeout, max_span=max_span,
         )
         self.fetcher.on_fetched = self._fetched
+        self.max_concurrency = max(1, max_concurrency)
+        self.neighbour_span = neighbour_span
+        self.prefetch_span = prefetch_span
+        self.prefetch_concurrency = max(1, prefetch_concurrency)
+        #: machine-wide coordination of background fetch (None: this layer alone)
+        self.board = board
+        self.gate: BackgroundGate | None = None
+        if board is not None:
+            self.fetcher.on_foreground = board.mark
+            self.gate = BackgroundGate(board, pacing or BackgroundPacing(),
+                                       local_busy=lambda: self.fetcher.foreground_active)
+        self.prefetch_bytes = 0
+        self.prefetch_seconds = 0.0
         self._file_chunks: dict[int, Sequence[Chunk]] = {}
         #: chunks fetched ahead of a sequential reader (0: none); needs :meth:`readahead_loop`
         self.readahead = readahead
@@ -136,8 +193,20 @@ class LazyLayer:
         # status accounting: compressed bytes of the distinct chunks, and of those cached
         on_disk = cache.digests()
         sizes: dict[str, int] = {}
+        firsts: list[Chunk] = []
         for c in self.chunk_table:
-            sizes.setdefault(c.chunk_digest, c.end - c.offset)
+            if c.chunk_digest not in sizes:
+                sizes[c.chunk_digest] = c.end - c.offset
+                firsts.append(c)
+        # the distinct chunks in blob order, compact (entry k = the k-th chunk), for
+        # neighbour lookups and background planning
+        firsts.sort(key=lambda c: (c.offset, c.end))
+        self._order = ChunkTable()
+        self._order_offsets = array("q")
+        for k, c in enumerate(firsts):
+            self._order.add(k, (c,))
+            self._order_offsets.append(c.offset)
+        del firsts
         self.chunk_bytes = sum(sizes.values())
         self._unique = len(sizes)
         self._have = {d for d in on_disk if d in sizes}
@@ -177,6 +246,8 @@ class LazyLayer:
     # -- reads ----------------------------------------------------------------------------
     async def read(self, node: Inode, offset: int, size: int) -> bytes:
         self.read_requests += 1
+        if self.board is not None:
+            self.board.mark()
         if offset >= node.size or size <= 0:
             return b""
         end = min(node.size, offset + size)
@@ -184,7 +255,8 @@ class LazyLayer:
         needed = chunks_for_range(chunks, offset, end)
         if self._ra_send is not None and needed:
             self._read_ahead(node, chunks, needed[-1], offset, end)
-        datas = await self.fetcher.get(needed)
+        extra = self.neighbours(needed) if self.neighbour_span > 0 else []
+        datas = await self.fetcher.get(needed, extra=extra)
         out = bytearray()
         for c, data in zip(needed, datas, strict=True):
             lo = max(offset, c.chunk_offset) - c.chunk_offset
@@ -196,6 +268,52 @@ class LazyLayer:
                 f"bytes at offset {offset}"
             )
         return bytes(out)
+
+    def _fetchable(self, c: Chunk) -> bool:
+        d = c.chunk_digest
+        return d not in self._have and not self.fetcher.busy(d)
+
+    def neighbours(self, needed: Sequence[Chunk]) -> list[Chunk]:
+        """Uncached chunks next to the missing ones of ``needed`` in the blob, contiguous
+        with them and inside the aligned ``neighbour_span`` windows they touch.
+
+        Only for a read whose missing chunks form one contiguous run (the small-file case);
+        a cached or in-flight chunk ends the walk, so everything stays one request."""
+        missing = [c for c in needed if self._fetchable(c)]
+        if not missing or len(coalesce(missing, self.fetcher.max_span)) != 1:
+            return []
+        span = self.neighbour_span
+        lo = min(c.offset for c in missing)
+        hi = max(c.end for c in missing)
+        wlo = lo // span * span
+        whi = -(-hi // span) * span
+        seen = {c.chunk_digest for c in missing}
+        out: list[Chunk] = []
+        # left: chunks ending where the run starts
+        j = bisect.bisect_left(self._order_offsets, lo) - 1
+        edge = lo
+        while j >= 0:
+            c = self._order.of(j)[0]
+            if c.offset < wlo or c.end < edge or not self._fetchable(c):
+                break
+            if c.chunk_digest not in seen:
+                seen.add(c.chunk_digest)
+                out.append(c)
+            edge = c.offset
+            j -= 1
+        # right: chunks starting where the run ends
+        j = bisect.bisect_left(self._order_offsets, hi)
+        edge = hi
+        while j < len(self._order_offsets):
+            c = self._order.of(j)[0]
+            if c.offset > edge or c.end > whi or not self._fetchable(c):
+                break
+            if c.chunk_digest not in seen:
+                seen.add(c.chunk_digest)
+                out.append(c)
+            edge = max(edge, c.end)
+            j += 1
+        return out
 
     def _read_ahead(self, node: Inode, chunks: Sequence[Chunk], last: Chunk, offset: int,
                     end: int) -> None:
@@ -254,12 +372,9 @@ class LazyLayer:
 
     # -- prefetch and background ----------------------------------------------------------
     def _chunks_in_blob_order(self, limit: int | None = None) -> list[Chunk]:
-        by_digest: dict[str, Chunk] = {}
-        for c in self.chunk_table:
-            if limit is not None and c.offset >= limit:
-                continue
-            by_digest.setdefault(c.chunk_digest, c)
-        return sorted(by_digest.values(), key=lambda c: c.offset)
+        n = len(self._order_offsets) if limit is None else \
+            bisect.bisect_left(self._order_offsets, limit)
+        return [self._order.of(k)[0] for k in range(n)]
 
     def _todo(self, end: int, background: bool) -> list[Chunk]:
         todo = [c for c in self._chunks_in_blob_order(end) if c.chunk_digest not in self._have]
@@ -277,27 +392,84 @@ class LazyLayer:
         reached, or a write failed recently: see ``ChunkCache.background_room``) and returns
         False; True when every chunk was fetched."""
         todo = self._todo(end, background)
-        for run in coalesce(todo, self.fetcher.max_span):
-            if background:
-                await self.fetcher.wait_foreground_idle()
-                room = sum(c.chunk_size for c in run)
-                if not await trio.to_thread.run_sync(self.cache.background_room, room):
-                    return False
-            await self.fetcher.get(run, background=background)
+        span = min(BACKGROUND_SPAN, self.fetcher.max_span) if background else \
+            self.fetcher.max_span
+        for run in coalesce(todo, span):
+            if not background:
+                await self.fetcher.get(run)
+                self.update_status()
+                continue
+            await self.fetcher.wait_foreground_idle()
+            room = sum(c.chunk_size for c in run)
+            if not await trio.to_thread.run_sync(self.cache.background_room, room):
+                return False
+            if self.gate is None:
+                await self.fetcher.get(run, background=True)
+            else:
+                async with self.gate.turn():
+                    # foreground reads may have fetched some of these while we waited
+                    run = [c for c in run if c.chunk_digest not in self._have]
+                    if run:
+                        await self.fetcher.get(run, background=True)
             self.update_status()
         return True
 
     async def prefetch(self, end: int, timeout: float) -> bool:
-        """Fetch the prioritized range; False (logged) if it did not finish in time."""
+        """Fetch the prioritized range (the chunks starting before blob offset ``end``) in
+        requests of at most ``prefetch_span`` bytes, ``prefetch_concurrency`` at once;
+        False (logged) if it did not finish in ``timeout`` seconds. Raises the first
+        fetch error after the other requests have finished."""
         if end <= 0:
             return True
-        with trio.move_on_after(timeout if timeout > 0 else float("inf")) as scope:
-            await self.fetch_range(end, background=False)
+        todo = self._todo(end, background=False)
+        runs = coalesce(todo, self.prefetch_span or self.fetcher.max_span)
+        errors: list[IpfsnapError] = []
+        before = self.fetcher.stats.foreground_bytes
+        t0 = time.monotonic()
+        # the mount is not up yet: no reader competes, so the prefetch may use more
+        # connections than reads do later
+        self.fetcher.set_concurrency(max(self.max_concurrency, self.prefetch_concurrency))
+
+        slots = trio.Semaphore(self.prefetch_concurrency)
+
+        async def one(run: list[Chunk]) -> None:
+            try:
+                await self.fetcher.get(run)
+            except IpfsnapError as exc:
+                errors.append(exc)
+            finally:
+                slots.release()
+            self.update_status()
+
+        try:
+            with trio.move_on_after(timeout if timeout > 0 else float("inf")) as scope:
+                async with trio.open_nursery() as nursery:
+                    for run in runs:
+                        await slots.acquire()
+                        nursery.start_soon(one, run)
+        finally:
+            self.fetcher.set_concurrency(self.max_concurrency)
+            self.prefetch_bytes += self.fetcher.stats.foreground_bytes - before
+            self.prefetch_seconds += time.monotonic() - t0
+        log.info("%s: prefetched %d bytes of the prioritized range in %d requests, %.2f s",
+                 self.source.name, self.prefetch_bytes, len(runs), self.prefetch_seconds)
         if scope.cancelled_caught:
             log.warning("%s: prefetch of %d bytes did not finish in %gs; continuing lazily",
                         self.source.name, end, timeout)
             return False
+        if errors:
+            raise errors[0]
         return True
+
+    async def activity_loop(self) -> None:
+        """Refresh the machine-wide activity stamp while a foreground fetch is in flight
+        (until cancelled); a no-op without a board."""
+        if self.board is None:
+            return
+        while True:
+            await trio.sleep(HEARTBEAT)
+            if self.fetcher.foreground_active:
+                self.board.mark()
 
     async def background_fetch(self, retry_delay: float = 5.0, max_delay: float = 300.0,
                                pause_delay: float = 30.0) -> None:
@@ -351,6 +523,17 @@ class LazyLayer:
         st.source_calls = self.fetcher.stats.source_calls
         st.readahead_runs = self.readahead_runs
         st.read_requests = self.read_requests
+        fs = self.fetcher.stats
+        st.foreground_calls = fs.foreground_calls
+        st.foreground_bytes = fs.foreground_bytes
+        st.foreground_seconds = round(fs.foreground_seconds, 3)
+        st.foreground_max_seconds = round(fs.foreground_max_seconds, 3)
+        st.background_calls = fs.background_calls
+        st.background_bytes = fs.background_bytes
+        st.background_waited = round(self.gate.waited, 1) if self.gate is not None else 0.0
+        st.neighbour_chunks = fs.neighbour_chunks
+        st.prefetch_bytes = self.prefetch_bytes
+        st.prefetch_seconds = round(self.prefetch_seconds, 3)
         if self.fetcher.stats.last_error:
             st.last_error = self.fetcher.stats.last_error
         st.cache_write_failures = self.cache.write_failures

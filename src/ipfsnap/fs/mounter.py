@@ -37,6 +37,7 @@ from typing import Any
 from ipfsnap.config import Config
 from ipfsnap.errors import IpfsnapError
 from ipfsnap.fs.errors import LayerMountError, WorkerSpecError
+from ipfsnap.fs.fetcher import ActivityBoard
 from ipfsnap.fs.spec import SourceSpec, WorkerSpec, read_status
 from ipfsnap.ipfs import endpoint_from_config
 
@@ -205,6 +206,11 @@ class LayerMounter:
             max_retries=cfg.blob.max_retries,
             attr_timeout=cfg.fuse.attr_timeout,
             entry_timeout=cfg.fuse.entry_timeout,
+            neighbour_span=cfg.blob.neighbour_span,
+            prefetch_span=cfg.blob.prefetch_chunk_size,
+            prefetch_concurrency=max(1, cfg.prefetch_concurrency),
+            silence_period=cfg.background_fetch.silence_period_msec / 1000.0,
+            fetch_period=cfg.background_fetch.fetch_period_msec / 1000.0,
         )
         for key, value in self.extra.items():
             if not hasattr(spec, key):
@@ -235,6 +241,10 @@ class LayerMounter:
                 return
             raise LayerMountError(f"{mountpoint}: already a mountpoint")
         mountpoint.mkdir(parents=True, exist_ok=True)
+        # mounting is foreground work (an image is being pulled to run): the background
+        # fetch of layers mounted earlier holds off, as it does during reads
+        with contextlib.suppress(OSError):
+            ActivityBoard(Path(spec.cache_dir).parent, mark_interval=0.0).mark()
         wdir = self.worker_dir(mountpoint)
         wdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         Path(spec.cache_dir).mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -52,6 +52,16 @@ class WorkerSpec:
     max_span: int = 8 << 20
     #: chunks fetched ahead of a sequential reader (0 = off), see layer.DEFAULT_READAHEAD
     readahead: int = 0
+    #: on-demand reads also fetch uncached neighbour chunks inside aligned windows of this
+    #: many bytes (0 = off), see layer.DEFAULT_NEIGHBOUR_SPAN
+    neighbour_span: int = 0
+    #: prefetch requests: at most this many bytes each, this many at once
+    prefetch_span: int = 1 << 20
+    prefetch_concurrency: int = 4
+    #: background fetch: seconds without foreground reads (any layer) before a request,
+    #: and seconds between two background requests (any layer)
+    silence_period: float = 5.0
+    fetch_period: float = 0.25
     attr_timeout: float = 1.0
     entry_timeout: float = 1.0
     status_interval: float = 1.0

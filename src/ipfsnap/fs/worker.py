@@ -26,6 +26,7 @@ import os
 import pickle
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pyfuse3
@@ -36,6 +37,7 @@ from ipfsnap.estargz.reader import decompress_chunk, open_layer
 from ipfsnap.estargz.types import DEFAULT_LIMITS, Chunk, Limits
 from ipfsnap.fs.cache import ChunkCache
 from ipfsnap.fs.errors import LayerMountError
+from ipfsnap.fs.fetcher import ActivityBoard, BackgroundPacing
 from ipfsnap.fs.layer import LayerStatus, LayerTables, LazyLayer
 from ipfsnap.fs.ops import LayerOperations
 from ipfsnap.fs.source import BlobSource, IPFSSource, LocalFileSource
@@ -133,9 +135,16 @@ def open_lazy_layer(spec: WorkerSpec, source: BlobSource, *, isolated: bool = Tr
     def decompress(compression: str, data: bytes, chunk: Chunk) -> bytes:
         return decompress_chunk(compression, data, chunk, name=source.name)
 
+    # the cache root is shared by every worker of the state dir: so is the activity board
+    board = ActivityBoard(Path(spec.cache_dir).parent)
+    pacing = BackgroundPacing(silence_period=spec.silence_period,
+                              fetch_period=spec.fetch_period)
     return LazyLayer(tables, source, cache, decompress=decompress,
                      max_concurrency=spec.max_concurrency, timeout=spec.fetching_timeout_sec,
-                     max_span=spec.max_span, readahead=spec.readahead)
+                     max_span=spec.max_span, readahead=spec.readahead,
+                     neighbour_span=spec.neighbour_span, prefetch_span=spec.prefetch_span,
+                     prefetch_concurrency=spec.prefetch_concurrency, board=board,
+                     pacing=pacing)
 
 
 class Worker:
@@ -155,8 +164,6 @@ class Worker:
             st = self.layer.update_status()
             self.status = st
         else:
-            import time
-
             self.status.updated = time.time()
         try:
             write_json_atomic(self.status_path, self.status.to_json())
@@ -173,14 +180,17 @@ class Worker:
     def run(self) -> int:
         spec = self.spec
         self.write_status()
+        t0 = time.monotonic()
         try:
             source = make_source(spec)
             self.status.source = source.name
             self.layer = open_lazy_layer(spec, source)
         except IpfsnapError as exc:
             return self.fail(f"layer {spec.layer or spec.mountpoint}: cannot open: {exc}")
-        log.info("%s: %d entries, %d bytes of chunks, %d cached", source.name,
-                 len(self.layer.table), self.layer.chunk_bytes, self.layer.cached_bytes)
+        # timings for cold-start analysis (hello_bench --keep-logs collects these logs)
+        log.info("%s: TOC opened and verified in %.2f s: %d entries, %d bytes of chunks, "
+                 "%d cached", source.name, time.monotonic() - t0, len(self.layer.table),
+                 self.layer.chunk_bytes, self.layer.cached_bytes)
         try:
             return trio.run(self._serve, self.layer)
         finally:
@@ -214,6 +224,7 @@ class Worker:
                 nursery.start_soon(self._status_loop)
                 nursery.start_soon(self._signals)
                 nursery.start_soon(layer.readahead_loop)
+                nursery.start_soon(layer.activity_loop)
                 if not spec.no_background_fetch:
                     nursery.start_soon(layer.background_fetch)
                 await pyfuse3.main()
@@ -222,7 +233,12 @@ class Worker:
             pyfuse3.close(unmount=self._terminated)
             self.status.state = "unmounted"
             self.write_status()
-            log.info("unmounted %s", spec.mountpoint)
+            st = self.status
+            log.info("unmounted %s: %d FUSE reads; foreground %d requests, %d bytes, %.2f s "
+                     "(longest %.2f s), %d neighbour chunks; background %d requests, %d bytes",
+                     spec.mountpoint, st.read_requests, st.foreground_calls,
+                     st.foreground_bytes, st.foreground_seconds, st.foreground_max_seconds,
+                     st.neighbour_chunks, st.background_calls, st.background_bytes)
         return 0
 
     async def _status_loop(self) -> None:
