@@ -54,12 +54,16 @@ class StallingProxy:
                     break
                 if self.stalled.is_set():
                     continue  # swallow it: the peer sees a hung daemon
-                dst.sendall(data)
+                dst.sendall(self.transform(src, dst, data))
         except OSError:
             pass
         finally:
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)
+
+    def transform(self, src: socket.socket, dst: socket.socket, data: bytes) -> bytes:
+        """What is forwarded for ``data`` read from ``src`` (subclasses delay or damage it)."""
+        return data
 
     def drop_connections(self) -> None:
         with self._lock:

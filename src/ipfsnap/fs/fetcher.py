@@ -454,15 +454,17 @@ class ChunkFetcher:
 
     async def _read(self, offset: int, length: int, background: bool = False) -> bytes:
         """One source request, bounded by ``timeout`` (the thread is abandoned on timeout;
-        the IPFS client's own per-call timeout ends it later)."""
+        the IPFS client's own per-call timeout ends it later). The deadline runs from the
+        call, so a read queued behind ``max_concurrency`` stalled requests fails in time too."""
         timeout = self.timeout if self.timeout > 0 else math.inf
+        deadline = trio.current_time() + timeout
         async with self._limiter:
             self.stats.source_calls += 1
             if not background and self.on_foreground is not None:
                 self.on_foreground()
             t0 = time.monotonic()
             try:
-                with trio.fail_after(timeout):
+                with trio.fail_at(deadline):
                     data = await trio.to_thread.run_sync(
                         self.source.read_at, offset, length, abandon_on_cancel=True
                     )
