@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from ipfsnap.cli.run import SNAPSHOT_ROOT, chain_ids
+from ipfsnap.cli.run import SNAPSHOT_ROOT
 from ipfsnap.content import ImageStore
 from ipfsnap.content.archive import import_image
 from ipfsnap.content.sample import SampleImage
+from ipfsnap.image.unpack import chain_ids
 from ipfsnap.runtime.containers import mountinfo_targets
 from ipfsnap.snapshot import Kind, SnapshotStore
 from tests.support import require_root, require_tool

@@ -266,6 +266,25 @@ def test_cli_snapshotter_start_stop_and_ls(make_svc: Callable[..., Svc]) -> None
     assert f"snapshotter (pid {pid}) unmounted its layers and stopped" in res.stderr
     assert svc.pid() is None
     assert "no snapshotter runs" in svc.cli("snapshotter", "stop").stderr
+    # stopped: ls answers from the store, status says nothing is served; neither starts one
+    lines = [json.loads(x) for x in svc.cli("snapshot", "ls").stdout.splitlines()]
+    assert [(x["name"], x["kind"], x["parent"]) for x in lines] == [
+        ("c", "committed", ""), ("v", "view", "c")]
+    res = svc.cli("snapshot", "status")
+    assert res.stdout == ""
+    assert f"snapshotter not running for {svc.state}" in res.stderr
+    assert svc.pid() is None
+
+
+def test_queries_on_a_fresh_state_dir_start_nothing(make_svc: Callable[..., Svc]) -> None:
+    svc = make_svc()
+    for args in (("snapshot", "ls"), ("snapshot", "status"), ("snapshot", "ls", "--json")):
+        res = svc.cli(*args)
+        assert res.stdout == "", args
+        if args[1] == "status":
+            assert "snapshotter not running" in res.stderr
+    assert svc.pid() is None
+    assert sorted(p.name for p in svc.state.iterdir()) == []  # not even a store created
 
 
 def test_grpc_address_needs_foreground(make_svc: Callable[..., Svc]) -> None:

@@ -7,10 +7,12 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ipfsnap.config import Config, load_config
 from ipfsnap.errors import UsageError
+
+if TYPE_CHECKING:
+    from ipfsnap.config import Config
 
 
 @dataclass
@@ -23,6 +25,8 @@ class Context:
     @property
     def config(self) -> Config:
         if self._config is None:
+            from ipfsnap.config import load_config  # tomllib: only for commands that need it
+
             self._config = load_config(
                 config_path=self.args.config,
                 state_dir=self.args.state_dir,

@@ -13,10 +13,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from ipfsnap.cli.common import Context
 from ipfsnap.errors import UsageError
-from ipfsnap.ipfs import IPFSClient
+
+if TYPE_CHECKING:
+    from ipfsnap.ipfs.client import IPFSClient
 
 log = logging.getLogger(__name__)
 

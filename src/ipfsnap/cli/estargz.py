@@ -10,20 +10,15 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ipfsnap.cli.common import Context, parse_size, print_json
 from ipfsnap.errors import NotFoundError, StoreError, UsageError
-from ipfsnap.estargz import (
-    BuildOptions,
-    FileRangeReader,
-    LayerReader,
-    build,
-    entry_to_json,
-    open_layer,
-    verify_blob,
-)
-from ipfsnap.progress import progress_for
+from ipfsnap.estargz.types import DEFAULT_CHUNK_SIZE
+
+# The format code (zstandard, tarfile...) loads in the handlers, not at start-up.
+if TYPE_CHECKING:
+    from ipfsnap.estargz import FileRangeReader
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +32,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     b = esub.add_parser("build", help="convert a tar (plain, gzip or zstd) to an eStargz blob")
     b.add_argument("input", metavar="IN.tar", help="input tar ('-' for stdin)")
     b.add_argument("output", metavar="OUT.blob", help="output blob (written atomically)")
-    b.add_argument("--chunk-size", type=parse_size, default=4 << 20, metavar="N")
+    b.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE, metavar="N")
     b.add_argument(
         "--prioritize",
         nargs="+",
@@ -86,6 +81,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 
 def _open_blob(path: str) -> tuple[FileRangeReader, int, Any]:
+    from ipfsnap.estargz import FileRangeReader
+
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed by the caller's ExitStack
     except FileNotFoundError:
@@ -96,6 +93,9 @@ def _open_blob(path: str) -> tuple[FileRangeReader, int, Any]:
 
 
 def cmd_build(args: argparse.Namespace, ctx: Context) -> int:
+    from ipfsnap.estargz import BuildOptions, build
+    from ipfsnap.progress import progress_for
+
     if args.chunk_size <= 0:
         raise UsageError("--chunk-size must be positive")
     if args.workers < 0:
@@ -161,6 +161,8 @@ def cmd_build(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, ctx: Context) -> int:
+    from ipfsnap.estargz import verify_blob
+
     reader, size, f = _open_blob(args.blob)
     with f:
         res = verify_blob(reader, size, toc_digest=args.toc_digest, name=args.blob)
@@ -176,6 +178,8 @@ def cmd_verify(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
+    from ipfsnap.estargz import entry_to_json, open_layer
+
     reader, size, f = _open_blob(args.blob)
     with f:
         index = open_layer(reader, size, name=args.blob)
@@ -186,6 +190,8 @@ def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_cat(args: argparse.Namespace, ctx: Context) -> int:
+    from ipfsnap.estargz import LayerReader, open_layer
+
     reader, size, f = _open_blob(args.blob)
     with f:
         index = open_layer(reader, size, name=args.blob)

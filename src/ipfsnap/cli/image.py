@@ -16,25 +16,34 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ipfsnap.cli.common import Context, print_json
-from ipfsnap.content import ImageStore, export_image, import_image
-from ipfsnap.content.registry import pull_image
-from ipfsnap.oci import Platform, parse_platform
-from ipfsnap.progress import progress_for
+
+# Each command imports what it runs, so start-up and `image ls` stay cheap (the archive and
+# registry code pulls in zstandard, tarfile and http.client).
+if TYPE_CHECKING:
+    from ipfsnap.content import ImageStore
+    from ipfsnap.oci import Platform
 
 
 def _store(ctx: Context) -> ImageStore:
+    from ipfsnap.content.store import ImageStore
+
     return ImageStore(ctx.config.state_dir)
 
 
 def _platform(args: argparse.Namespace) -> Platform | None:
+    from ipfsnap.oci import parse_platform
+
     text = getattr(args, "platform", None)
     return parse_platform(text) if text else None
 
 
 def cmd_import(args: argparse.Namespace, ctx: Context) -> int:
+    from ipfsnap.content.archive import import_image
+    from ipfsnap.progress import progress_for
+
     records = import_image(_store(ctx), Path(args.path), args.name, progress_for())
     for r in records:
         sys.stdout.write(f"{r.name} {r.target.digest}\n")
@@ -42,6 +51,9 @@ def cmd_import(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_pull(args: argparse.Namespace, ctx: Context) -> int:
+    from ipfsnap.content.registry import pull_image
+    from ipfsnap.progress import progress_for
+
     record = pull_image(
         _store(ctx),
         args.ref,
@@ -124,6 +136,8 @@ def cmd_tag(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_export(args: argparse.Namespace, ctx: Context) -> int:
+    from ipfsnap.content.archive import export_image
+
     export_image(_store(ctx), args.ref, Path(args.file))
     return 0
 

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ipfsnap.cli.common import Context
-from ipfsnap.content import ImageStore
-from ipfsnap.image.convert import ConvertOptions
-from ipfsnap.image.optimize import optimize_image
-from ipfsnap.image.record import DEFAULT_PERIOD, Workload, parse_command
-from ipfsnap.oci import parse_platform
-from ipfsnap.progress import progress_for
+
+# The recorder and converter (runc, tarfile, zstandard) load only when a command runs.
+if TYPE_CHECKING:
+    from ipfsnap.image.record import Workload
+
+#: seconds the workload is recorded: image.record's DEFAULT_PERIOD (a test checks they agree;
+#: importing it here would load the recorder at start-up)
+DEFAULT_PERIOD = 10.0
 
 
 def _period(text: str) -> float:
@@ -57,6 +59,7 @@ def add_workload_options(p: argparse.ArgumentParser) -> None:
 
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
+    from ipfsnap.image.record import Workload, parse_command
     from ipfsnap.runtime import parse_env
 
     return Workload(
@@ -71,6 +74,12 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
 
 
 def cmd_optimize(args: argparse.Namespace, ctx: Context) -> int:
+    from ipfsnap.content.store import ImageStore
+    from ipfsnap.image.convert import ConvertOptions
+    from ipfsnap.image.optimize import optimize_image
+    from ipfsnap.oci import parse_platform
+    from ipfsnap.progress import progress_for
+
     cfg = ctx.config
     store = ImageStore(cfg.state_dir)
     store.get(args.ref)  # a missing image fails before anything runs

@@ -13,16 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from ipfsnap.cli.common import Context, parse_bool
-from ipfsnap.cli.ipfs_node import ensure_api
-from ipfsnap.content import ImageStore
 from ipfsnap.errors import IPFSError
-from ipfsnap.estargz import DEFAULT_CHUNK_SIZE
-from ipfsnap.image.convert import DEFAULT_LEVEL, ConvertOptions
-from ipfsnap.image.errors import PushError
-from ipfsnap.image.push import PushOptions, push_image
-from ipfsnap.ipfs import IPFSClient, RetryPolicy
-from ipfsnap.oci import parse_platform
-from ipfsnap.progress import progress_for
 
 #: seconds one socket operation of an add may wait; the daemon answers an add only after it
 #: has chunked and stored the whole blob, which for a few hundred MB can take a while
@@ -39,7 +30,23 @@ def _level(text: str) -> int:
     return value
 
 
+#: gzip level of converted layers: the reference's (and image.convert's DEFAULT_LEVEL, which
+#: a test checks; importing it here would load the converter at start-up)
+DEFAULT_LEVEL = 9
+
+
 def cmd_ipfs_push(args: argparse.Namespace, ctx: Context) -> int:
+    from ipfsnap.cli.ipfs_node import ensure_api
+    from ipfsnap.content.store import ImageStore
+    from ipfsnap.estargz.types import DEFAULT_CHUNK_SIZE
+    from ipfsnap.image.convert import ConvertOptions
+    from ipfsnap.image.errors import PushError
+    from ipfsnap.image.push import PushOptions, push_image
+    from ipfsnap.ipfs.client import IPFSClient
+    from ipfsnap.ipfs.core import RetryPolicy
+    from ipfsnap.oci import parse_platform
+    from ipfsnap.progress import progress_for
+
     cfg = ctx.config
     platforms = tuple(parse_platform(p) for p in (args.platform or []))
     options = PushOptions(

@@ -13,16 +13,17 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ipfsnap.cli.common import Context
-from ipfsnap.config import Config
 from ipfsnap.errors import IPFSError, UsageError
-from ipfsnap.ipfs.client import IPFSClient
-from ipfsnap.ipfs.core import RetryPolicy
 from ipfsnap.ipfs.multiaddr import Endpoint, parse_api, read_api_file
-from ipfsnap.ipfs.node import LOG_FILE, ManagedNode, NodeError
-from ipfsnap.ipfs.pnet import generate_swarm_key
+
+# The HTTP client (h11) and the node manager (urllib, subprocess) load when a command needs
+# them, not when the command line is parsed.
+if TYPE_CHECKING:
+    from ipfsnap.config import Config
+    from ipfsnap.ipfs.client import IPFSClient
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,9 @@ log = logging.getLogger(__name__)
 _PROBE_TIMEOUT = 2.0
 #: bootstrap edits are config writes on the daemon; they return at once
 _RPC_TIMEOUT = 30.0
-#: a probe answers or not; retrying a dead daemon's port only delays the fallback
-_NO_RETRY = RetryPolicy(max_retries=0)
 
 
-class NoIPFSAPI(NodeError):
+class NoIPFSAPI(IPFSError):
     """No IPFS API is reachable and the managed node is disabled."""
 
 
@@ -93,8 +92,13 @@ def _candidate_repos(config: Config) -> list[Path]:
 
 
 def _answers(endpoint: Endpoint) -> bool:
+    from ipfsnap.ipfs.client import IPFSClient
+    from ipfsnap.ipfs.core import RetryPolicy
+
+    # a probe answers or not; retrying a dead daemon's port only delays the fallback
+    no_retry = RetryPolicy(max_retries=0)
     try:
-        with IPFSClient(endpoint, timeout=_PROBE_TIMEOUT, retry=_NO_RETRY) as client:
+        with IPFSClient(endpoint, timeout=_PROBE_TIMEOUT, retry=no_retry) as client:
             client.id()
     except IPFSError as exc:
         log.info("IPFS API %s (from %s) does not answer: %s", endpoint, endpoint.source, exc)
@@ -120,6 +124,8 @@ def ensure_api(config: Config) -> str:
     ``<repo>/daemon.log``) and outlives this process; stop it with ``kill`` on the pid in
     ``<repo>/ipfsnap-node.pid`` or run ``ipfsnap ipfs daemon`` in the foreground instead.
     """
+    from ipfsnap.ipfs.node import LOG_FILE, ManagedNode
+
     found = find_api(config)
     if found is not None:
         return found.url
@@ -143,6 +149,8 @@ def ensure_api(config: Config) -> str:
 
 
 def _client(ctx: Context) -> IPFSClient:
+    from ipfsnap.ipfs.client import IPFSClient
+
     endpoint = find_api(ctx.config)
     if endpoint is None:
         raise NoIPFSAPI(
@@ -166,6 +174,8 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 
 
 def cmd_daemon(args: argparse.Namespace, ctx: Context) -> int:
+    from ipfsnap.ipfs.node import ManagedNode, NodeError
+
     repo = Path(args.repo) if args.repo else ctx.config.ipfs_repo
     node = ManagedNode(repo, api=args.api, swarm=args.swarm, offline=args.offline)
     old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -192,6 +202,8 @@ def cmd_daemon(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_swarm_key_gen(args: argparse.Namespace, ctx: Context) -> int:
+    from ipfsnap.ipfs.pnet import generate_swarm_key
+
     sys.stdout.write(generate_swarm_key().to_text())
     sys.stdout.flush()
     return 0

@@ -19,22 +19,21 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ipfsnap.cli.common import Context
-from ipfsnap.config import Config
-from ipfsnap.content import ImageNotFound, ImageStore, ResolvedImage
 from ipfsnap.errors import NotFoundError, UsageError
-from ipfsnap.image.errors import BadImageRef
-from ipfsnap.image.resolve import BlobFetcher, image_name, parse_ipfs_ref
-from ipfsnap.image.rpull import PulledImage, rpull
 from ipfsnap.image.snapshotters import SNAPSHOTTERS, STARGZ, is_lazy, snapshotter_root
-from ipfsnap.image.unpack import unpack
-from ipfsnap.ipfs import IPFSClient, RetryPolicy
-from ipfsnap.oci import Platform, parse_platform
-from ipfsnap.progress import progress_for
-from ipfsnap.snapshot import SnapshotStore, Snapshotter, mount_all
-from ipfsnap.snapshot import unmount as unmount_path
+
+# What a command runs is imported when it runs: parsing the command line must not load the
+# IPFS client, the unpacker or the snapshot store (see tests/cli/test_startup.py).
+if TYPE_CHECKING:
+    from ipfsnap.config import Config
+    from ipfsnap.content import ResolvedImage
+    from ipfsnap.image.rpull import PulledImage
+    from ipfsnap.ipfs.client import IPFSClient
+    from ipfsnap.oci import Platform
+    from ipfsnap.snapshot import Snapshotter
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +64,8 @@ def open_snapshotter(config: Config, name: str) -> Iterator[Snapshotter]:
         finally:
             client.close()
         return
+    from ipfsnap.snapshot.store import SnapshotStore
+
     store = SnapshotStore(snapshotter_root(config.state_dir, name), restore=False)
     try:
         yield store
@@ -76,6 +77,8 @@ def ipfs_client(config: Config) -> IPFSClient:
     """A client of the configured IPFS API, or of a managed node started now (and the API
     recorded in ``config`` so the lazy layer workers use the same one)."""
     from ipfsnap.cli.ipfs_node import ensure_api
+    from ipfsnap.ipfs.client import IPFSClient
+    from ipfsnap.ipfs.core import RetryPolicy
 
     api = ensure_api(config)
     config.ipfs_api = api
@@ -95,6 +98,10 @@ def pull(ctx: Context, ref: str, snapshotter: str | None,
          platform: Platform | None = None) -> PulledImage:
     """rpull ``ref`` into the local store, unpacking into ``snapshotter`` (None: documents
     only)."""
+    from ipfsnap.content.store import ImageStore
+    from ipfsnap.image.rpull import rpull
+    from ipfsnap.progress import progress_for
+
     images = ImageStore(ctx.config.state_dir)
     client = ipfs_client(ctx.config)
     with client, contextlib.ExitStack() as stack:
@@ -111,6 +118,11 @@ def layer_snapshots(
 ) -> str:
     """Every layer of ``image`` a committed snapshot in ``snaps`` (lazily for a lazy
     snapshotter; layers missing locally are fetched from IPFS); returns the top chain ID."""
+    from ipfsnap.content.store import ImageStore
+    from ipfsnap.image.resolve import BlobFetcher
+    from ipfsnap.image.unpack import unpack
+    from ipfsnap.progress import progress_for
+
     images = ImageStore(ctx.config.state_dir)
     clients: list[IPFSClient] = []
 
@@ -135,6 +147,11 @@ def layer_snapshots(
 def resolve_or_pull(ctx: Context, ref: str, platform: Platform | None) -> ResolvedImage:
     """A local image by name; an IPFS ref (CID, ipfs://CID, /ipfs/CID) not yet stored is
     rpulled first (documents only)."""
+    from ipfsnap.content.errors import ImageNotFound
+    from ipfsnap.content.store import ImageStore
+    from ipfsnap.image.errors import BadImageRef
+    from ipfsnap.image.resolve import image_name, parse_ipfs_ref
+
     store = ImageStore(ctx.config.state_dir)
     cid: str | None = None
     with contextlib.suppress(BadImageRef):
@@ -158,6 +175,8 @@ def resolve_or_pull(ctx: Context, ref: str, platform: Platform | None) -> Resolv
 
 
 def _platform(args: argparse.Namespace) -> Platform | None:
+    from ipfsnap.oci import parse_platform
+
     return parse_platform(args.platform) if args.platform else None
 
 
@@ -177,6 +196,8 @@ def _mount_key(target: Path) -> str:
 
 
 def cmd_mount(args: argparse.Namespace, ctx: Context) -> int:
+    from ipfsnap.snapshot.mount import mount_all
+
     target = Path(args.target)
     if not target.is_dir():
         raise UsageError(f"image mount: target {target} is not a directory")
@@ -196,6 +217,8 @@ def cmd_mount(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_unmount(args: argparse.Namespace, ctx: Context) -> int:
+    from ipfsnap.snapshot.mount import unmount as unmount_path
+
     target = Path(args.target)
     key = _mount_key(target)
     found = False

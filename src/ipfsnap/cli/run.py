@@ -21,24 +21,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ipfsnap.cli.common import Context, print_json
 from ipfsnap.errors import MountError, UsageError
 from ipfsnap.image.snapshotters import OVERLAYFS, STARGZ, snapshotter_root
-from ipfsnap.image.unpack import chain_ids  # noqa: F401 - re-exported for callers
-from ipfsnap.runtime import (
-    BindMount,
-    ContainerConfig,
-    ContainerRecord,
-    ContainerStore,
-    image_args,
-    merge_env,
-    parse_env,
-    parse_mount,
-    validate_id,
-)
-from ipfsnap.runtime.containers import MountRootfs, Release
-from ipfsnap.runtime.errors import ContainerNotFound, Interrupted
-from ipfsnap.runtime.runc import have_terminal
 
+# Commands import the runtime, stores and snapshotters when they run (start-up stays cheap).
 if TYPE_CHECKING:
     from ipfsnap.content import ResolvedImage
+    from ipfsnap.runtime import BindMount, ContainerConfig, ContainerRecord
+    from ipfsnap.runtime.containers import MountRootfs, Release
     from ipfsnap.snapshot import Snapshotter
 
 log = logging.getLogger(__name__)
@@ -234,6 +222,8 @@ def container_config(
     mounts: list[BindMount],
 ) -> ContainerConfig:
     """The image's Entrypoint/Cmd/Env/WorkingDir/User under the command line's overrides."""
+    from ipfsnap.runtime import ContainerConfig, image_args, merge_env
+
     cfg = image.config
     return ContainerConfig(
         args=image_args(cfg.entrypoint, cfg.cmd, cmd),
@@ -270,6 +260,17 @@ def image_rootfs(ctx: Context, image: ResolvedImage, snapshotter: str, key: str)
 
 
 def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
+    from ipfsnap.runtime import (
+        ContainerConfig,
+        ContainerStore,
+        merge_env,
+        parse_env,
+        parse_mount,
+        validate_id,
+    )
+    from ipfsnap.runtime.errors import Interrupted
+    from ipfsnap.runtime.runc import have_terminal
+
     argv: list[str] = list(args.argv)
     if argv and argv[0] == "--":
         argv = argv[1:]
@@ -339,6 +340,8 @@ def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_ps(args: argparse.Namespace, ctx: Context) -> int:
+    from ipfsnap.runtime import ContainerStore
+
     store = ContainerStore(ctx.config.state_dir)
     rows = store.list()
     if args.json or not sys.stdout.isatty():
@@ -367,6 +370,9 @@ def cmd_ps(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_rm(args: argparse.Namespace, ctx: Context) -> int:
+    from ipfsnap.runtime import ContainerStore, validate_id
+    from ipfsnap.runtime.errors import ContainerNotFound
+
     store = ContainerStore(ctx.config.state_dir)
     release = release_for(ctx)
     failed = 0
@@ -382,6 +388,8 @@ def cmd_rm(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_logs(args: argparse.Namespace, ctx: Context) -> int:
+    from ipfsnap.runtime import ContainerStore, validate_id
+
     store = ContainerStore(ctx.config.state_dir)
     store.load(validate_id(args.id))  # a clear error for an unknown id
     path = store.log_path(args.id)

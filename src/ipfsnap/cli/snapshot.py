@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ipfsnap.cli.common import Context, print_json
 from ipfsnap.errors import UsageError
 from ipfsnap.log import setup_logging
+
+if TYPE_CHECKING:
+    from ipfsnap.snapshot import Info
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +116,22 @@ def _short(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
-    from ipfsnap.service import connect_or_start
+def _not_running(ctx: Context) -> str:
+    return (
+        f"snapshotter not running for {ctx.config.state_dir}: no lazy layers are served "
+        "(it starts with the next rpull, image mount or run --snapshotter stargz)"
+    )
 
-    with connect_or_start(ctx.config) as client:
+
+def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
+    from ipfsnap.service.client import connect_if_running
+
+    # a query: ask a running snapshotter, never start one just to answer
+    client = connect_if_running(ctx.config)
+    if client is None:
+        sys.stderr.write(_not_running(ctx) + "\n")
+        return 0
+    with client:
         states = client.status()
     if args.json or not sys.stdout.isatty():
         for s in states:
@@ -140,17 +155,37 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+def _walk_store(ctx: Context) -> list[Info]:
+    """The snapshots of the lazy snapshotter's store, read in-process (it is not running)."""
+    from ipfsnap.image.snapshotters import STARGZ, snapshotter_root
+    from ipfsnap.snapshot.store import SnapshotStore
+
+    root = snapshotter_root(ctx.config.state_dir, STARGZ)
+    if not (root / "metadata.db").is_file():  # the store's database (snapshot/store.py)
+        return []  # never used: nothing to list (and nothing to create for a query)
+    # no RemoteFileSystem and no restore: opening the store mounts and unmounts nothing
+    with SnapshotStore(root, restore=False) as store:
+        return store.walk()
+
+
 def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
-    from ipfsnap.service import connect_or_start
+    from ipfsnap.service.client import connect_if_running
     from ipfsnap.service.protocol import info_to_json
     from ipfsnap.snapshot import REMOTE_LABEL
 
-    with connect_or_start(ctx.config) as client:
-        infos = client.walk()
+    client = connect_if_running(ctx.config)
+    if client is None:
+        log.info("%s; listing the snapshots from its store", _not_running(ctx))
+        infos = _walk_store(ctx)
+    else:
+        with client:
+            infos = client.walk()
     if args.json or not sys.stdout.isatty():
         for i in infos:
             print_json(info_to_json(i))
         return 0
+    if client is None:
+        sys.stderr.write(_not_running(ctx) + "\n")
     rows = [["NAME", "KIND", "PARENT", "REMOTE"]]
     for i in infos:
         rows.append([_short(i.name, 40), str(i.kind), _short(i.parent, 40),

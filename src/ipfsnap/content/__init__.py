@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-from ipfsnap.content.archive import export_image, import_image
-from ipfsnap.content.blobs import BlobStore
-from ipfsnap.content.errors import (
-    AmbiguousImport,
-    ArchiveError,
-    BlobNotFound,
-    ImageNotFound,
-    IncompleteImage,
-    RegistryAuthError,
-    RegistryError,
-    StoreCorrupt,
-)
-from ipfsnap.content.store import GCResult, ImageRecord, ImageStore, ResolvedImage
+from typing import TYPE_CHECKING
+
+from ipfsnap._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from ipfsnap.content.archive import export_image, import_image
+    from ipfsnap.content.blobs import BlobStore
+    from ipfsnap.content.errors import (
+        AmbiguousImport,
+        ArchiveError,
+        BlobNotFound,
+        ImageNotFound,
+        IncompleteImage,
+        RegistryAuthError,
+        RegistryError,
+        StoreCorrupt,
+    )
+    from ipfsnap.content.store import GCResult, ImageRecord, ImageStore, ResolvedImage
 
 __all__ = [
     "AmbiguousImport",
@@ -33,3 +38,23 @@ __all__ = [
     "export_image",
     "import_image",
 ]
+
+# Submodules load on first use of one of their names (see ipfsnap._lazy).
+_EXPORTS = {
+    ".archive": ("export_image", "import_image"),
+    ".blobs": ("BlobStore",),
+    ".errors": (
+        "AmbiguousImport",
+        "ArchiveError",
+        "BlobNotFound",
+        "ImageNotFound",
+        "IncompleteImage",
+        "RegistryAuthError",
+        "RegistryError",
+        "StoreCorrupt",
+    ),
+    ".store": ("GCResult", "ImageRecord", "ImageStore", "ResolvedImage"),
+}
+
+if not TYPE_CHECKING:
+    __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

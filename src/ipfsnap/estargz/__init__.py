@@ -3,48 +3,55 @@
 See docs/architecture.md for the stable interface other packages code against.
 """
 
-from ipfsnap.estargz.builder import BuildOptions, BuildResult, build
-from ipfsnap.estargz.errors import (
-    BadCompression,
-    BadFooter,
-    BadTar,
-    ChunkDigestMismatch,
-    ChunkTooLarge,
-    EStargzError,
-    InvalidTOC,
-    NameTooLong,
-    PrioritizedFileNotFound,
-    TOCDigestMismatch,
-    TOCTooLarge,
-    TooManyEntries,
-    TruncatedBlob,
-    UnsafeEntry,
-)
-from ipfsnap.estargz.reader import (
-    LayerIndex,
-    LayerReader,
-    VerifyResult,
-    clean_path,
-    decompress_chunk,
-    open_layer,
-    verify_blob,
-)
-from ipfsnap.estargz.toc import entry_to_json
-from ipfsnap.estargz.types import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_LIMITS,
-    NO_PREFETCH_LANDMARK,
-    PREFETCH_LANDMARK,
-    TOC_DIGEST_ANNOTATION,
-    TOC_TAR_NAME,
-    UNCOMPRESSED_SIZE_ANNOTATION,
-    BytesRangeReader,
-    Chunk,
-    FileRangeReader,
-    Limits,
-    RangeReader,
-    TOCEntry,
-)
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ipfsnap._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from ipfsnap.estargz.builder import BuildOptions, BuildResult, build
+    from ipfsnap.estargz.errors import (
+        BadCompression,
+        BadFooter,
+        BadTar,
+        ChunkDigestMismatch,
+        ChunkTooLarge,
+        EStargzError,
+        InvalidTOC,
+        NameTooLong,
+        PrioritizedFileNotFound,
+        TOCDigestMismatch,
+        TOCTooLarge,
+        TooManyEntries,
+        TruncatedBlob,
+        UnsafeEntry,
+    )
+    from ipfsnap.estargz.reader import (
+        LayerIndex,
+        LayerReader,
+        VerifyResult,
+        clean_path,
+        decompress_chunk,
+        open_layer,
+        verify_blob,
+    )
+    from ipfsnap.estargz.toc import entry_to_json
+    from ipfsnap.estargz.types import (
+        DEFAULT_CHUNK_SIZE,
+        DEFAULT_LIMITS,
+        NO_PREFETCH_LANDMARK,
+        PREFETCH_LANDMARK,
+        TOC_DIGEST_ANNOTATION,
+        TOC_TAR_NAME,
+        UNCOMPRESSED_SIZE_ANNOTATION,
+        BytesRangeReader,
+        Chunk,
+        FileRangeReader,
+        Limits,
+        RangeReader,
+        TOCEntry,
+    )
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -86,3 +93,52 @@ __all__ = [
     "open_layer",
     "verify_blob",
 ]
+
+# Submodules load on first use of one of their names (see ipfsnap._lazy).
+_EXPORTS = {
+    ".builder": ("BuildOptions", "BuildResult", "build"),
+    ".errors": (
+        "BadCompression",
+        "BadFooter",
+        "BadTar",
+        "ChunkDigestMismatch",
+        "ChunkTooLarge",
+        "EStargzError",
+        "InvalidTOC",
+        "NameTooLong",
+        "PrioritizedFileNotFound",
+        "TOCDigestMismatch",
+        "TOCTooLarge",
+        "TooManyEntries",
+        "TruncatedBlob",
+        "UnsafeEntry",
+    ),
+    ".reader": (
+        "LayerIndex",
+        "LayerReader",
+        "VerifyResult",
+        "clean_path",
+        "decompress_chunk",
+        "open_layer",
+        "verify_blob",
+    ),
+    ".toc": ("entry_to_json",),
+    ".types": (
+        "DEFAULT_CHUNK_SIZE",
+        "DEFAULT_LIMITS",
+        "NO_PREFETCH_LANDMARK",
+        "PREFETCH_LANDMARK",
+        "TOC_DIGEST_ANNOTATION",
+        "TOC_TAR_NAME",
+        "UNCOMPRESSED_SIZE_ANNOTATION",
+        "BytesRangeReader",
+        "Chunk",
+        "FileRangeReader",
+        "Limits",
+        "RangeReader",
+        "TOCEntry",
+    ),
+}
+
+if not TYPE_CHECKING:
+    __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

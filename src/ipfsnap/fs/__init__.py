@@ -19,16 +19,23 @@ Public API
 - Disk cache: ``<state>/fs/cache/<layer digest hex>/<chunk sha256 hex>``, verified on read.
 """
 
-from ipfsnap.fs.mounter import (
-    LAYER_DIGEST_LABEL,
-    LOCAL_PATH_LABEL,
-    PREFETCH_SIZE_LABEL,
-    SIZE_LABEL,
-    TOC_DIGEST_LABEL,
-    URLS_LABEL,
-    LayerMounter,
-)
-from ipfsnap.fs.spec import SourceSpec, WorkerSpec, read_status
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ipfsnap._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from ipfsnap.fs.mounter import (
+        LAYER_DIGEST_LABEL,
+        LOCAL_PATH_LABEL,
+        PREFETCH_SIZE_LABEL,
+        SIZE_LABEL,
+        TOC_DIGEST_LABEL,
+        URLS_LABEL,
+        LayerMounter,
+    )
+    from ipfsnap.fs.spec import SourceSpec, WorkerSpec, read_status
 
 __all__ = [
     "LAYER_DIGEST_LABEL",
@@ -42,3 +49,20 @@ __all__ = [
     "WorkerSpec",
     "read_status",
 ]
+
+# Submodules load on first use of one of their names (see ipfsnap._lazy).
+_EXPORTS = {
+    ".mounter": (
+        "LAYER_DIGEST_LABEL",
+        "LOCAL_PATH_LABEL",
+        "PREFETCH_SIZE_LABEL",
+        "SIZE_LABEL",
+        "TOC_DIGEST_LABEL",
+        "URLS_LABEL",
+        "LayerMounter",
+    ),
+    ".spec": ("SourceSpec", "WorkerSpec", "read_status"),
+}
+
+if not TYPE_CHECKING:
+    __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -4,25 +4,32 @@ The managed node (``ipfsnap.ipfs.node``, ``ipfsnap.ipfs.pnet``) is imported on i
 package namespace only carries the client side.
 """
 
-from ipfsnap.ipfs.aclient import AsyncIPFSClient
-from ipfsnap.ipfs.cid import CID, normalize_cid, parse_cid, raw_cid
-from ipfsnap.ipfs.client import CIDReader, IPFSClient, endpoint_from_config
-from ipfsnap.ipfs.core import AddResult, BlockStat, FileStat, Peer, RetryPolicy
-from ipfsnap.ipfs.errors import (
-    APINotFound,
-    BadCID,
-    BadMultiaddr,
-    BadReply,
-    DaemonUnreachable,
-    IPFSCallError,
-    IPFSHTTPError,
-    IPFSNotFound,
-    IPFSTimeout,
-    ShortRead,
-    StreamError,
-)
-from ipfsnap.ipfs.multiaddr import Endpoint, discover_api, parse_api
-from ipfsnap.ipfs.unixfs import DagInfo, compute_cid, compute_dag
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ipfsnap._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from ipfsnap.ipfs.aclient import AsyncIPFSClient
+    from ipfsnap.ipfs.cid import CID, normalize_cid, parse_cid, raw_cid
+    from ipfsnap.ipfs.client import CIDReader, IPFSClient, endpoint_from_config
+    from ipfsnap.ipfs.core import AddResult, BlockStat, FileStat, Peer, RetryPolicy
+    from ipfsnap.ipfs.errors import (
+        APINotFound,
+        BadCID,
+        BadMultiaddr,
+        BadReply,
+        DaemonUnreachable,
+        IPFSCallError,
+        IPFSHTTPError,
+        IPFSNotFound,
+        IPFSTimeout,
+        ShortRead,
+        StreamError,
+    )
+    from ipfsnap.ipfs.multiaddr import Endpoint, discover_api, parse_api
+    from ipfsnap.ipfs.unixfs import DagInfo, compute_cid, compute_dag
 
 __all__ = [
     "CID",
@@ -56,3 +63,29 @@ __all__ = [
     "parse_cid",
     "raw_cid",
 ]
+
+# Submodules load on first use of one of their names (see ipfsnap._lazy).
+_EXPORTS = {
+    ".aclient": ("AsyncIPFSClient",),
+    ".cid": ("CID", "normalize_cid", "parse_cid", "raw_cid"),
+    ".client": ("CIDReader", "IPFSClient", "endpoint_from_config"),
+    ".core": ("AddResult", "BlockStat", "FileStat", "Peer", "RetryPolicy"),
+    ".errors": (
+        "APINotFound",
+        "BadCID",
+        "BadMultiaddr",
+        "BadReply",
+        "DaemonUnreachable",
+        "IPFSCallError",
+        "IPFSHTTPError",
+        "IPFSNotFound",
+        "IPFSTimeout",
+        "ShortRead",
+        "StreamError",
+    ),
+    ".multiaddr": ("Endpoint", "discover_api", "parse_api"),
+    ".unixfs": ("DagInfo", "compute_cid", "compute_dag"),
+}
+
+if not TYPE_CHECKING:
+    __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -301,10 +301,14 @@ def start_daemon(config: Config, *, timeout: float = START_TIMEOUT) -> int:
         client.close()
 
 
-def connect_or_start(config: Config, *, timeout: float | None = None) -> SnapshotterClient:
-    """A client of ``config.state_dir``'s snapshotter, starting one when none answers.
+def connect_if_running(
+    config: Config, *, timeout: float | None = None
+) -> SnapshotterClient | None:
+    """A client of ``config.state_dir``'s snapshotter if one runs, else None (nothing is
+    started: read-only queries use this, so they never leave a daemon behind).
 
-    ``timeout`` bounds each request (default: :func:`request_timeout` of ``config``).
+    A snapshotter that holds the state dir's lock but does not answer yet (it restores its
+    mounts at start-up) is waited for, up to ``START_TIMEOUT``.
     """
     client = SnapshotterClient(
         config.state_dir, timeout=timeout if timeout is not None else request_timeout(config)
@@ -315,21 +319,35 @@ def connect_or_start(config: Config, *, timeout: float | None = None) -> Snapsho
     except ServiceUnavailable:
         client.close()
     holder = paths.lock_holder(config.state_dir)
-    if holder is not None:
-        # running but not answering yet (restoring its mounts): wait for it, start nothing
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline and paths.lock_holder(config.state_dir) is not None:
-            try:
-                client.ping(timeout=2.0)
-                return client
-            except ServiceUnavailable:
-                client.close()
-                time.sleep(0.1)
-        if paths.lock_holder(config.state_dir) is not None:
-            raise ServiceUnavailable(
-                f"snapshotter (pid {holder}) of {config.state_dir} holds its lock but does not "
-                f"answer on {client.socket_path} (log {paths.log_path(config.state_dir)})"
-            )
+    if holder is None:
+        return None
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline and paths.lock_holder(config.state_dir) is not None:
+        try:
+            client.ping(timeout=2.0)
+            return client
+        except ServiceUnavailable:
+            client.close()
+            time.sleep(0.1)
+    if paths.lock_holder(config.state_dir) is not None:
+        raise ServiceUnavailable(
+            f"snapshotter (pid {holder}) of {config.state_dir} holds its lock but does not "
+            f"answer on {client.socket_path} (log {paths.log_path(config.state_dir)})"
+        )
+    return None  # it exited while we waited
+
+
+def connect_or_start(config: Config, *, timeout: float | None = None) -> SnapshotterClient:
+    """A client of ``config.state_dir``'s snapshotter, starting one when none answers.
+
+    ``timeout`` bounds each request (default: :func:`request_timeout` of ``config``).
+    """
+    client = connect_if_running(config, timeout=timeout)
+    if client is not None:
+        return client
     start_daemon(config)
+    client = SnapshotterClient(
+        config.state_dir, timeout=timeout if timeout is not None else request_timeout(config)
+    )
     client.ping()
     return client
