@@ -58,7 +58,7 @@ def open_snapshotter(config: Config, name: str) -> Iterator[Snapshotter]:
     if is_lazy(name):
         from ipfsnap.service.client import connect_or_start
 
-        client = connect_or_start(config)
+        client = connect_or_start(config, ipfs_api=lambda: request_api(config))
         try:
             yield client
         finally:
@@ -71,6 +71,17 @@ def open_snapshotter(config: Config, name: str) -> Iterator[Snapshotter]:
         yield store
     finally:
         store.close()
+
+
+def request_api(config: Config) -> str | None:
+    """The IPFS API this command's lazy layers are fetched from (sent with each request, so
+    a snapshotter started earlier with another API serves them from this one): the API the
+    command was given or resolved, else a discovered one that answers; None leaves it to the
+    snapshotter's own configuration."""
+    from ipfsnap.cli.ipfs_node import find_api
+
+    found = find_api(config)
+    return found.url if found is not None else None
 
 
 def ipfs_client(config: Config) -> IPFSClient:

@@ -7,7 +7,8 @@ Public API
   back to a full fetch); ``check`` (worker alive, mount answers a stat within 5 s);
   ``unmount`` (``fusermount3 -u``, lazily ``-z`` when busy). ``status(mountpoint)`` /
   ``all_status()`` return the workers' status for ``ipfsnap snapshot status``.
-- Labels: see :mod:`ipfsnap.fs.mounter` (the reference's names plus ``ipfsnap.io/layer.*``).
+- Labels: see :mod:`ipfsnap.fs.mounter` (the reference's names plus ``ipfsnap.io/layer.*``
+  and ``ipfsnap.io/ipfs.api``, the API of the request that mounts the layer).
 - Worker: ``python -m ipfsnap.fs.worker SPEC.json`` (:class:`WorkerSpec`), own session, exits
   when unmounted (or on SIGTERM, unmounting first).
 - Status file (JSON, rewritten atomically every ``status_interval`` s): ``state``
@@ -27,6 +28,7 @@ from ipfsnap._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from ipfsnap.fs.mounter import (
+        IPFS_API_LABEL,
         LAYER_DIGEST_LABEL,
         LOCAL_PATH_LABEL,
         PREFETCH_SIZE_LABEL,
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from ipfsnap.fs.spec import SourceSpec, WorkerSpec, read_status
 
 __all__ = [
+    "IPFS_API_LABEL",
     "LAYER_DIGEST_LABEL",
     "LOCAL_PATH_LABEL",
     "PREFETCH_SIZE_LABEL",
@@ -53,6 +56,7 @@ __all__ = [
 # Submodules load on first use of one of their names (see ipfsnap._lazy).
 _EXPORTS = {
     ".mounter": (
+        "IPFS_API_LABEL",
         "LAYER_DIGEST_LABEL",
         "LOCAL_PATH_LABEL",
         "PREFETCH_SIZE_LABEL",

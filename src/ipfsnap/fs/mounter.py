@@ -10,6 +10,9 @@ Labels read (the reference's names where it has one):
 ``containerd.io/snapshot/remote/stargz.prefetch`` prefetch size in bytes (overrides config)
 ``ipfsnap.io/layer.size``                        blob size (optional; else files/stat)
 ``ipfsnap.io/layer.path``                        local blob file (optional; used instead of IPFS)
+``ipfsnap.io/ipfs.api``                          IPFS API URL to fetch from (optional; the API
+                                                 of the command that asked for the layer, else
+                                                 the snapshotter's configured/discovered one)
 ==============================================  ===============================================
 
 Per mountpoint a run directory ``<state>/fs/workers/<sha256(mountpoint)[:16]>`` holds
@@ -49,6 +52,7 @@ URLS_LABEL = "containerd.io/snapshot/remote/urls"
 PREFETCH_SIZE_LABEL = "containerd.io/snapshot/remote/stargz.prefetch"
 SIZE_LABEL = "ipfsnap.io/layer.size"
 LOCAL_PATH_LABEL = "ipfsnap.io/layer.path"
+IPFS_API_LABEL = "ipfsnap.io/ipfs.api"
 
 #: seconds a ``check`` waits for the mountpoint to answer a stat
 CHECK_TIMEOUT = 5.0
@@ -169,7 +173,8 @@ class LayerMounter:
             cid = _cid_from_urls(labels.get(URLS_LABEL, ""))
             if cid is None:
                 raise WorkerSpecError(f"layer {layer}: no ipfs:// url in label {URLS_LABEL}")
-            api = self.config.ipfs_api
+            # per request: a long-lived snapshotter serves commands with different APIs
+            api = labels.get(IPFS_API_LABEL) or self.config.ipfs_api
             if not api:
                 api = self._discover_api()
             source = SourceSpec(kind="ipfs", api=api, cid=cid, auth=self.config.ipfs_auth or "")
@@ -242,9 +247,12 @@ class LayerMounter:
             raise LayerMountError(f"{mountpoint}: already a mountpoint")
         mountpoint.mkdir(parents=True, exist_ok=True)
         # mounting is foreground work (an image is being pulled to run): the background
-        # fetch of layers mounted earlier holds off, as it does during reads
+        # fetch of layers mounted earlier holds off, as it does during reads; marked again
+        # when the mount is ready, so the silence period starts when its user can read
+        board: ActivityBoard | None = None
         with contextlib.suppress(OSError):
-            ActivityBoard(Path(spec.cache_dir).parent, mark_interval=0.0).mark()
+            board = ActivityBoard(Path(spec.cache_dir).parent, mark_interval=0.0)
+            board.mark()
         wdir = self.worker_dir(mountpoint)
         wdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         Path(spec.cache_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -271,6 +279,9 @@ class LayerMounter:
             st = read_status(status_path) or {}
             state = st.get("state")
             if state in ("ready", "complete") and is_mountpoint(mountpoint):
+                if board is not None:
+                    with contextlib.suppress(OSError):
+                        board.mark()
                 log.info("layer %s mounted lazily at %s (pid %d)", spec.layer, mountpoint,
                          proc.pid)
                 return

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -59,8 +59,19 @@ def request_timeout(config: Config) -> float:
 class SnapshotterClient:
     """Talks to the snapshotter of ``state_dir``; thread-safe (one request at a time)."""
 
-    def __init__(self, state_dir: Path | str, *, timeout: float | None = 600.0) -> None:
+    def __init__(
+        self,
+        state_dir: Path | str,
+        *,
+        timeout: float | None = 600.0,
+        ipfs_api: Callable[[], str | None] | None = None,
+    ) -> None:
         self.state_dir = Path(state_dir).absolute()
+        #: the caller's IPFS API (asked once, on the first lazy layer): sent with each
+        #: request for a lazy layer, so a snapshotter started by an earlier command with
+        #: another API fetches this command's layers from this command's API
+        self.ipfs_api = ipfs_api
+        self._api: str | None = None
         self.socket_path = paths.socket_path(self.state_dir)
         self.timeout = timeout
         self._sock: socket.socket | None = None
@@ -164,10 +175,23 @@ class SnapshotterClient:
 
     # ---- the Snapshotter protocol ---------------------------------------------------------
 
+    def _request_labels(self, labels: Mapping[str, str] | None) -> dict[str, str]:
+        """``labels``, plus the caller's IPFS API when they ask for a lazy (remote) layer."""
+        from ipfsnap.fs.mounter import IPFS_API_LABEL, URLS_LABEL
+
+        out = dict(labels or {})
+        if self.ipfs_api is None or URLS_LABEL not in out or IPFS_API_LABEL in out:
+            return out
+        if self._api is None:
+            self._api = self.ipfs_api() or ""
+        if self._api:
+            out[IPFS_API_LABEL] = self._api
+        return out
+
     def prepare(self, key: str, parent: str = "",
                 labels: Mapping[str, str] | None = None) -> list[Mount]:
         return mounts_from_json(self.call(
-            "prepare", {"key": key, "parent": parent, "labels": dict(labels or {})}))
+            "prepare", {"key": key, "parent": parent, "labels": self._request_labels(labels)}))
 
     def view(self, key: str, parent: str = "",
              labels: Mapping[str, str] | None = None) -> list[Mount]:
@@ -302,17 +326,19 @@ def start_daemon(config: Config, *, timeout: float = START_TIMEOUT) -> int:
 
 
 def connect_if_running(
-    config: Config, *, timeout: float | None = None
+    config: Config,
+    *,
+    timeout: float | None = None,
+    ipfs_api: Callable[[], str | None] | None = None,
 ) -> SnapshotterClient | None:
     """A client of ``config.state_dir``'s snapshotter if one runs, else None (nothing is
     started: read-only queries use this, so they never leave a daemon behind).
 
     A snapshotter that holds the state dir's lock but does not answer yet (it restores its
-    mounts at start-up) is waited for, up to ``START_TIMEOUT``.
+    mounts at start-up) is waited for, up to ``START_TIMEOUT``. ``ipfs_api``: see
+    :class:`SnapshotterClient`.
     """
-    client = SnapshotterClient(
-        config.state_dir, timeout=timeout if timeout is not None else request_timeout(config)
-    )
+    client = _client_for(config, timeout, ipfs_api)
     try:
         client.ping()
         return client
@@ -337,17 +363,31 @@ def connect_if_running(
     return None  # it exited while we waited
 
 
-def connect_or_start(config: Config, *, timeout: float | None = None) -> SnapshotterClient:
+def _client_for(
+    config: Config, timeout: float | None, ipfs_api: Callable[[], str | None] | None
+) -> SnapshotterClient:
+    return SnapshotterClient(
+        config.state_dir,
+        timeout=timeout if timeout is not None else request_timeout(config),
+        ipfs_api=ipfs_api,
+    )
+
+
+def connect_or_start(
+    config: Config,
+    *,
+    timeout: float | None = None,
+    ipfs_api: Callable[[], str | None] | None = None,
+) -> SnapshotterClient:
     """A client of ``config.state_dir``'s snapshotter, starting one when none answers.
 
-    ``timeout`` bounds each request (default: :func:`request_timeout` of ``config``).
+    ``timeout`` bounds each request (default: :func:`request_timeout` of ``config``);
+    ``ipfs_api``: see :class:`SnapshotterClient`.
     """
-    client = connect_if_running(config, timeout=timeout)
+    client = connect_if_running(config, timeout=timeout, ipfs_api=ipfs_api)
     if client is not None:
         return client
     start_daemon(config)
-    client = SnapshotterClient(
-        config.state_dir, timeout=timeout if timeout is not None else request_timeout(config)
-    )
+    client = _client_for(config, timeout, ipfs_api)
     client.ping()
     return client
