@@ -4,19 +4,30 @@ Usage (root, /dev/fuse)::
 
     .venv/bin/python benchmarks/fs_bench.py memory [--entries 100000]
     .venv/bin/python benchmarks/fs_bench.py throughput [--size-mib 100]
+    .venv/bin/python benchmarks/fs_bench.py warm [--size-mib 100] [--rounds 15]
 
 ``memory`` builds a layer of N tiny files, mounts it with one worker (no prefetch, no
 background fetch), and prints the worker's RSS after mounting and after ``stat`` of every
 entry. ``throughput`` mounts a layer holding one incompressible file and prints sequential
 read MB/s: cold (fetched from a local blob file, verified, cached), warm (page cache), after
 dropping the page cache (served from the chunk cache), and the same file on local disk.
+
+``warm`` compares page-cache reads of the same bytes through the lazy layer, through the
+simplest possible pyfuse3 filesystem (one file served from memory, ``keep_cache``, defaults
+otherwise: :class:`MemoryFS`), on the local disk (ext4 here) and on tmpfs, rounds
+interleaved, and prints medians: if the trivial FUSE filesystem is as far from ext4 as the
+lazy layer is, the gap is the kernel's FUSE read path, not ipfsnap's.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import os
+import statistics
+import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -157,6 +168,126 @@ def throughput(size_mib: int) -> None:
             print(f"{name:34s} {n / t / 1e6:8.1f} MB/s")
 
 
+class MemoryFS:
+    """``big.bin`` (``size`` pseudo-random bytes) in the root, served from memory."""
+
+    def __init__(self, size: int) -> None:
+        import pyfuse3
+
+        self.pyfuse3 = pyfuse3
+        self.data = os.urandom(size)
+
+    def operations(self) -> object:
+        import pyfuse3
+
+        data = self.data
+        file_ino = pyfuse3.ROOT_INODE + 1
+
+        class Ops(pyfuse3.Operations):
+            def _attrs(self, ino: int) -> pyfuse3.EntryAttributes:
+                a = pyfuse3.EntryAttributes()
+                a.st_ino = ino
+                a.attr_timeout = a.entry_timeout = 1.0
+                if ino == pyfuse3.ROOT_INODE:
+                    a.st_mode, a.st_nlink = 0o40755, 2
+                else:
+                    a.st_mode, a.st_nlink, a.st_size = 0o100644, 1, len(data)
+                a.st_blksize = 128 * 1024
+                return a
+
+            async def getattr(self, inode: int, ctx: object = None) -> pyfuse3.EntryAttributes:
+                return self._attrs(inode)
+
+            async def lookup(self, parent_inode: int, name: bytes, ctx: object = None
+                             ) -> pyfuse3.EntryAttributes:
+                if name != b"big.bin":
+                    raise pyfuse3.FUSEError(errno.ENOENT)
+                return self._attrs(file_ino)
+
+            async def open(self, inode: int, flags: int, ctx: object = None
+                           ) -> pyfuse3.FileInfo:
+                return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+            async def read(self, fh: int, off: int, size: int) -> bytes:
+                return data[off:off + size]
+
+        return Ops()
+
+
+def serve_memory_fs(mountpoint: str, size: int) -> None:
+    """Child process: mount :class:`MemoryFS` and serve until unmounted."""
+    import pyfuse3
+    import trio
+
+    fs = MemoryFS(size)
+    pyfuse3.init(fs.operations(), mountpoint, set(pyfuse3.default_options) | {"ro"})
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    try:
+        trio.run(pyfuse3.main)
+    finally:
+        pyfuse3.close(unmount=False)
+
+
+def warm(size_mib: int, rounds: int) -> None:
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as d, \
+            tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        tmp = Path(d)
+        data = os.urandom(size_mib << 20)
+        local = tmp / "local.bin"
+        local.write_bytes(data)
+        (Path(shm) / "local.bin").write_bytes(data)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            ti = tarfile.TarInfo("big.bin")
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+        labels = build_layer(buf.getvalue(), tmp / "big.blob")
+        del data, buf
+        m = mounter(tmp / "state")
+        mp = tmp / "mp"
+        mem_mp = tmp / "memfs"
+        mem_mp.mkdir()
+        child = subprocess.Popen([sys.executable, __file__, "serve-memory-fs", str(mem_mp),
+                                  str(size_mib << 20)], stdout=subprocess.PIPE, text=True)
+        m.mount(mp, labels)
+        try:
+            assert child.stdout is not None and child.stdout.readline() == "ready\n"
+            files = {"lazy layer (ipfsnap)": mp / "big.bin",
+                     "trivial pyfuse3 memory FS": mem_mp / "big.bin",
+                     "local disk (ext4)": local, "tmpfs": Path(shm) / "local.bin"}
+            for path in files.values():  # fill the page cache
+                read_all(path)
+                read_all(path)
+            if os.environ.get("FS_BENCH_INSPECT"):
+                subprocess.run([*os.environ["FS_BENCH_INSPECT"].split(),
+                                *map(str, files.values())], check=False)
+            rates: dict[str, list[float]] = {k: [] for k in files}
+            cpu_rates: dict[str, list[float]] = {k: [] for k in files}
+            for _ in range(rounds):
+                for name, path in files.items():
+                    c0 = time.thread_time()
+                    n, t = read_all(path)
+                    rates[name].append(n / t / 1e6)
+                    cpu_rates[name].append(n / max(time.thread_time() - c0, 1e-6) / 1e6)
+        finally:
+            m.unmount(mp)
+            subprocess.run(["fusermount3", "-u", str(mem_mp)], check=False)
+            child.wait(timeout=30)
+        # wall time counts every preemption on a loaded machine; the reading thread's CPU
+        # time (user + system: the copy out of the page cache is system time) does not
+        local_med = statistics.median(rates["local disk (ext4)"])
+        local_cpu = statistics.median(cpu_rates["local disk (ext4)"])
+        print(f"| warm sequential read, {size_mib} MiB, 1 MiB reads, median of {rounds} "
+              "| MB/s wall | min-max | / ext4 | MB per CPU-second of the reader | / ext4 |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, r in rates.items():
+            med = statistics.median(r)
+            cpu = statistics.median(cpu_rates[name])
+            print(f"| {name} | {med:.0f} | {min(r):.0f}-{max(r):.0f} | "
+                  f"{med / local_med:.2f} | {cpu:.0f} | {cpu / local_cpu:.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -164,9 +295,19 @@ def main() -> None:
     pm.add_argument("--entries", type=int, default=100_000)
     pt = sub.add_parser("throughput")
     pt.add_argument("--size-mib", type=int, default=100)
+    pw = sub.add_parser("warm")
+    pw.add_argument("--size-mib", type=int, default=100)
+    pw.add_argument("--rounds", type=int, default=15)
+    ps = sub.add_parser("serve-memory-fs")
+    ps.add_argument("mountpoint")
+    ps.add_argument("size", type=int)
     args = p.parse_args()
     if args.cmd == "memory":
         memory(args.entries)
+    elif args.cmd == "warm":
+        warm(args.size_mib, args.rounds)
+    elif args.cmd == "serve-memory-fs":
+        serve_memory_fs(args.mountpoint, args.size)
     else:
         throughput(args.size_mib)
 

@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -25,6 +26,7 @@ from ipfsnap.errors import (
 )
 from ipfsnap.fs.inodes import Inode
 from ipfsnap.fs.layer import LazyLayer
+from ipfsnap.fs.spec import DEFAULT_READ_AHEAD_KB
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,72 @@ Ctx = pyfuse3.RequestContext | None
 #: st_blksize reported: 128 KiB, the kernel's default FUSE read size, so tools like cp
 #: ask for reads the kernel can pass through in one request
 BLOCK_SIZE = 128 * 1024
+
+
+#: where the kernel lists mounts (device numbers) and backing devices (read-ahead)
+MOUNTINFO = Path("/proc/self/mountinfo")
+BDI_ROOT = Path("/sys/class/bdi")
+
+
+def _unescape_mountinfo(field: str) -> str:
+    """Undo mountinfo's octal escapes (space, tab, newline, backslash as ``\\NNN``)."""
+    if "\\" not in field:
+        return field
+    out = bytearray()
+    i = 0
+    raw = field.encode("utf-8", "surrogateescape")
+    while i < len(raw):
+        if raw[i] == 0x5C and i + 4 <= len(raw) and raw[i + 1:i + 4].isdigit():
+            out.append(int(raw[i + 1:i + 4], 8) & 0xFF)
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return out.decode("utf-8", "surrogateescape")
+
+
+def fuse_device(mountpoint: str, mountinfo: str | None = None) -> str | None:
+    """``major:minor`` of the FUSE filesystem mounted at ``mountpoint`` (the topmost one),
+    from mountinfo: no request reaches the mount, so its own handlers may call this."""
+    if mountinfo is None:
+        try:
+            mountinfo = MOUNTINFO.read_text(encoding="utf-8", errors="surrogateescape")
+        except OSError:
+            return None
+    target = os.path.abspath(mountpoint)
+    found = None
+    for line in mountinfo.splitlines():
+        head, sep, tail = line.partition(" - ")
+        fields = head.split()
+        if not sep or len(fields) < 5 or not tail.startswith("fuse"):
+            continue
+        if _unescape_mountinfo(fields[4]) == target:
+            found = fields[2]
+    return found
+
+
+def set_read_ahead(mountpoint: str, kib: int, *, bdi_root: Path = BDI_ROOT,
+                   mountinfo: str | None = None) -> bool:
+    """Set the kernel read-ahead (KiB) of the FUSE mount at ``mountpoint``; whether it took.
+
+    Must run after the FUSE INIT exchange: the kernel lowers the mount's read-ahead to what
+    INIT negotiated (at most its 128 KiB default), so a value set before is lost. Needs root
+    (sysfs); failing only costs throughput, so it is logged, never raised."""
+    dev = fuse_device(mountpoint, mountinfo)
+    if dev is None:
+        log.warning("%s: no FUSE mount found in %s; read-ahead left at the kernel default",
+                    mountpoint, MOUNTINFO)
+        return False
+    path = bdi_root / dev / "read_ahead_kb"
+    try:
+        path.write_text(f"{kib}\n", encoding="ascii")
+        got = int(path.read_text(encoding="ascii").strip())
+    except (OSError, ValueError) as exc:
+        log.warning("%s: cannot set read-ahead to %d KiB through %s: %s", mountpoint, kib,
+                    path, exc)
+        return False
+    log.debug("%s: kernel read-ahead %d KiB (%s)", mountpoint, got, path)
+    return got == kib
 
 
 def errno_for(exc: BaseException) -> int:
@@ -81,7 +149,8 @@ class LayerOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, layer: LazyLayer, *, attr_timeout: float = 1.0,
-                 entry_timeout: float = 1.0, direct_io: bool = False) -> None:
+                 entry_timeout: float = 1.0, direct_io: bool = False, mountpoint: str = "",
+                 read_ahead_kb: int = DEFAULT_READ_AHEAD_KB) -> None:
         super().__init__()
         self.layer = layer
         self.table = layer.table
@@ -92,6 +161,11 @@ class LayerOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._debug = log.isEnabledFor(logging.DEBUG)
         self._total_size = -1
+        self.mountpoint = mountpoint
+        self.read_ahead_kb = read_ahead_kb
+        #: read-ahead still to set: on the first open, which the kernel sends only after
+        #: INIT (see :func:`set_read_ahead`) and before any read
+        self._tune_pending = bool(mountpoint) and read_ahead_kb > 0
 
     # -- helpers --------------------------------------------------------------------------
     def _node(self, ino: int) -> Inode:
@@ -211,6 +285,9 @@ class LayerOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if not node.is_reg:
             raise pyfuse3.FUSEError(errno.EISDIR if node.children is not None else errno.EINVAL)
+        if self._tune_pending:
+            self._tune_pending = False
+            set_read_ahead(self.mountpoint, self.read_ahead_kb)
         # content is immutable (named by digests): the page cache may keep it across opens.
         # direct_io (off by default) bypasses the page cache, and with libfuse 3.14 also
         # forbids shared mmap, which exec of binaries needs: only for benchmarks.

@@ -211,7 +211,8 @@ class Worker:
                     log.warning("prefetch failed: %s", exc)
                     self.status.last_error = str(exc)
         ops = LayerOperations(layer, attr_timeout=spec.attr_timeout,
-                              entry_timeout=spec.entry_timeout, direct_io=spec.direct_io)
+                              entry_timeout=spec.entry_timeout, direct_io=spec.direct_io,
+                              mountpoint=spec.mountpoint, read_ahead_kb=spec.read_ahead_kb)
         try:
             pyfuse3.init(ops, spec.mountpoint, mount_options(spec))
         except RuntimeError as exc:
