@@ -154,7 +154,12 @@ class ActivityBoard:
         """Take the machine-wide background slot if free (never blocks)."""
         if self._fd >= 0:
             return False
-        fd = os.open(self._background, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self._background, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = os.open(self._background, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # a new file's mtime would read as "a background request just ended"
+            os.utime(fd, (0, 0))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1,0 +1,340 @@
+"""Background fetch yields to foreground reads of any layer; split prefetch; neighbour chunks.
+
+Unit tests drive :class:`BackgroundGate` with a fake clock and sleep (no real waiting); the
+mount test runs two real layer workers and a reader.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from ipfsnap.config import load_config
+from ipfsnap.errors import IntegrityError
+from ipfsnap.estargz import Chunk, FileRangeReader, decompress_chunk, open_layer
+from ipfsnap.fs.cache import ChunkCache
+from ipfsnap.fs.fetcher import ActivityBoard, BackgroundGate, BackgroundPacing
+from ipfsnap.fs.inodes import Inode
+from ipfsnap.fs.layer import LazyLayer
+from tests.fs.layers import CHUNK, Blob, CountingSource, Item, build_blob, pseudo_random
+from tests.fs.mounts import labels_for, make_mounter, mounted, wait_status
+from tests.support import require_fuse
+
+
+class FakeClock:
+    """Wall-clock seconds that only move when the fake sleep says so."""
+
+    def __init__(self) -> None:
+        # starts at the real time: files the board creates get real mtimes
+        self.now = time.time()
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def gate_for(tmp_path: Path, clock: FakeClock, silence: float = 5.0, period: float = 0.25,
+             busy: list[bool] | None = None) -> BackgroundGate:
+    board = ActivityBoard(tmp_path, clock=clock, mark_interval=0.0)
+    flags = busy if busy is not None else [False]
+    return BackgroundGate(board, BackgroundPacing(silence, period),
+                          local_busy=lambda: flags[0], sleep=clock.sleep)
+
+
+def test_gate_waits_for_the_silence_period_after_foreground_activity(tmp_path: Path) -> None:
+    clock = FakeClock()
+    gate = gate_for(tmp_path, clock)
+    assert gate.delay() == 0.0  # nothing ever happened: go
+    gate.board.mark()
+    assert gate.delay() == pytest.approx(5.0)
+    clock.now += 2.0
+    assert gate.delay() == pytest.approx(3.0)
+
+    async def one_turn() -> None:
+        async with gate.turn():
+            pass
+
+    trio.run(one_turn)
+    assert sum(clock.sleeps) == pytest.approx(3.0)  # waited exactly the rest of the silence
+    assert gate.turns == 1
+
+
+def test_gate_paces_background_requests_across_boards(tmp_path: Path) -> None:
+    clock = FakeClock()
+    a = gate_for(tmp_path, clock, silence=1.0, period=0.5)
+    b = gate_for(tmp_path, clock, silence=1.0, period=0.5)  # another layer, same directory
+
+    async def turns() -> None:
+        async with a.turn():
+            clock.now += 0.2  # the request takes 0.2 s
+        # b (another worker) must wait the fetch period after a's request ended
+        assert b.delay() == pytest.approx(0.5)
+        async with b.turn():
+            pass
+
+    trio.run(turns)
+    assert clock.sleeps == [pytest.approx(0.5)]
+
+
+def test_one_background_slot_per_directory(tmp_path: Path) -> None:
+    clock = FakeClock()
+    a = ActivityBoard(tmp_path, clock=clock)
+    b = ActivityBoard(tmp_path, clock=clock)
+    other = ActivityBoard(tmp_path / "other", clock=clock)
+    assert a.try_acquire()
+    assert not b.try_acquire()  # flock: held by a's open file
+    assert other.try_acquire()  # another state dir is independent
+    a.release(None)
+    assert b.try_acquire()
+    b.release(clock())
+    other.release(None)
+    assert b.last_background() == pytest.approx(clock())
+
+
+def test_gate_waits_while_this_layer_reads_and_on_new_activity(tmp_path: Path) -> None:
+    clock = FakeClock()
+    busy = [True]
+    gate = gate_for(tmp_path, clock, silence=1.0, period=0.0, busy=busy)
+    other = ActivityBoard(tmp_path, clock=clock, mark_interval=0.0)
+
+    async def sleep(seconds: float) -> None:
+        clock.sleeps.append(seconds)
+        clock.now += seconds
+        if len(clock.sleeps) == 2:
+            busy[0] = False  # this layer's foreground read finished ...
+            other.mark()  # ... while another layer's read starts
+
+    gate._sleep = sleep
+
+    async def one_turn() -> None:
+        async with gate.turn():
+            pass
+
+    trio.run(one_turn)
+    # waited while busy (2 sleeps), then a full silence period after the other layer's mark
+    assert len(clock.sleeps) == 3
+    assert clock.sleeps[2] == pytest.approx(1.0)
+
+
+def test_mark_is_rate_limited(tmp_path: Path) -> None:
+    clock = FakeClock()
+    board = ActivityBoard(tmp_path, clock=clock, mark_interval=0.1)
+    board.mark()
+    first = board.last_foreground()
+    clock.now += 0.05
+    board.mark()
+    assert board.last_foreground() == pytest.approx(first)
+    clock.now += 0.1
+    board.mark()
+    assert board.last_foreground() == pytest.approx(clock.now)
+
+
+def test_config_keys_reach_the_worker_spec(tmp_path: Path) -> None:
+    cfg_path = tmp_path / "config.toml"
+    cfg_path.write_text("prefetch_concurrency = 3\n[blob]\nprefetch_chunk_size = 65536\n"
+                        "neighbour_span = 262144\n[background_fetch]\nsilence_period_msec = "
+                        "1500\nfetch_period_msec = 100\n")
+    cfg = load_config(cfg_path, state_dir=tmp_path / "state")
+    from ipfsnap.fs.mounter import LayerMounter
+
+    blob_labels = {
+        "containerd.io/snapshot/remote/stargz.digest": "sha256:" + "a" * 64,
+        "containerd.io/snapshot/stargz/toc.digest": "sha256:" + "b" * 64,
+        "ipfsnap.io/layer.path": "/nonexistent",
+    }
+    spec = LayerMounter(cfg).spec_for(tmp_path / "mp", blob_labels)
+    assert (spec.prefetch_concurrency, spec.prefetch_span, spec.neighbour_span) == \
+        (3, 65536, 262144)
+    assert (spec.silence_period, spec.fetch_period) == (1.5, 0.1)
+
+
+# -- layer behaviour over a local blob -----------------------------------------------------
+
+SMALL = [Item(f"lib/m{i:02d}.py", "file", pseudo_random(700 + 13 * i, 100 + i))
+         for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def small_files_blob(tmp_path_factory: pytest.TempPathFactory) -> Blob:
+    d = Path(tmp_path_factory.mktemp("neighbours"))
+    return build_blob([Item("lib", "dir", mode=0o755), *SMALL], d / "small.blob")
+
+
+def node_of(layer: LazyLayer, path: str) -> Inode:
+    node = layer.table.get(layer.table.by_path[path])
+    assert node is not None
+    return node
+
+
+def open_layer_of(blob: Blob, cache: Path, source: CountingSource, **kw: object) -> LazyLayer:
+    with open(blob.path, "rb") as f:
+        index = open_layer(FileRangeReader(f), blob.size, toc_digest=blob.toc_digest)
+    return LazyLayer(index, source, ChunkCache(cache), decompress=decompress_chunk,
+                     **kw)  # type: ignore[arg-type]
+
+
+def test_neighbours_ride_along_in_one_request(small_files_blob: Blob, tmp_path: Path) -> None:
+    src = CountingSource(small_files_blob.path)
+    layer = open_layer_of(small_files_blob, tmp_path / "c", src, neighbour_span=16384)
+    want = {it.name: it.data for it in SMALL}
+
+    async def main() -> None:
+        node = node_of(layer, "lib/m10.py")
+        own = layer.chunks_of(node)[0]
+        assert await layer.read(node, 0, 1 << 20) == want["lib/m10.py"]
+        assert len(src.calls) == 1
+        (off, n), = src.calls
+        assert n > own.end - own.offset  # more than the file's own chunk ...
+        # ... but within the aligned 16 KiB windows that chunk touches
+        assert off >= own.offset // 16384 * 16384
+        assert off + n <= -(-own.end // 16384) * 16384
+        assert layer.fetcher.stats.neighbour_chunks > 0
+        # every neighbour read now comes from the cache: no new request
+        fetched = [c for c in layer._chunks_in_blob_order() if c.chunk_digest in layer._have]
+        names = [p for p in want if layer.chunks_of(node_of(layer, p))[0]
+                 .chunk_digest in {c.chunk_digest for c in fetched}]
+        assert len(names) == 1 + layer.fetcher.stats.neighbour_chunks
+        for p in names:
+            assert await layer.read(node_of(layer, p), 0, 1 << 20) == want[p]
+        assert len(src.calls) == 1
+
+    trio.run(main)
+
+
+def test_no_neighbours_when_off(small_files_blob: Blob, tmp_path: Path) -> None:
+    src = CountingSource(small_files_blob.path)
+    layer = open_layer_of(small_files_blob, tmp_path / "c", src, neighbour_span=0)
+    node = node_of(layer, "lib/m10.py")
+    chunk = layer.chunks_of(node)[0]
+
+    async def main() -> None:
+        await layer.read(node, 0, 1 << 20)
+
+    trio.run(main)
+    assert src.calls == [(chunk.offset, chunk.end - chunk.offset)]
+
+
+def test_a_bad_neighbour_never_fails_the_read(small_files_blob: Blob, tmp_path: Path) -> None:
+    src = CountingSource(small_files_blob.path)
+    target = "lib/m10.py"
+    layer = open_layer_of(small_files_blob, tmp_path / "c", src, neighbour_span=1 << 20)
+    own = layer.chunks_of(node_of(layer, target))[0].chunk_digest
+
+    def flaky(compression: str, data: bytes, chunk: Chunk) -> bytes:
+        if chunk.chunk_digest != own:
+            raise IntegrityError(f"chunk {chunk.chunk_digest}: digest mismatch (test)")
+        return decompress_chunk(compression, data, chunk)
+
+    layer.fetcher._decompress = flaky
+
+    async def main() -> None:
+        data = await layer.read(node_of(layer, target), 0, 1 << 20)
+        assert data == next(it.data for it in SMALL if it.name == target)
+
+    trio.run(main)
+    assert layer.fetcher.stats.neighbour_chunks == 0  # none verified, none counted
+    assert layer._have == {own}
+
+
+def test_prefetch_is_split_into_concurrent_requests(tmp_path: Path) -> None:
+    files = [Item(f"p{i}", "file", pseudo_random(3 * CHUNK, 200 + i)) for i in range(6)]
+    blob = build_blob([*files, Item("rest", "file", pseudo_random(CHUNK, 300))],
+                      tmp_path / "pf.blob", prioritize=tuple(f.name for f in files))
+    src = CountingSource(blob.path, delay=0.05)
+    active = [0, 0]  # now, most at once
+    lock = threading.Lock()
+    plain = src.read_at
+
+    def read_at(offset: int, length: int) -> bytes:
+        with lock:
+            active[0] += 1
+            active[1] = max(active[1], active[0])
+        try:
+            return plain(offset, length)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    src.read_at = read_at  # type: ignore[method-assign]
+    layer = open_layer_of(blob, tmp_path / "c", src, prefetch_span=2 * CHUNK,
+                          prefetch_concurrency=3, max_concurrency=1)
+
+    async def main() -> None:
+        assert await layer.prefetch(layer.prefetch_end, 60.0)
+
+    trio.run(main)
+    prioritized = [c for c in layer._chunks_in_blob_order(layer.prefetch_end)]
+    assert {c.chunk_digest for c in prioritized} <= layer._have
+    # 18 chunks in spans of <= 2 chunks: at least 9 requests, up to 3 at once
+    assert len(src.calls) >= 9
+    assert all(n <= 2 * CHUNK + 4096 or n == max(n for _, n in src.calls)
+               for _, n in src.calls)
+    assert 1 < active[1] <= 3
+    assert layer.fetcher._limiter.total_tokens == 1  # reads get max_concurrency back
+
+
+# -- real mounts: background fetch of one layer waits while another layer is read ----------
+
+
+def bg_blob(d: Path, seed: int) -> Blob:
+    return build_blob([Item("big", "file", pseudo_random(12 * CHUNK, seed)),
+                       Item("small", "file", b"small\n")], d / f"bg{seed}.blob")
+
+
+def test_background_fetch_waits_for_foreground_reads_of_any_layer(tmp_path: Path) -> None:
+    require_fuse()
+    a_blob, b_blob = bg_blob(tmp_path, 41), bg_blob(tmp_path, 42)
+    m = make_mounter(tmp_path / "state", background=True, direct_io=True,
+                     silence_period=5.0, fetch_period=0.05, max_span=2 * CHUNK)
+    mp_a, mp_b = tmp_path / "a", tmp_path / "b"
+    stop = threading.Event()
+    reads = [0]
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        want = b"small\n"
+        try:
+            while not stop.is_set():
+                # direct_io: every read reaches the worker, cached or not
+                assert (mp_a / "small").read_bytes() == want
+                reads[0] += 1
+                time.sleep(0.05)
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+
+    with mounted(m, mp_a, labels_for(a_blob)):
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        try:
+            with mounted(m, mp_b, labels_for(b_blob)):
+                # while layer a is read, neither layer starts fetching in background: wait
+                # until the reader made 2 silence periods' worth of reads (>= 200 reads at
+                # most 20/s), then check
+                deadline = time.monotonic() + 120
+                while reads[0] < 200 and time.monotonic() < deadline and not errors:
+                    time.sleep(0.1)
+                assert reads[0] >= 200 and not errors
+                for mp in (mp_a, mp_b):
+                    st = wait_status(m, mp, lambda s: s["updated"] > time.time() - 0.5)
+                    assert st["background_calls"] == 0, st
+                    assert st["state"] == "ready"
+                stop.set()
+                t.join(30)
+                assert not errors
+                # after the reads stop, both complete (one paced request at a time)
+                for mp in (mp_a, mp_b):
+                    st = wait_status(m, mp, lambda s: s["state"] == "complete", timeout=120)
+                    assert st["background_calls"] > 0
+                    assert st["background_waited"] >= 5.0 - 0.5  # at least one silence wait
+                assert (mp_b / "big").read_bytes() == b_blob.items[0].data
+        finally:
+            stop.set()
+            t.join(30)
