@@ -55,7 +55,7 @@ from ipfsnap.service.protocol import (
     read_message,
     usage_to_json,
 )
-from ipfsnap.snapshot import REMOTE_LABEL, SnapshotStore
+from ipfsnap.snapshot import REMOTE_LABEL, TARGET_SNAPSHOT_LABEL, Kind, SnapshotStore
 from ipfsnap.snapshot.errors import SnapshotNotFound
 
 log = logging.getLogger(__name__)
@@ -177,10 +177,42 @@ class Daemon:
             log.info("remote snapshots: %d mounted, %d failed", restored, len(failures))
             for name, err in failures.items():
                 log.error("remote snapshot %r could not be restored: %s", name, err)
+            self._drop_interrupted_prepares()
             self._listen()
         except BaseException:
             self._release()
             raise
+
+    def _drop_interrupted_prepares(self) -> None:
+        """Remove the active snapshots of remote prepares a crash interrupted.
+
+        Their client got an error (connection closed) and prepares again; the layer worker
+        started for them runs on in its own session and would keep an orphan mount until
+        ``snapshotter stop``. A prepare whose remote mount failed fell back to a normal
+        active snapshot with the same labels: no live worker, no mount; left alone."""
+        store = self.store
+        assert store is not None
+        for info in store.walk():
+            if info.kind is not Kind.ACTIVE or TARGET_SNAPSHOT_LABEL not in info.labels:
+                continue
+            mp = store.path(info.name)
+            pid = int((self.mounter.status(mp) or {}).get("pid", 0) or 0)
+            if not (is_mountpoint(mp) or pid_alive(pid)):
+                continue
+            # a worker still starting: let it mount (or fail) first, then unmount it cleanly
+            deadline = time.monotonic() + self.mounter.ready_timeout
+            while pid_alive(pid) and time.monotonic() < deadline and (
+                    self.mounter.status(mp) or {}).get("state") in ("starting", "prefetching"):
+                time.sleep(0.05)
+            try:
+                self.mounter.unmount(mp)
+                store.remove(info.name)
+            except IpfsnapError as exc:
+                log.error("snapshot %r of an interrupted remote prepare: cannot remove: %s",
+                          info.name, exc)
+                continue
+            log.info("removed snapshot %r of an interrupted remote prepare (its layer worker "
+                     "at %s stopped)", info.name, mp)
 
     # ---- serving ----------------------------------------------------------------------------
 
