@@ -1,18 +1,32 @@
-"""hello-bench: cold start of ``python3 -c 'print("Hello, World!")'`` from IPFS, lazy vs full.
+"""hello-bench: cold start of a python workload from IPFS: full vs lazy vs lazy-optimized.
 
-For each mode, every run starts from nothing local:
+The reference's hello-bench modes legacy / estargz-noopt / estargz, on ipfsnap. For each mode,
+every run starts from nothing local:
 
 * ``lazy``: the image pushed as eStargz; ``rpull --ipfs CID`` (stargz snapshotter) then
   ``run --snapshotter=stargz``: the layers are FUSE mounts whose chunks come from IPFS on
   demand.
+* ``lazy-opt``: the image pushed with ``ipfs-push --optimize --args <the workload>``: the
+  files the workload read when recorded come first in each layer, before
+  ``.prefetch.landmark``, and the lazy mount prefetches them before the container starts.
 * ``full``: the image pushed with ``--estargz=false``; ``rpull --ipfs CID --snapshotter
   overlayfs`` fetches and unpacks every layer, then ``run --snapshotter=overlayfs``.
+
+Mode suffixes change the lazy configuration (for experiments): ``-nobg``
+(``no_background_fetch = true``), ``-nb`` (``[blob] neighbour_span = 262144``), ``-nonb``
+(``neighbour_span = 0``), ``-seqpf`` (the prefetch as before 2026-11-28: spans of up to 8
+MiB, one request at a time), e.g. ``lazy-nobg-nb``.
+
+Workloads (``--workload``, default ``hello``): ``hello`` = ``python3 -c
+'print("Hello, World!")'``; ``imports`` = ``python3 -c`` importing several stdlib packages
+(json, decimal, email, http, xml, asyncio, unittest, argparse, logging, sqlite3).
 
 The blobs live only on node A (the pusher). Each run gets a fresh node B (new repo, so no
 block is cached) connected to A, a fresh ipfsnap state dir (no image, snapshot or chunk
 cache), and a dropped page cache (``echo 3 > /proc/sys/vm/drop_caches``); everything crosses
-bitswap over loopback. Modes alternate (lazy, full, lazy, ...). Timed: pull (the rpull
-command), run (the run command until it exits, having printed "Hello, World!"), total.
+bitswap over loopback. Modes alternate (full, lazy, lazy-opt, full, ...). Timed: pull (the
+rpull command; for lazy modes it mounts the layers, so the prefetch is in it), run (the run
+command until it exits, its output checked), total.
 Bytes fetched from IPFS = bytes node B received over bitswap (``stats/bitswap``
 ``DataReceived``), which counts each block once, whoever asked for it.
 
@@ -22,10 +36,16 @@ offline once with debootstrap + chroot apt-get and cached in /var/cache/ipfsnap-
 ``--quick`` uses the small python sample (ipfsnap.content.sample, 2 layers) and one run each.
 
     .venv/bin/python benchmarks/hello_bench.py [--runs 5] [--quick] [--image big|small]
+        [--workload hello|imports|all] [--modes full,lazy,lazy-opt] [--json runs.json]
+        [--keep-logs DIR]
     .venv/bin/python benchmarks/hello_bench.py --build-only     # just build/cache the image
     .venv/bin/python benchmarks/hello_bench.py --report runs.json  # table of saved runs
 
-Needs root, FUSE, runc, debootstrap and the managed IPFS node (js-ipfs) installed.
+``--keep-logs DIR`` keeps, per run, the snapshotter's and every layer worker's log and final
+status (TOC open, prefetch, FUSE reads, foreground/background requests and their seconds),
+with the run's wall-clock phase times in ``times.json``: where a cold start spends its time.
+
+Needs root, FUSE, runc, strace (lazy-opt), debootstrap and the managed IPFS node (js-ipfs).
 """
 
 from __future__ import annotations
@@ -104,11 +124,58 @@ BIG_LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
 )
 
-#: lazy: the default configuration (background fetch on, as users run it); lazy-nobg: the
-#: same with ``no_background_fetch = true``, so the bytes fetched are what the start read
-MODES = ("lazy", "lazy-nobg", "full")
-#: ipfsnap config.toml per mode
-MODE_CONFIG = {"lazy": "", "lazy-nobg": "no_background_fetch = true\n", "full": ""}
+#: lazy modes use the default configuration (background fetch on, as users run it) unless
+#: a suffix says otherwise (see :func:`mode_config`)
+DEFAULT_MODES = ("full", "lazy", "lazy-opt")
+BASE_MODES = ("full", "lazy-opt", "lazy")
+SUFFIXES = {
+    "-nobg": ("", "no_background_fetch = true"),
+    "-nb": ("blob", "neighbour_span = 262144"),
+    "-nonb": ("blob", "neighbour_span = 0"),
+    "-seqpf": ("", "prefetch_concurrency = 1\n[blob]\nprefetch_chunk_size = 0"),
+}
+IMPORTS = ("import json, decimal, email.parser, http.client, xml.etree.ElementTree, asyncio, "
+           "unittest, argparse, logging, sqlite3; print('imports ok')")
+#: workload -> (command, what its output must contain)
+WORKLOADS: dict[str, tuple[list[str], str]] = {
+    "hello": (HELLO_CMD, GREETING),
+    "imports": (["python3", "-c", IMPORTS], "imports ok"),
+}
+
+
+def parse_mode(mode: str) -> tuple[str, list[str]]:
+    """(base mode, suffixes) of a mode name such as ``lazy-opt-nobg``."""
+    for base in BASE_MODES:
+        if mode == base or mode.startswith(base + "-"):
+            rest = mode[len(base):]
+            sufs: list[str] = []
+            while rest:
+                for suf in sorted(SUFFIXES, key=len, reverse=True):
+                    if rest.startswith(suf):
+                        sufs.append(suf)
+                        rest = rest[len(suf):]
+                        break
+                else:
+                    raise ValueError(f"unknown mode {mode!r}")
+            if base == "full" and sufs:
+                raise ValueError(f"mode {mode!r}: full takes no suffix")
+            return base, sufs
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def mode_config(mode: str) -> str:
+    """The ipfsnap config.toml of a mode."""
+    _, sufs = parse_mode(mode)
+    # a suffix that opens a table goes last, so plain top-level keys stay above it
+    top = sorted((SUFFIXES[s][1] for s in sufs if SUFFIXES[s][0] == ""),
+                 key=lambda line: "[" in line)
+    blob = [SUFFIXES[s][1] for s in sufs if SUFFIXES[s][0] == "blob"]
+    text = "".join(f"{line}\n" for line in top)
+    if blob:
+        if "[blob]" not in text:
+            text += "[blob]\n"
+        text += "".join(f"{line}\n" for line in blob)
+    return text
 
 
 class BenchError(Exception):
@@ -319,9 +386,10 @@ class Run:
     #: bytes of blocks node B holds after the run (its repo was empty): what came over IPFS
     fetched: int
     #: node B's bitswap DataReceived over the run (js-ipfs undercounts range reads: see docs)
-    bitswap: int
+    bitswap: int = 0
     #: lazy modes: fetched bytes the layer filesystem reports (snapshot status), else -1
     layer_fetched: int = -1
+    workload: str = "hello"
 
     @property
     def total(self) -> float:
@@ -333,7 +401,9 @@ class Bench:
     work: Path
     node_a: ManagedNode
     key_dir: Path
+    #: "full", "lazy", or "lazy-opt:<workload>" -> CID
     cids: dict[str, str] = field(default_factory=dict)
+    keep_logs: Path | None = None
 
 
 def ipfsnap(state: Path, *args: str, api: str | None = None, timeout: float = 3600,
@@ -392,35 +462,57 @@ def cleanup_state(state: Path) -> None:
     shutil.rmtree(state, ignore_errors=True)
 
 
-def one_run(bench: Bench, mode: str, n: int) -> Run:
+def keep_logs(state: Path, dest: Path, times: dict[str, float]) -> None:
+    """Copy the snapshotter's and the layer workers' logs and statuses to ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "times.json").write_text(json.dumps(times, indent=1))
+    with contextlib.suppress(OSError):
+        shutil.copy(state / "snapshotter.log", dest / "snapshotter.log")
+    workers = state / "fs" / "workers"
+    if workers.is_dir():
+        for n, wdir in enumerate(sorted(workers.iterdir())):
+            for name in ("worker.log", "status.json"):
+                with contextlib.suppress(OSError):
+                    shutil.copy(wdir / name, dest / f"layer{n}-{name}")
+
+
+def one_run(bench: Bench, mode: str, n: int, workload: str = "hello") -> Run:
+    base, _ = parse_mode(mode)
     # node B joins A's private network (same swarm.key), so it can fetch only from A
-    repo = bench.work / f"node-b-{mode}-{n}"
+    repo = bench.work / f"node-b-{workload}-{mode}-{n}"
     shutil.copy(bench.key_dir / "swarm.key", _mkdir(repo) / "swarm.key")
     node_b = ManagedNode(repo).start()
-    state = bench.work / f"state-{mode}-{n}"
+    state = bench.work / f"state-{workload}-{mode}-{n}"
     state.mkdir()
-    state.with_name(state.name + ".toml").write_text(MODE_CONFIG[mode])
+    state.with_name(state.name + ".toml").write_text(mode_config(mode))
     try:
         rpc_call(node_b.api_url, "swarm/connect", timeout=30.0, arg=bench.node_a.swarm_addrs[0])
         api = node_b.api_multiaddr
-        snapshotter = "overlayfs" if mode == "full" else "stargz"
-        cid = bench.cids["full" if mode == "full" else "lazy"]
+        snapshotter = "overlayfs" if base == "full" else "stargz"
+        cid = bench.cids[f"lazy-opt:{workload}" if base == "lazy-opt" else base]
+        argv, expect = WORKLOADS[workload]
         drop_caches()
         before = bitswap_received(node_b.api_url)
+        w0 = time.time()
         t0 = time.perf_counter()
         ipfsnap(state, "image", "rpull", "--ipfs", "--snapshotter", snapshotter, cid, api=api)
         t1 = time.perf_counter()
         proc = ipfsnap(state, "run", f"--snapshotter={snapshotter}", "--rm", cid, "hello",
-                       *HELLO_CMD, api=api)
+                       *argv, api=api)
         t2 = time.perf_counter()
-        if GREETING not in proc.stdout:
-            raise BenchError(f"{mode} run {n}: no greeting in the output: {proc.stdout!r}")
+        if expect not in proc.stdout:
+            raise BenchError(f"{workload}/{mode} run {n}: unexpected output: "
+                             f"{proc.stdout!r} {proc.stderr[-500:]!r}")
         bitswap = bitswap_received(node_b.api_url) - before
         fetched = blockstore_bytes(repo)
-        lf = layer_fetched(state, api) if mode != "full" else -1
-        return Run(mode, t1 - t0, t2 - t1, fetched, bitswap, lf)
+        if bench.keep_logs is not None:
+            keep_logs(state, bench.keep_logs / f"{workload}-{mode}-{n}",
+                      {"start": w0, "pulled": w0 + t1 - t0, "ran": w0 + t2 - t0})
+        lf = layer_fetched(state, api) if base != "full" else -1
+        return Run(mode, t1 - t0, t2 - t1, fetched, bitswap, lf, workload)
     finally:
         cleanup_state(state)
+        state.with_name(state.name + ".toml").unlink(missing_ok=True)
         node_b.stop()
         shutil.rmtree(repo, ignore_errors=True)
 
@@ -431,8 +523,10 @@ def _mkdir(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def setup(archive: Path, work: Path) -> Iterator[Bench]:
-    """Node A with the image pushed both ways (eStargz for lazy, plain for full)."""
+def setup(archive: Path, work: Path, workloads: Sequence[str] = ("hello",),
+          optimized: bool = False, full: bool = True) -> Iterator[Bench]:
+    """Node A with the image pushed as eStargz (lazy), plain (full, if ``full``) and, if
+    ``optimized``, optimized for each workload (lazy-opt)."""
     key = generate_swarm_key()
     repo_a = work / "node-a"
     write_swarm_key(repo_a, key)
@@ -444,13 +538,20 @@ def setup(archive: Path, work: Path) -> Iterator[Bench]:
         bench = Bench(work, node_a, key_dir)
         api = node_a.api_multiaddr
         ipfsnap(state_a, "image", "import", str(archive), "--name", "hello-bench", api=api)
-        for mode, estargz in (("lazy", "true"), ("full", "false")):
+
+        def push(what: str, *args: str) -> None:
             t0 = time.perf_counter()
-            proc = ipfsnap(state_a, "image", "ipfs-push", f"--estargz={estargz}", "hello-bench",
-                           api=api)
-            bench.cids[mode] = proc.stdout.strip().splitlines()[-1]
-            print(f"# pushed for {mode}: {bench.cids[mode]} "
+            proc = ipfsnap(state_a, "image", "ipfs-push", *args, "hello-bench", api=api)
+            bench.cids[what] = proc.stdout.strip().splitlines()[-1]
+            print(f"# pushed for {what}: {bench.cids[what]} "
                   f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+
+        push("lazy", "--estargz=true")
+        if full:
+            push("full", "--estargz=false")
+        if optimized:
+            for w in workloads:
+                push(f"lazy-opt:{w}", "--optimize", "--args", json.dumps(WORKLOADS[w][0]))
         yield bench
     finally:
         cleanup_state(state_a)
@@ -475,30 +576,37 @@ def report(runs: Sequence[Run], image_bytes: tuple[int, int, int]) -> str:
         f"image: {layers} layers, {_mb(compressed)} compressed, {_mb(uncompressed)} "
         "uncompressed",
         "",
-        "| mode | runs | pull s | run s | total s | fetched from IPFS | fetched / image "
-        "| lazy layers' fetched |",
-        "|---|---|---|---|---|---|---|---|",
+        "| workload | mode | runs | pull s | run s | total s | fetched from IPFS "
+        "| fetched / image | lazy layers' fetched |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    medians: dict[str, float] = {}
-    for mode in MODES:
-        rs = [r for r in runs if r.mode == mode]
-        if not rs:
-            continue
-        fetched = statistics.median(r.fetched for r in rs)
-        medians[mode] = statistics.median(r.total for r in rs)
-        lf = statistics.median(r.layer_fetched for r in rs)
-        lines.append(
-            f"| {mode} | {len(rs)} | {_fmt_s([r.pull for r in rs])} | "
-            f"{_fmt_s([r.run for r in rs])} | {_fmt_s([r.total for r in rs])} | "
-            f"{_mb(fetched)} | {100 * fetched / compressed:.1f}% | "
-            f"{_mb(lf) if lf >= 0 else '-'} |"
-        )
-    if "full" in medians:
-        lines.append("")
-        for lazy in ("lazy", "lazy-nobg"):
-            if lazy in medians:
-                lines.append(f"full/{lazy} (median total): "
-                             f"{medians['full'] / medians[lazy]:.1f}x")
+    notes: list[str] = []
+    for w in WORKLOADS:
+        medians: dict[str, float] = {}
+        modes = list(dict.fromkeys(r.mode for r in runs if r.workload == w))
+        for mode in modes:
+            rs = [r for r in runs if r.mode == mode and r.workload == w]
+            fetched = statistics.median(r.fetched for r in rs)
+            medians[mode] = statistics.median(r.total for r in rs)
+            lf = statistics.median(r.layer_fetched for r in rs)
+            lines.append(
+                f"| {w} | {mode} | {len(rs)} | {_fmt_s([r.pull for r in rs])} | "
+                f"{_fmt_s([r.run for r in rs])} | {_fmt_s([r.total for r in rs])} | "
+                f"{_mb(fetched)} | {100 * fetched / compressed:.1f}% | "
+                f"{_mb(lf) if lf >= 0 else '-'} |"
+            )
+        for mode in modes:
+            if mode != "full" and "full" in medians:
+                notes.append(f"{w}: full/{mode} (median total): "
+                             f"{medians['full'] / medians[mode]:.1f}x")
+        for mode in modes:
+            base, sufs = parse_mode(mode)
+            plain = "lazy" + "".join(sufs)
+            if base == "lazy-opt" and plain in medians:
+                gain = 100 * (1 - medians[mode] / medians[plain])
+                notes.append(f"{w}: {mode} total is {gain:.0f}% below {plain} "
+                             f"({medians[plain]:.2f} s -> {medians[mode]:.2f} s, medians)")
+    lines += ["", *notes]
     lines.append("seconds: median (min-max); fetched from IPFS = bytes of the blocks node B "
                  "holds after the run (its repo starts empty); fetched / image = of the "
                  "compressed layer bytes; lazy layers' fetched = sum of `snapshot status` "
@@ -511,7 +619,8 @@ def _exit_on_signal(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="cold start from IPFS: lazy vs full")
+    parser = argparse.ArgumentParser(
+        description="cold start from IPFS: full vs lazy vs lazy-optimized")
     parser.add_argument("--runs", type=int, default=5, help="runs per mode (default 5)")
     parser.add_argument("--quick", action="store_true",
                         help="small python sample, 1 run each (smoke run)")
@@ -519,6 +628,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="big: ~600 MB 4-layer image (default); small: the python sample")
     parser.add_argument("--build-only", action="store_true", help="build/cache the image, exit")
     parser.add_argument("--json", metavar="FILE", help="also write every run as JSON")
+    parser.add_argument("--workload", choices=(*WORKLOADS, "all"), default="hello",
+                        help="what the container runs (default hello)")
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                        help="comma-separated modes, alternated in each round (default "
+                        f"{','.join(DEFAULT_MODES)}; see the module docstring for suffixes)")
+    parser.add_argument("--keep-logs", metavar="DIR", type=Path,
+                        help="keep each run's snapshotter/worker logs and statuses here")
     parser.add_argument("--report", metavar="FILE",
                         help="print the table for the runs saved by --json FILE, then exit")
     args = parser.parse_args(argv)
@@ -538,6 +654,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     which = args.image or ("small" if args.quick else "big")
     runs_per_mode = 1 if args.quick else args.runs
+    modes = [m for m in args.modes.split(",") if m]
+    try:
+        for m in modes:
+            parse_mode(m)
+    except ValueError as exc:
+        parser.error(str(exc))
+    workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    optimized = any(parse_mode(m)[0] == "lazy-opt" for m in modes)
     try:
         t0 = time.monotonic()
         archive = build_big_image() if which == "big" else small_image()
@@ -547,25 +671,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{archive} layers={sizes[0]} compressed={sizes[1]} uncompressed={sizes[2]}")
             return 0
         runs: list[Run] = []
-        with tempfile.TemporaryDirectory(prefix="hello-bench-") as tmp, \
-                setup(archive, Path(tmp)) as bench:
-            for n in range(runs_per_mode):
-                for mode in MODES:
-                    r = one_run(bench, mode, n)
-                    print(f"# {mode} run {n + 1}: pull {r.pull:.2f} s, run {r.run:.2f} s, "
-                          f"total {r.total:.2f} s, fetched {_mb(r.fetched)} (bitswap "
-                          f"{_mb(r.bitswap)}, layers "
-                          f"{_mb(r.layer_fetched) if r.layer_fetched >= 0 else '-'})",
-                          file=sys.stderr, flush=True)
-                    runs.append(r)
-                    if args.json:  # as we go: a long run interrupted still leaves its data
-                        _write_json(Path(args.json), runs)
+        with tempfile.TemporaryDirectory(prefix="hello-bench-", dir="/var/tmp") as tmp, \
+                setup(archive, Path(tmp), workloads, optimized, "full" in modes) as bench:
+            bench.keep_logs = args.keep_logs
+            rounds = [(n, w, m) for n in range(runs_per_mode) for w in workloads
+                      for m in modes]
+            loads: list[float] = []
+            for n, w, mode in rounds:
+                r = one_run(bench, mode, n, w)
+                loads.append(os.getloadavg()[0])
+                print(f"# {w} {mode} run {n + 1}: pull {r.pull:.2f} s, run {r.run:.2f} s, "
+                      f"total {r.total:.2f} s, fetched {_mb(r.fetched)} (bitswap "
+                      f"{_mb(r.bitswap)}, layers "
+                      f"{_mb(r.layer_fetched) if r.layer_fetched >= 0 else '-'}), "
+                      f"load {loads[-1]:.1f}", file=sys.stderr, flush=True)
+                runs.append(r)
+                if args.json:  # as we go: a long run interrupted still leaves its data
+                    _write_json(Path(args.json), runs)
     except BenchError as exc:
         print(f"hello_bench: {exc}", file=sys.stderr)
         return 1
-    load = os.getloadavg()
     print(f"hello-bench {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, image {which}, "
-          f"{os.cpu_count()} cores, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+          f"{os.cpu_count()} cores, 1-min load average after each run "
+          f"{min(loads):.1f}-{max(loads):.1f} (median {statistics.median(loads):.1f})")
     print(report(runs, sizes))
     return 0
 
@@ -573,7 +701,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _write_json(path: Path, runs: Sequence[Run]) -> None:
     path.write_text(json.dumps(
         [{"mode": r.mode, "pull": r.pull, "run": r.run, "fetched": r.fetched,
-          "bitswap": r.bitswap, "layer_fetched": r.layer_fetched} for r in runs],
+          "bitswap": r.bitswap, "layer_fetched": r.layer_fetched, "workload": r.workload}
+         for r in runs],
         indent=1))
 
 
