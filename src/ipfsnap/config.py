@@ -118,7 +118,10 @@ def _coerce(section: str, obj: Any, data: dict[str, Any]) -> None:
         elif isinstance(current, float):
             want = float
             if isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
+                try:
+                    value = float(value)
+                except OverflowError:  # TOML integers are unbounded (0xfff...)
+                    raise ConfigError(f"config: {section}{key} is out of range") from None
         elif isinstance(current, Path):
             if not isinstance(value, str):
                 raise ConfigError(f"config: {section}{key} must be a string path")
@@ -130,7 +133,8 @@ def _coerce(section: str, obj: Any, data: dict[str, Any]) -> None:
             raise ConfigError(
                 f"config: {section}{key} must be {want.__name__}, got {type(value).__name__}"
             )
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        # "not >= 0" also refuses nan
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not value >= 0:
             raise ConfigError(f"config: {section}{key} must not be negative")
         setattr(obj, key, value)
 
@@ -151,7 +155,9 @@ def load_config(
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config {path}: cannot read: {exc}") from exc
-        except tomllib.TOMLDecodeError as exc:
+        except (ValueError, RecursionError) as exc:
+            # TOMLDecodeError, and the plain ValueError tomllib lets through for an integer
+            # over Python's 4300-digit limit; RecursionError: arrays nested thousands deep
             raise ConfigError(f"config {path}: invalid TOML: {exc}") from exc
         try:
             _coerce("", cfg, data)

@@ -309,6 +309,12 @@ class LayerIndex:
                 raise ChunkTooLarge(
                     f"{what}: chunk of {size} bytes exceeds the limit {limits.max_chunk_size}"
                 )
+            # reading the chunk inflates its member up to inner_offset + size bytes
+            if p.inner_offset + size > limits.max_chunk_size:
+                raise ChunkTooLarge(
+                    f"{what}: chunk at inner offset {p.inner_offset} of its member inflates "
+                    f"past the limit {limits.max_chunk_size}"
+                )
             digest = p.chunk_digest or (reg.digest if len(pieces) == 1 else "")
             if not digest:
                 raise InvalidTOC(f"{what}: chunk at file offset {expect} has no digest")

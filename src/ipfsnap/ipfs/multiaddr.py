@@ -52,7 +52,9 @@ class Endpoint:
 
 
 def _port(text: str, addr: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    # ASCII digits only: str.isdigit() also accepts "²", which int() refuses; at most 5
+    # digits, so int() never meets a hostile 5000-digit string
+    if not (text.isascii() and text.isdigit() and len(text) <= 5) or not 0 < int(text) < 65536:
         raise BadMultiaddr(f"IPFS API address {addr!r}: bad TCP port {text!r}")
     return int(text)
 
@@ -81,7 +83,7 @@ def parse_multiaddr(addr: str, *, auth: str | None = None, source: str = "") -> 
     elif proto == "unix":
         raise BadMultiaddr(f"IPFS API address {addr!r}: unix socket APIs are not supported")
     else:
-        raise BadMultiaddr(f"IPFS API address {addr!r}: unsupported protocol /{proto}")
+        raise BadMultiaddr(f"IPFS API address {addr!r}: unsupported protocol {'/' + proto!r}")
     if tproto != "tcp":
         raise BadMultiaddr(f"IPFS API address {addr!r}: expected /tcp after the host")
     port = _port(port_text, addr)
@@ -92,7 +94,7 @@ def parse_multiaddr(addr: str, *, auth: str | None = None, source: str = "") -> 
         scheme = "https"
     else:
         raise BadMultiaddr(
-            f"IPFS API address {addr!r}: unsupported suffix /{'/'.join(rest)}"
+            f"IPFS API address {addr!r}: unsupported suffix {'/' + '/'.join(rest)!r}"
             " (want /http or /https)"
         )
     return Endpoint(host, port, scheme, auth, source)
@@ -115,6 +117,8 @@ def parse_url(url: str, *, auth: str | None = None, source: str = "") -> Endpoin
         )
     if port is None:
         port = 443 if parts.scheme == "https" else 5001
+    elif port == 0:
+        raise BadMultiaddr(f"IPFS API address {url!r}: port 0")
     return Endpoint(parts.hostname, port, parts.scheme, auth, source)
 
 

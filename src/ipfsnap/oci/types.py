@@ -16,6 +16,7 @@ as UTF-8, and ``<``, ``>``, ``&`` escaped as ``\\u003c`` ... like Go's ``json.Ma
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -47,13 +48,27 @@ def canonical_json(obj: Any) -> bytes:
     return text.encode("utf-8")
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard number {name}")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400
+        raise ValueError(f"number {text[:40]} out of range")
+    return value
+
+
 def load_json(data: bytes, what: str, max_size: int = MAX_DOCUMENT_SIZE) -> dict[str, Any]:
     """Parse a JSON object of at most ``max_size`` bytes; errors name ``what``."""
     if len(data) > max_size:
         raise DocumentTooLarge(f"{what}: document is {len(data)} bytes, limit {max_size}")
     try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        # NaN/Infinity (also as 1e400) are not JSON (RFC 8259; Go refuses them, and
+        # canonical_json cannot write them back); ValueError also covers integers over
+        # Python's 4300-digit limit
+        obj = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as exc:
         raise OCIFormatError(f"{what}: not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise OCIFormatError(f"{what}: JSON document must be an object")
