@@ -24,6 +24,7 @@ import argparse
 import logging
 import os
 import pickle
+import select
 import signal
 import sys
 import time
@@ -46,6 +47,12 @@ from ipfsnap.fs.spec import WorkerSpec, write_json_atomic
 log = logging.getLogger(__name__)
 
 FSNAME = "ipfsnap"
+#: uncompressed bytes one chunk of a lazy layer may claim: 16x the 4 MiB chunks writers make
+#: by default (the reference's and ipfsnap's builders). A read inflates and hashes the
+#: whole chunk in this process: a hostile TOC with 1 GiB chunks (the format's own limit)
+#: cost ~2 GiB of RAM and ~45 s of CPU per 10-byte read here (issue 8). A layer with
+#: bigger chunks is refused and unpacked fully instead.
+LAZY_MAX_CHUNK_SIZE = 64 << 20
 
 
 def make_source(spec: WorkerSpec) -> BlobSource:
@@ -61,7 +68,7 @@ def limits_of(spec: WorkerSpec) -> Limits:
         max_toc_size=spec.max_toc_size or DEFAULT_LIMITS.max_toc_size,
         max_entries=spec.max_entries or DEFAULT_LIMITS.max_entries,
         max_name_length=spec.max_name_length or DEFAULT_LIMITS.max_name_length,
-        max_chunk_size=DEFAULT_LIMITS.max_chunk_size,
+        max_chunk_size=min(LAZY_MAX_CHUNK_SIZE, DEFAULT_LIMITS.max_chunk_size),
     )
 
 
@@ -256,14 +263,52 @@ class Worker:
                 return
 
 
+#: a spare worker (``--stdin``) exits after this many seconds without a spec: the mounter
+#: starts one right after each mount for the next layer of the same pull, which comes within
+#: seconds; an idle one must not linger
+SPARE_IDLE = 60.0
+
+
+def wait_for_spec(idle: float = SPARE_IDLE) -> Path | None:
+    """As a spare: the spec path the mounter writes on stdin (None: EOF or idle timeout).
+
+    Then stdout/stderr go to the layer's ``worker.log`` (next to the spec) and stdin to
+    /dev/null, as for a worker started with the spec on its command line."""
+    ready, _, _ = select.select([sys.stdin], [], [], idle)
+    if not ready:
+        return None
+    line = sys.stdin.readline().strip()
+    if not line:
+        return None
+    spec_path = Path(line)
+    fd = os.open(spec_path.parent / "worker.log",
+                 os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    for target in (1, 2):
+        os.dup2(fd, target)
+    os.close(fd)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    return spec_path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ipfsnap.fs.worker")
-    parser.add_argument("spec", type=Path, help="JSON worker spec")
+    parser.add_argument("spec", type=Path, nargs="?", help="JSON worker spec")
+    parser.add_argument("--stdin", action="store_true",
+                        help="spare: import everything, then wait for the spec path on stdin")
     args = parser.parse_args(argv)
+    spec_path: Path | None = args.spec
+    if args.stdin:
+        spec_path = wait_for_spec()
+        if spec_path is None:
+            return 0
+    if spec_path is None:
+        parser.error("a spec path (or --stdin) is required")
     try:
-        spec = WorkerSpec.from_json(args.spec.read_text(encoding="utf-8"))
+        spec = WorkerSpec.from_json(spec_path.read_text(encoding="utf-8"))
     except (OSError, IpfsnapError) as exc:
-        sys.stderr.write(f"ipfsnap layer worker: {args.spec}: {exc}\n")
+        sys.stderr.write(f"ipfsnap layer worker: {spec_path}: {exc}\n")
         return 2
     logging.basicConfig(
         level=getattr(logging, spec.log_level.upper(), logging.INFO),

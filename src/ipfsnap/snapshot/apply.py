@@ -429,15 +429,29 @@ class _Writer:
         try:
             src = tf.extractfile(m)
             if src is not None and m.size:
-                while chunk := src.read(_COPY_CHUNK):
-                    self.written += len(chunk)
-                    if self.written > self.limits.max_size:
-                        raise LayerTooLarge(
-                            self.err(m.name, f"layer writes more than {self.limits.max_size} bytes")
-                        )
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view) :]
+                # A GNU sparse member: only its data extents are written, at their offsets,
+                # and the holes stay holes. Written out in full, a few KiB of tar claiming a
+                # 60 GiB file would fill the disk (issue 8). ``raw``: the member's own
+                # reader, which seeks forward without the buffered layer's seekable() check.
+                sparse = cast("list[tuple[int, int]] | None", m.sparse)
+                raw: IO[bytes] = getattr(src, "raw", src) if sparse else src
+                for start, length in sparse or [(0, m.size)]:
+                    if sparse:
+                        raw.seek(start)
+                    pos, stop = start, start + length
+                    while pos < stop and (chunk := raw.read(min(_COPY_CHUNK, stop - pos))):
+                        self.written += len(chunk)
+                        if self.written > self.limits.max_size:
+                            raise LayerTooLarge(self.err(
+                                m.name, f"layer writes more than {self.limits.max_size} bytes"
+                            ))
+                        view = memoryview(chunk)
+                        while view:
+                            n = os.pwrite(fd, view, pos)
+                            pos += n
+                            view = view[n:]
+                if sparse:
+                    os.ftruncate(fd, m.size)
             self.meta_fd(fd, m)
             ns = self.mtime_ns(m)
             os.utime(fd, ns=(ns, ns))

@@ -1,0 +1,210 @@
+"""Hostile layers and images for the escape tests (issue 8), built for both paths.
+
+The tar-level cases are the ones of ``tests/snapshot/test_escape.py`` (names with ``..``,
+absolute names, symlinks and hardlinks pointing outside, writes through planted symlinks,
+whiteouts of ``..``); here each becomes a real eStargz blob (the real builder keeps the
+hostile names in both the tar stream and the TOC), so the very same blob goes through the
+lazy FUSE mount and the full unpack. Cases the builder cannot express (a TOC declaring a
+1 TiB file, a gzip bomb chunk, a TOC bomb) are crafted member by member.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import struct
+import tarfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+from ipfsnap.estargz import BuildOptions, build
+from ipfsnap.estargz.footer import gzip_footer, parse_gzip_footer
+from tests.estargz.helpers import with_toc
+from tests.fs.layers import Blob
+from tests.snapshot.tarbuild import E, make_tar
+from tests.snapshot.test_escape import _cases
+
+#: what the host canary file holds; no test may ever see it change or read it in a container
+CANARY_SECRET = b"host canary secret\n"
+
+#: lazy-path outcome of each tar-level case of ``tests/snapshot/test_escape.py``: the full
+#: unpack rejects all of them; the lazy mount rejects all but these, which it neutralises
+#: (a second name for a symlink is still only a symlink: FUSE never follows it, and in a
+#: container it resolves inside the rootfs; a whiteout of ``..`` is dropped with a warning)
+LAZY_NEUTRALISED = {
+    "hardlink-to-symlink-abs": "served as a symlink (text kept, never followed)",
+    "hardlink-to-symlink-rel": "served as a symlink (text kept, never followed)",
+    "whiteout-dotdot": "dropped, warning logged",
+    "whiteout-dotdot-root": "dropped, warning logged",
+}
+
+
+def make_canary(base: Path) -> Path:
+    """``base/canary`` with a secret file and an empty sub-directory."""
+    canary = base / "canary"
+    (canary / "sub").mkdir(parents=True)
+    (canary / "secret").write_bytes(CANARY_SECRET)
+    return canary
+
+
+def tar_cases(canary: Path) -> dict[str, tuple[list[E], str]]:
+    """name -> (entries, the entry name an error must mention)."""
+    return _cases(canary)
+
+
+CASE_NAMES = list(tar_cases(Path("/x")))
+
+
+def blob_from_tar(tar: bytes, path: Path, chunk_size: int = 64 * 1024) -> Blob:
+    """An eStargz blob of ``tar`` built by the real builder, written to ``path``."""
+    with open(path, "wb") as dst:
+        res = build(io.BytesIO(tar), dst,
+                    BuildOptions(chunk_size=chunk_size, level=1, workers=1))
+    return Blob(path, res.toc_digest, res.blob_digest, res.blob_size, [])
+
+
+def blob_of(entries: list[E], path: Path) -> Blob:
+    return blob_from_tar(make_tar(entries), path)
+
+
+def toc_digest_of(blob: bytes) -> str:
+    """sha256 of the uncompressed TOC JSON of a gzip eStargz blob."""
+    off = parse_gzip_footer(blob[-51:])
+    plain = zlib.decompressobj(31).decompress(blob[off:-51])
+    size = int(plain[124:136].rstrip(b"\x00 ") or b"0", 8)
+    return "sha256:" + hashlib.sha256(plain[512 : 512 + size]).hexdigest()
+
+
+def crafted_blob(members: list[bytes], entries: list[dict[str, Any]], path: Path,
+                 toc: bytes | None = None) -> Blob:
+    """A gzip eStargz blob made of explicit ``members`` and a TOC of ``entries`` whose
+    ``member`` field (an index into ``members``) becomes the entry's ``offset``; ``toc``
+    replaces the TOC JSON bytes entirely."""
+    offsets, pos = [], 0
+    for m in members:
+        offsets.append(pos)
+        pos += len(m)
+    for e in entries:
+        if "member" in e:
+            e["offset"] = offsets[e.pop("member")]
+    payload = b"".join(members)
+    doc = toc if toc is not None else json.dumps({"version": 1, "entries": entries}).encode()
+    blob = with_toc(payload + gzip_footer(len(payload)), doc)
+    path.write_bytes(blob)
+    return Blob(path, toc_digest_of(blob), "sha256:" + hashlib.sha256(blob).hexdigest(),
+                len(blob), [])
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def one_tib_file_blob(path: Path) -> tuple[Blob, int]:
+    """A blob whose TOC declares a 1 TiB file of zeros: 16384 chunks of 64 MiB that all
+    name the same ~64 KiB gzip member (a 1000:1 bomb) and the same digest. Returns the blob
+    and the compressed size of that member."""
+    chunk = 64 << 20
+    count = (1 << 40) // chunk
+    member = gzip.compress(bytes(chunk), compresslevel=9)
+    digest = sha(bytes(chunk))
+    entries: list[dict[str, Any]] = [
+        {"name": "huge", "type": "reg", "size": 1 << 40, "mode": 0o644, "member": 1,
+         "chunkSize": chunk, "chunkDigest": digest, "digest": digest},
+    ]
+    entries += [{"name": "huge", "type": "chunk", "member": 1, "chunkOffset": i * chunk,
+                 "chunkSize": chunk, "chunkDigest": digest} for i in range(1, count)]
+    return crafted_blob([gzip.compress(b"hdr"), member], entries, path), len(member)
+
+
+def gzip_bomb_blob(path: Path, inflated: int, claimed: int) -> Blob:
+    """A file ``f`` whose one chunk claims ``claimed`` zero bytes, stored as a gzip member
+    that inflates to ``inflated`` zero bytes."""
+    bomb = gzip.compress(bytes(inflated), compresslevel=9)
+    digest = sha(bytes(claimed))
+    entries: list[dict[str, Any]] = [
+        {"name": "f", "type": "reg", "size": claimed, "mode": 0o644, "member": 1,
+         "digest": digest, "chunkDigest": digest},
+    ]
+    return crafted_blob([gzip.compress(b"hdr"), bomb], entries, path)
+
+
+def toc_bomb_blob(path: Path, toc_bytes: int) -> Blob:
+    """A blob whose TOC JSON is ``toc_bytes`` long (whitespace padding) but compresses to
+    about a thousandth of that."""
+    head = b'{"version": 1, "entries": [{"name": "d", "type": "dir"}]'
+    doc = head + b" " * (toc_bytes - len(head) - 1) + b"}"
+    return crafted_blob([gzip.compress(b"hdr")], [], path, toc=doc)
+
+
+def sparse_tar(name: str, apparent: int, data: bytes) -> bytes:
+    """A PAX (GNU sparse 0.1) tar member ``name`` of ``apparent`` bytes whose only data is
+    ``data`` at offset 0: a few KiB that describe a file of any size."""
+    ti = tarfile.TarInfo(f"GNUSparseFile.0/{name}")
+    ti.size = len(data)
+    ti.mtime = 1_600_000_000
+    ti.pax_headers = {"GNU.sparse.map": f"0,{len(data)}", "GNU.sparse.size": str(apparent),
+                      "GNU.sparse.name": name, "GNU.sparse.numblocks": "1"}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def euid_elf() -> bytes:
+    """A 136-byte static x86-64 ELF that exits with its effective uid (mod 256): a setuid
+    root copy run by uid 1000 exits 0 if it gained root, 232 (1000 % 256) if not."""
+    code = bytes.fromhex(
+        "b86b000000"  # mov eax, 107 (geteuid)
+        "0f05"  # syscall
+        "89c7"  # mov edi, eax
+        "b83c000000"  # mov eax, 60 (exit)
+        "0f05"  # syscall
+    )
+    base, ehdr_size, phdr_size = 0x400000, 64, 56
+    entry = base + ehdr_size + phdr_size
+    ehdr = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8) + struct.pack(
+        "<HHIQQQIHHHHHH", 2, 0x3E, 1, entry, ehdr_size, 0, 0, ehdr_size, phdr_size, 1, 0, 0, 0
+    )
+    total = ehdr_size + phdr_size + len(code)
+    # one PT_LOAD (1) segment, readable and executable (4 | 1), page aligned
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, total, total, 0x1000)
+    return ehdr + phdr + code
+
+
+#: uid the container tests run unprivileged commands as, and what euid_elf exits with then
+USER_UID = 1000
+UNPRIVILEGED_EXIT = USER_UID % 256
+
+
+def rootfs_tar(root: Path) -> bytes:
+    """The tree at ``root`` as an uncompressed tar (names relative, symlinks kept)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for p in sorted(root.rglob("*")):
+            tf.add(p, arcname=str(p.relative_to(root)), recursive=False)
+    return buf.getvalue()
+
+
+def hostile_image_layer(canary: Path, host_disk: tuple[int, int]) -> list[E]:
+    """The layer of the container tests: everything in it passes both unpackers, and
+    every entry tries to reach the host from inside a container."""
+    secret = canary / "secret"
+    up = "../" * 12
+    return [
+        E("etc", "d"),
+        E("etc/shadow", data=b"image shadow\n", mode=0o640),
+        E("shadow-abs", "l", link="/etc/shadow"),
+        E("shadow-rel", "l", link=up + "etc/shadow"),
+        E("canary-abs", "l", link=str(secret)),
+        E("canary-rel", "l", link=up + str(secret).lstrip("/")),
+        E("canary-dir", "l", link=str(canary)),
+        E("rootlink", "l", link="/"),
+        E("mem", "c", dev=(1, 1), mode=0o666),  # /dev/mem: all physical memory
+        E("kmsg", "c", dev=(1, 11), mode=0o666),
+        E("disk", "b", dev=host_disk, mode=0o666),  # the host's root filesystem device
+        E("euid-suid", data=euid_elf(), mode=0o4755),
+        E("euid-plain", data=euid_elf(), mode=0o755),
+    ]
