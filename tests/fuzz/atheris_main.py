@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rss-mb", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0, help="libFuzzer -seed (0 = random)")
     ap.add_argument("--merge-into", type=Path, help="minimise the work corpus into this dir")
-    args = ap.parse_args(argv)
+    # libFuzzer's merge re-runs this command with extra libFuzzer flags: pass them through
+    args, libfuzzer_extra = ap.parse_known_args(argv)
 
     import atheris
 
@@ -88,8 +90,10 @@ def main(argv: list[str] | None = None) -> None:
             last_write[0] = now
             write_report(False)
 
+    # argv[0] is what libFuzzer's merge runs again (through the shell): this whole command
+    me = [sys.executable, "-m", "tests.fuzz.atheris_main", *(argv or sys.argv[1:])]
     lf = [
-        sys.argv[0],
+        " ".join(shlex.quote(a) for a in me if a not in libfuzzer_extra),
         f"-max_len={target.max_len}",
         f"-timeout={args.timeout}",
         f"-rss_limit_mb={args.rss_mb}",
@@ -99,7 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     ]
     if target.tokens:
         lf.append(f"-dict={targets.DICTS_DIR / (target.tokens + '.dict')}")
-    if args.merge_into:
+    if libfuzzer_extra:  # an inner merge process: libFuzzer says what to do
+        lf += libfuzzer_extra
+    elif args.merge_into:
         args.merge_into.mkdir(parents=True, exist_ok=True)
         lf += ["-merge=1", str(args.merge_into), str(corpus)]
     else:
