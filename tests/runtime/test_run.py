@@ -301,13 +301,64 @@ def test_detached_ps_logs_rm(runtime_state: Path, rootfs: Path) -> None:
         assert out.returncode != 0 and "nope" in out.stderr
 
 
-def test_detached_exit_is_stopped(runtime_state: Path, rootfs: Path) -> None:
-    p = run_rootfs(runtime_state, rootfs, "d2", ["sh", "-c", "echo bye"], "-d")
+def monitors(state: Path) -> list[int]:
+    """Pids of the detached-container monitors of ``state`` that are still running."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"ipfsnap.runtime.monitor" in argv and os.fsencode(state) in argv:
+            out.append(int(proc.name))
+    return out
+
+
+def test_detached_exit_code_is_recorded(
+    runtime_state: Path, rootfs: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    p = run_rootfs(runtime_state, rootfs, "d2", ["sh", "-c", "echo bye; exit 7"], "-d")
     assert p.returncode == 0, p.stderr
-    wait_for(lambda: ps(runtime_state)["d2"]["status"] == "stopped", "d2 stopped")
+    wait_for(lambda: ps(runtime_state)["d2"]["status"] == "exited", "d2 exited")
+    row = ps(runtime_state)["d2"]
+    assert row["exitCode"] == 7 and row["pid"] == 0
+    wait_for(lambda: not monitors(runtime_state), "d2's monitor to exit")
+    # on a terminal: exited(code)
+    from ipfsnap.cli.main import main
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert main(["--state-dir", str(runtime_state), "ps"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[:3] == ["d2", "(rootfs)", "exited(7)"]
     assert run(runtime_state, "logs", "d2").stdout == "bye\n"
-    assert run(runtime_state, "rm", "d2").returncode == 0
+    rm = run(runtime_state, "rm", "d2")  # an exited container needs no -f
+    assert rm.returncode == 0, rm.stderr
+    assert "d2" not in ps(runtime_state)
     assert_no_trace(runtime_state, "d2")
+
+
+def test_detached_killed_container_and_rm_f_while_monitored(
+    runtime_state: Path, rootfs: Path
+) -> None:
+    for cid in ("k1", "k2"):
+        p = run_rootfs(runtime_state, rootfs, cid, ["sleep", "1000"], "-d")
+        assert p.returncode == 0, p.stderr
+    assert len(monitors(runtime_state)) == 2
+    rows = ps(runtime_state)
+    assert rows["k1"]["status"] == rows["k2"]["status"] == "running"
+    assert rows["k1"]["exitCode"] is None
+    # killed from outside: 128 + SIGKILL, as a foreground run reports it
+    os.kill(int(rows["k1"]["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+    wait_for(lambda: ps(runtime_state)["k1"]["status"] == "exited", "k1 exited")
+    assert ps(runtime_state)["k1"]["exitCode"] == 128 + signal.SIGKILL
+    # rm -f of a running one: its monitor sees the exit but must not recreate the record
+    rm = run(runtime_state, "rm", "-f", "k2", "k1")
+    assert rm.returncode == 0, rm.stderr
+    wait_for(lambda: not monitors(runtime_state), "the monitors to exit")
+    assert ps(runtime_state) == {}
+    for cid in ("k1", "k2"):
+        assert_no_trace(runtime_state, cid)
 
 
 def test_duplicate_id(runtime_state: Path, rootfs: Path) -> None:

@@ -7,6 +7,7 @@ Layout of one container directory (it is also the OCI bundle)::
     resolv.conf, hosts, hostname   bind mounted into the container's /etc
     rootfs/         the mountpoint of the container's snapshot
     log             stdout+stderr of a detached container
+    monitor.log     messages of a detached container's monitor (runtime/monitor.py)
 
 This module knows nothing about images or snapshots: the caller hands in a function that mounts
 the rootfs (``mount_rootfs(target)``) and one that releases the snapshot given the record
@@ -19,6 +20,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -26,6 +28,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -39,6 +43,7 @@ from ipfsnap.runtime.errors import (
     ContainerNotFound,
     ContainerRunning,
     Interrupted,
+    RuncError,
 )
 from ipfsnap.runtime.runc import FORWARDED_SIGNALS, Runc
 from ipfsnap.runtime.spec import ContainerConfig, write_bundle
@@ -75,8 +80,11 @@ class ContainerRecord:
     detached: bool = False
     rm: bool = False
     args: list[str] = field(default_factory=list)
-    #: set when a foreground run ended (detached containers have no monitor: stays None)
+    #: set when the container ended: by the foreground run, or by a detached container's
+    #: monitor (None if it is still running or its monitor was killed)
     exit_code: int | None = None
+    #: when the container ended (ISO 8601 UTC; "" while it runs)
+    finished: str = ""
     #: free-form data for the caller's release callback
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -84,7 +92,8 @@ class ContainerRecord:
 @dataclass(frozen=True)
 class ContainerStatus:
     record: ContainerRecord
-    #: created | running | paused | stopped (runc) | exited (foreground run ended) | prepared
+    #: created | running | paused | stopped (runc, exit status unknown) | exited (ended,
+    #: ``record.exit_code`` set) | prepared
     status: str
     pid: int = 0
 
@@ -166,6 +175,25 @@ def signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+@contextlib.contextmanager
+def locked_dir(path: Path) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on directory ``path``; yields False if it does not exist.
+
+    The monitor writes a container's exit status and ``ipfsnap rm`` removes the container
+    under this lock, so the two never interleave.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield False
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
 Release = Callable[[ContainerRecord], None]
 MountRootfs = Callable[[Path], None]
 
@@ -237,7 +265,7 @@ class ContainerStore:
     def status(self, container_id: str) -> ContainerStatus:
         record = self.load(container_id)
         st = self.runc.state(container_id)
-        if st is not None:
+        if st is not None and not (st.status == "stopped" and record.exit_code is not None):
             return ContainerStatus(record, st.status, st.pid)
         if record.exit_code is not None:
             return ContainerStatus(record, "exited")
@@ -281,7 +309,9 @@ class ContainerStore:
             unmount_all(rootfs)
         if record is not None and release is not None:
             release(record)
-        shutil.rmtree(d, ignore_errors=True)
+        # the monitor of a detached container may be writing its exit status right now
+        with locked_dir(d):
+            shutil.rmtree(d, ignore_errors=True)
         self._remove_cgroup_prefix()
         log.debug("container %s removed", container_id)
 
@@ -333,7 +363,7 @@ class ContainerStore:
                     cgroups_path=self.cgroups_path(record.id),
                 )
                 if record.detached:
-                    self.runc.run_detached(record.id, d, d / "log")
+                    self._start_monitored(record.id)
                     started = True
                     return 0
                 # forwardable signals are blocked and passed on to runc in there
@@ -348,3 +378,32 @@ class ContainerStore:
                 if record.rm or not started:
                     with signals_deferred():
                         self.destroy(record.id, release, force=True)
+
+    def _start_monitored(self, container_id: str) -> int:
+        """Start a detached container under its monitor (runtime/monitor.py), which records
+        its exit status; returns the container's init pid once runc has started it."""
+        d = self.path(container_id)
+        r, w = os.pipe()
+        try:
+            with open(d / "monitor.log", "ab") as mlog:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "ipfsnap.runtime.monitor", str(self.state_dir),
+                     container_id, self.runc.binary, str(w)],
+                    pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=mlog, stderr=mlog,
+                    start_new_session=True, cwd="/",
+                )
+        finally:
+            os.close(w)
+        # one line once runc has started it (runc's calls are bounded), or EOF if it died
+        with os.fdopen(r, "r", encoding="utf-8") as ready:
+            answer = ready.readline().strip()
+        word, _, rest = answer.partition(" ")
+        if word == "ok":
+            return int(rest)
+        proc.wait()
+        if word == "error":
+            raise RuncError(rest)
+        raise RuncError(
+            f"container {container_id}: its monitor exited with status {proc.returncode} "
+            f"before starting it (see {d / 'monitor.log'})"
+        )

@@ -158,10 +158,14 @@ class Runc:
         """``runc run -d``: start the container and return its init pid; its stdout and
         stderr (and runc's own messages) go to ``log_path``, stdin is /dev/null."""
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # runc writes the pid file before it returns; ``runc state`` would say pid 0 for a
+        # container that has already exited
+        pid_file = bundle / "init.pid"
         with open(log_path, "ab") as logf, open(os.devnull, "rb") as null:
             try:
                 proc = subprocess.run(
-                    [*self._base(), "run", "-d", "--bundle", str(bundle), container_id],
+                    [*self._base(), "run", "-d", "--pid-file", str(pid_file), "--bundle",
+                     str(bundle), container_id],
                     stdin=null,
                     stdout=logf,
                     stderr=logf,
@@ -177,8 +181,12 @@ class Runc:
         if proc.returncode != 0:
             tail = _tail(log_path)
             raise RuncError(f"runc run -d {container_id} failed: {tail or proc.returncode}")
-        st = self.state(container_id)
-        return st.pid if st else 0
+        try:
+            return int(pid_file.read_text(encoding="ascii").strip())
+        except (OSError, ValueError) as exc:
+            raise RuncError(
+                f"runc run -d {container_id}: no init pid in {pid_file}: {exc}"
+            ) from exc
 
     def run_foreground(
         self,
