@@ -2,7 +2,8 @@
 
 Each accepted connection is served on its own thread; every request is parsed (head and a
 ``Content-Length`` or chunked body) and handed to the test's ``handler``, which returns raw
-bytes to write, or one of the actions :data:`STALL` / :data:`CLOSE`. The server records
+bytes to write, or one of the actions :data:`STALL` / :data:`CLOSE` (or bytes ending in
+:data:`CLOSE`: those bytes, then the connection is closed). The server records
 every request so tests can check what the client sent.
 """
 
@@ -102,6 +103,9 @@ class FakeKubo:
                     self._stop.wait(30)
                     return
                 if reply == CLOSE:
+                    return
+                if reply.endswith(CLOSE):  # send what precedes, then hang up
+                    conn.sendall(reply[:-len(CLOSE)])
                     return
                 conn.sendall(reply)
         except OSError:

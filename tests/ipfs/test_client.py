@@ -481,3 +481,47 @@ def test_add_after_a_dropped_pooled_connection_resends_the_whole_body(serve: Any
     adds = [s for s in srv.seen if s.path.endswith("/add")]
     assert len(adds) == 2
     assert payload in adds[1].body and adds[0].body == adds[1].body
+
+
+BIG = hashlib.sha256(b"big").digest() * (3 * 32768 + 5)  # 3 MiB + 160 bytes
+
+
+def big_handler(seen: Seen) -> bytes:
+    """js-ipfs style: 256 KiB chunks, no X-Content-Length, an X-Stream-Error trailer."""
+    p = dict(seen.params)
+    off = int(p.get("offset", 0))
+    length = int(p["length"]) if "length" in p else len(BIG) - off
+    return http_reply(200, BIG[off:off + length], chunked=True, chunk=262144,
+                      trailers=[("X-Stream-Error", "")])
+
+
+def test_large_bodies_in_every_read_mode(serve: Any) -> None:
+    # in place into the result (length known), growing (to the end), streamed to a callback
+    _srv, c = serve(big_handler)
+    assert c.cat(CID, 0, len(BIG)) == BIG
+    assert c.cat(CID, 1000, 2 << 20) == BIG[1000:1000 + (2 << 20)]
+    assert c.cat(CID) == BIG
+    pieces: list[bytes] = []
+    assert c.cat_into(CID, 7, None, pieces.append) == len(BIG) - 7
+    assert b"".join(pieces) == BIG[7:] and all(type(p) is bytes for p in pieces)
+
+
+@pytest.mark.parametrize("where", [100, 262144 + 3, 262144 + 8])
+def test_connection_dropped_mid_body_is_resumed(serve: Any, where: int) -> None:
+    calls: list[Seen] = []
+
+    def handler(seen: Seen) -> bytes:
+        calls.append(seen)
+        full = big_handler(seen)
+        if len(calls) == 1:
+            # the daemon dies after `where` bytes of the reply's body part (early in a
+            # chunk, just before a chunk's end, in the CRLF after it)
+            return full[:full.index(b"\r\n\r\n") + 4 + where] + CLOSE
+        return full
+
+    _srv, c = serve(handler)
+    assert c.cat(CID, 0, len(BIG)) == BIG
+    assert len(calls) == 2
+    resumed = int(dict(calls[1].params)["offset"])
+    # everything received before the cut was kept, nothing more
+    assert 0 < resumed <= where and resumed == min(where - 7, 262144)

@@ -27,7 +27,7 @@ from ipfsnap.ipfs.core import (
     RetryPolicy,
 )
 from ipfsnap.ipfs.errors import BadMultiaddr
-from ipfsnap.ipfs.http import RECV_SIZE, Connect, ConnectionPool, Plan, Recv, Send, Sleep
+from ipfsnap.ipfs.http import Connect, ConnectionPool, Plan, RecvInto, Send, Sleep
 from ipfsnap.ipfs.multiaddr import Endpoint
 from ipfsnap.progress import Progress
 
@@ -54,9 +54,10 @@ async def run_plan_async(plan: Plan) -> Any:
                 return stop.value
             value, error = None, None
             try:
-                if isinstance(op, Recv):
+                if isinstance(op, RecvInto):
                     with trio.move_on_after(op.timeout) as scope:
-                        value = await op.transport.stream.receive_some(RECV_SIZE)
+                        # the stream has no receive-into; its socket does (same semantics)
+                        value = await op.transport.stream.socket.recv_into(op.buffer)
                     if scope.cancelled_caught:
                         error = TimeoutError(f"no data within {op.timeout:g} s")
                 elif isinstance(op, Send):

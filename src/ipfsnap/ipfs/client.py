@@ -22,7 +22,7 @@ from ipfsnap.ipfs.core import (
     Peer,
     RetryPolicy,
 )
-from ipfsnap.ipfs.http import RECV_SIZE, Connect, ConnectionPool, Plan, Recv, Send, Sleep
+from ipfsnap.ipfs.http import Connect, ConnectionPool, Plan, RecvInto, Send, Sleep
 from ipfsnap.ipfs.multiaddr import Endpoint, discover_api, parse_api
 from ipfsnap.progress import Progress
 
@@ -55,11 +55,14 @@ def run_plan(plan: Plan) -> Any:
                 return stop.value
             value, error = None, None
             try:
-                if isinstance(op, Recv):
-                    op.transport.settimeout(op.timeout)
-                    value = op.transport.recv(RECV_SIZE)
+                if isinstance(op, RecvInto):
+                    # settimeout is a system call (it switches blocking mode): only on change
+                    if op.transport.gettimeout() != op.timeout:
+                        op.transport.settimeout(op.timeout)
+                    value = op.transport.recv_into(op.buffer)
                 elif isinstance(op, Send):
-                    op.transport.settimeout(op.timeout)
+                    if op.transport.gettimeout() != op.timeout:
+                        op.transport.settimeout(op.timeout)
                     op.transport.sendall(op.data)
                 elif isinstance(op, Connect):
                     value = _connect(op.endpoint, op.timeout)

@@ -36,6 +36,10 @@ from ipfsnap.ipfs.errors import (
     StreamError,
 )
 from ipfsnap.ipfs.http import (
+    BodySink,
+    Buffer,
+    BufferSink,
+    CallbackSink,
     ConnectionBroken,
     ConnectionPool,
     Plan,
@@ -61,6 +65,10 @@ MIN_RATE = 1 << 20
 SERVER_TIMEOUT_SHARE = 0.8
 #: piece size read from a file and sent as one HTTP chunk by ``add``
 ADD_PIECE = 1 << 20
+#: ``cat`` with a length allocates its result up front, up to this size (beyond, the result
+#: grows as the body arrives): a range read's length is what the caller will hold anyway, this
+#: only bounds what a mistaken length costs before the daemon says the content is shorter
+PREALLOC_MAX = 256 << 20
 #: chunking parameters that make ``add`` match :func:`ipfsnap.ipfs.unixfs.compute_cid`
 ADD_PARAMS = (
     ("cid-version", "1"),
@@ -139,7 +147,7 @@ class Call:
     cid: str | None = None
     idempotent: bool = True
     #: makes the request body's pieces; called per request, so a reconnect resends it whole
-    body: Callable[[], Iterable[bytes]] | None = None
+    body: Callable[[], Iterable[Buffer]] | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)
     #: socket timeout for this call (None: the client's)
     timeout: float | None = None
@@ -170,16 +178,25 @@ def _decode_json(call: Call, api: str, body: bytes) -> Any:
         raise BadReply(call.name, api, f"reply is not JSON: {body[:80]!r}", call.cid) from None
 
 
-def _source_pieces(source: Path | IO[bytes] | bytes, counter: list[int]) -> Iterator[bytes]:
+def _source_pieces(source: Path | IO[bytes] | bytes, counter: list[int]) -> Iterator[Buffer]:
+    """``source`` in pieces of :data:`ADD_PIECE`; each piece is sent before the next is read,
+    so one buffer serves them all (no fresh 1 MiB per piece)."""
     if isinstance(source, bytes):
         counter[0] += len(source)
         yield source
         return
     # a path is opened here and closed below, also when the plan is closed early
     f: IO[bytes] = open(source, "rb") if isinstance(source, Path) else source  # noqa: SIM115
+    buf = bytearray(ADD_PIECE)
+    view = memoryview(buf)
+    readinto = getattr(f, "readinto", None)
     try:
         while True:
-            piece = f.read(ADD_PIECE)
+            if readinto is not None:
+                n = readinto(view)
+                piece: Buffer = view[:n] if n else b""
+            else:
+                piece = f.read(ADD_PIECE)
             if not piece:
                 return
             counter[0] += len(piece)
@@ -187,6 +204,33 @@ def _source_pieces(source: Path | IO[bytes] | bytes, counter: list[int]) -> Iter
     finally:
         if isinstance(source, Path):
             f.close()
+
+
+class _RangeSink:
+    """Counts the body bytes of a range read into ``inner`` and refuses more than ``limit``
+    (across attempts: a resumed read carries on where the last one stopped)."""
+
+    def __init__(self, inner: BodySink, limit: int | None, too_much: Callable[[], Exception]):
+        self.inner = inner
+        self.limit = limit
+        self.too_much = too_much
+        self.direct = inner.direct
+        self.got = 0
+
+    def write(self, piece: memoryview) -> None:
+        if self.limit is not None and self.got + len(piece) > self.limit:
+            raise self.too_much()
+        self.inner.write(piece)
+        self.got += len(piece)
+
+    def reserve(self, n: int) -> memoryview | None:
+        if self.limit is not None:
+            n = min(n, self.limit - self.got)
+        return self.inner.reserve(n) if n > 0 else None
+
+    def commit(self, n: int) -> None:
+        self.inner.commit(n)
+        self.got += n
 
 
 class RPC:
@@ -217,7 +261,7 @@ class RPC:
             headers.append(("Authorization", self.endpoint.auth))
         return Request("POST", target, headers, call.body() if call.body is not None else None)
 
-    def _attempt(self, call: Call, on_data: Callable[[bytes], None] | None) -> Plan:
+    def _attempt(self, call: Call, sink: BodySink | None) -> Plan:
         """Plan -> :class:`Response` with a 2xx status and no stream error, or raise."""
         timeout = call.timeout if call.timeout is not None else self.timeout
         while True:
@@ -237,7 +281,7 @@ class RPC:
                                             call.cid) from None
             request = self._request(call)
             try:
-                resp: Response = yield from exchange(conn, request, timeout, on_data)
+                resp: Response = yield from exchange(conn, request, timeout, sink)
             except TimeoutError:
                 conn.transport.close()
                 raise IPFSTimeout(call.name, self.api, f"no reply within {timeout:g} s",
@@ -282,7 +326,7 @@ class RPC:
     def run(
         self,
         make_call: Callable[[int], Call],
-        on_data: Callable[[bytes], None] | None = None,
+        sink: BodySink | None = None,
         check: Callable[[Call, Response], None] | None = None,
     ) -> Plan:
         """Plan -> :class:`Response`: attempts ``make_call(attempt)`` until it works, retrying
@@ -292,7 +336,7 @@ class RPC:
         while True:
             call = make_call(attempt)
             try:
-                resp = yield from self._attempt(call, on_data)
+                resp = yield from self._attempt(call, sink)
                 if check is not None:
                     check(call, resp)
                 return resp
@@ -357,6 +401,30 @@ class RPC:
         Exactly ``length`` bytes or an error: a short body is retried from where it stopped
         (the bytes already given to ``sink`` stay valid: content is addressed by its hash).
         """
+        got: int = yield from self.read(cid, offset, length, CallbackSink(sink),
+                                        timeout=timeout)
+        return got
+
+    def cat(
+        self, cid: str, offset: int = 0, length: int | None = None, *,
+        timeout: float | None = None,
+    ) -> Plan:
+        """Plan -> bytes: built in place, received straight into the result when the length
+        is known (see :class:`~ipfsnap.ipfs.http.BufferSink`)."""
+        buf = BufferSink(length if length is not None and length <= PREALLOC_MAX else None)
+        yield from self.read(cid, offset, length, buf, timeout=timeout)
+        return buf.getvalue()
+
+    def read(
+        self,
+        cid: str,
+        offset: int,
+        length: int | None,
+        body: BodySink,
+        *,
+        timeout: float | None = None,
+    ) -> Plan:
+        """Plan -> bytes given to ``body``: what :meth:`cat_into` does, for any sink."""
         cid = self._cid("cat", cid)
         if offset < 0 or (length is not None and length < 0):
             raise ShortRead("cat", self.api, f"bad range offset={offset} length={length}", cid,
@@ -380,16 +448,11 @@ class RPC:
             return Call("cat", params, cid, True, timeout=timeout)
 
         start_of_attempt = [0]
-
-        def on_data(data: bytes) -> None:
-            nonlocal got
-            if length is not None and got + len(data) > length:
-                raise BadReply("cat", self.api,
-                               f"daemon sent more than the {length} bytes asked for", cid)
-            sink(data)
-            got += len(data)
+        counted = _RangeSink(body, length, lambda: BadReply(
+            "cat", self.api, f"daemon sent more than the {length} bytes asked for", cid))
 
         def check(call: Call, resp: Response) -> None:
+            got = counted.got
             before = start_of_attempt[0]
             this = got - before
             want = None if length is None else length - before
@@ -410,11 +473,12 @@ class RPC:
                                 f"{offset}", cid, final=this == 0 and before > 0)
 
         def make_tracked(attempt: int) -> Call:
-            start_of_attempt[0] = got
+            nonlocal got
+            got = start_of_attempt[0] = counted.got
             return make(attempt)
 
         try:
-            yield from self.run(make_tracked, on_data, check)
+            yield from self.run(make_tracked, counted, check)
         except IPFSHTTPError as exc:
             # js-ipfs answers 500 to an offset at or past the end (Kubo: an empty 200)
             if "offset must be less than" in exc.message.lower():
@@ -422,17 +486,7 @@ class RPC:
                                 f"starts beyond the content ({exc.message})", cid,
                                 final=True) from None
             raise
-        return got
-
-    def cat(
-        self, cid: str, offset: int = 0, length: int | None = None, *,
-        timeout: float | None = None,
-    ) -> Plan:
-        """Plan -> bytes."""
-        # pieces joined once at the end: one copy of the data instead of two
-        pieces: list[bytes] = []
-        yield from self.cat_into(cid, offset, length, pieces.append, timeout=timeout)
-        return pieces[0] if len(pieces) == 1 and type(pieces[0]) is bytes else b"".join(pieces)
+        return counted.got
 
     def files_stat(self, cid: str, *, timeout: float | None = None) -> Plan:
         """Plan -> :class:`FileStat` (``files/stat`` of ``/ipfs/<cid>``)."""
@@ -589,7 +643,7 @@ class RPC:
                 "Content-Type: application/octet-stream\r\n\r\n").encode()
         tail = f"\r\n--{boundary}--\r\n".encode()
 
-        def body() -> Iterator[bytes]:
+        def body() -> Iterator[Buffer]:
             counter[0] = 0
             yield head
             for piece in _source_pieces(src, counter):
