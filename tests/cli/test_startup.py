@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from ipfsnap._lazy import parse_exports
+
 #: third-party modules (and the slow stdlib parts they drag in) that only the commands which
 #: use them may load: async I/O, the containerd gRPC API, FUSE, zstd, the HTTP parser
 HEAVY = ("trio", "grpc", "pyfuse3", "zstandard", "h11")
@@ -81,13 +83,13 @@ def test_sync_ipfs_client_does_not_load_trio() -> None:
 @pytest.mark.parametrize("package", LAZY_PACKAGES)
 def test_lazy_namespace_exports_every_name(package: str) -> None:
     mod = importlib.import_module(package)
-    exported = {name for names in mod._EXPORTS.values() for name in names}
-    assert exported == set(mod.__all__)
-    for submodule, names in mod._EXPORTS.items():
-        source = importlib.import_module(submodule, package)
-        for name in names:
-            # the package hands out the submodule's own object
-            assert getattr(mod, name) is getattr(source, name), f"{package}.{name}"
+    exports = parse_exports(mod.__file__)
+    assert set(exports) == set(mod.__all__)
+    for name, submodule in exports.items():
+        assert submodule.startswith(package + ".")
+        # the package hands out the submodule's own object
+        source = importlib.import_module(submodule)
+        assert getattr(mod, name) is getattr(source, name), f"{package}.{name}"
     assert set(mod.__all__) <= set(dir(mod))
     with pytest.raises(AttributeError, match="no_such_name"):
         _ = mod.no_such_name

@@ -65,10 +65,15 @@ def parse_size(text: str) -> int:
     return value
 
 
+def print_line(line: str) -> None:
+    """One result line on stdout, flushed at once (scripts and tests read it as it comes)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def print_json(obj: Any) -> None:
     """Machine-readable result on stdout, one JSON document per line."""
-    sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
-    sys.stdout.flush()
+    print_line(json.dumps(obj, sort_keys=True))
 
 
 def need(condition: bool, message: str) -> None:

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from typing import TYPE_CHECKING
 
-from ipfsnap.cli.common import Context
+from ipfsnap.cli.common import Context, print_line
 from ipfsnap.errors import UsageError
 
 if TYPE_CHECKING:
@@ -27,10 +26,6 @@ log = logging.getLogger(__name__)
 #: rpull --snapshotter value -> containerd snapshotter name
 CONTAINERD_SNAPSHOTTERS = {"stargz": "ipfsnap", "overlayfs": "overlayfs"}
 
-
-def _report(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def cmd_rpull_containerd(args: argparse.Namespace, ctx: Context) -> int:
@@ -56,7 +51,7 @@ def cmd_rpull_containerd(args: argparse.Namespace, ctx: Context) -> int:
             args.ref, ctx.args.containerd, client=client, state_dir=ctx.config.state_dir,
             namespace=ctx.args.namespace, snapshotter=snapshotter,
             platform=parse_platform(args.platform) if args.platform else None,
-            prefetch_size=ctx.config.prefetch_size or None, report=_report,
+            prefetch_size=ctx.config.prefetch_size or None, report=print_line,
             progress=progress_for(),
         )
     finally:

@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ipfsnap.cli.common import Context
+from ipfsnap.cli.common import Context, print_line
 
 # The recorder and converter (runc, tarfile, zstandard) load only when a command runs.
 if TYPE_CHECKING:
@@ -96,8 +96,7 @@ def cmd_optimize(args: argparse.Namespace, ctx: Context) -> int:
         output=sys.stderr.fileno(),
         progress=progress_for(),
     )
-    sys.stdout.write(result.name + "\n")
-    sys.stdout.flush()
+    print_line(result.name)
     return 0
 
 

@@ -12,7 +12,7 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from ipfsnap.cli.common import Context, parse_bool
+from ipfsnap.cli.common import Context, parse_bool, print_line
 from ipfsnap.errors import IPFSError
 
 #: seconds one socket operation of an add may wait; the daemon answers an add only after it
@@ -84,8 +84,7 @@ def cmd_ipfs_push(args: argparse.Namespace, ctx: Context) -> int:
         result = push_image(
             store, args.ref, client, options, state_dir=cfg.state_dir, progress=progress_for()
         )
-    sys.stdout.write(result.cid + "\n")
-    sys.stdout.flush()
+    print_line(result.cid)
     return 0
 
 

@@ -16,12 +16,11 @@ import argparse
 import contextlib
 import logging
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ipfsnap.cli.common import Context
+from ipfsnap.cli.common import Context, print_line
 from ipfsnap.errors import NotFoundError, UsageError
 from ipfsnap.image.snapshotters import SNAPSHOTTERS, STARGZ, is_lazy, snapshotter_root
 
@@ -96,10 +95,6 @@ def ipfs_client(config: Config) -> IPFSClient:
     return IPFSClient(api, auth=config.ipfs_auth, retry=RetryPolicy.from_config(config.blob))
 
 
-def _report(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
 
 def _prefetch(config: Config) -> int | None:
     return config.prefetch_size or None
@@ -120,7 +115,7 @@ def pull(ctx: Context, ref: str, snapshotter: str | None,
                  if snapshotter else None)
         return rpull(ref, snaps, client=client, images=images, platform=platform,
                      lazy=snapshotter is not None and is_lazy(snapshotter),
-                     prefetch_size=_prefetch(ctx.config), report=_report,
+                     prefetch_size=_prefetch(ctx.config), report=print_line,
                      progress=progress_for())
 
 
@@ -217,6 +212,10 @@ def cmd_mount(args: argparse.Namespace, ctx: Context) -> int:
     with open_snapshotter(ctx.config, args.snapshotter) as snaps:
         top = layer_snapshots(ctx, snaps, image, args.snapshotter)
         mounts = snaps.view(key, top, {"ipfsnap.io/image": image.record.name})
+        # the image's files on the host, where no container spec applies: its setuid
+        # binaries must not give a local user root, its device nodes must not open
+        for m in mounts:
+            m.options = [*m.options, "nosuid", "nodev"]
         try:
             mount_all(mounts, target)
         except BaseException:

@@ -40,21 +40,5 @@ __all__ = [
 ]
 
 # Submodules load on first use of one of their names (see ipfsnap._lazy).
-_EXPORTS = {
-    ".archive": ("export_image", "import_image"),
-    ".blobs": ("BlobStore",),
-    ".errors": (
-        "AmbiguousImport",
-        "ArchiveError",
-        "BlobNotFound",
-        "ImageNotFound",
-        "IncompleteImage",
-        "RegistryAuthError",
-        "RegistryError",
-        "StoreCorrupt",
-    ),
-    ".store": ("GCResult", "ImageRecord", "ImageStore", "ResolvedImage"),
-}
-
 if not TYPE_CHECKING:
-    __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+    __getattr__, __dir__ = lazy_exports(__name__, __file__)

@@ -95,50 +95,5 @@ __all__ = [
 ]
 
 # Submodules load on first use of one of their names (see ipfsnap._lazy).
-_EXPORTS = {
-    ".builder": ("BuildOptions", "BuildResult", "build"),
-    ".errors": (
-        "BadCompression",
-        "BadFooter",
-        "BadTar",
-        "ChunkDigestMismatch",
-        "ChunkTooLarge",
-        "EStargzError",
-        "InvalidTOC",
-        "NameTooLong",
-        "PrioritizedFileNotFound",
-        "TOCDigestMismatch",
-        "TOCTooLarge",
-        "TooManyEntries",
-        "TruncatedBlob",
-        "UnsafeEntry",
-    ),
-    ".reader": (
-        "LayerIndex",
-        "LayerReader",
-        "VerifyResult",
-        "clean_path",
-        "decompress_chunk",
-        "open_layer",
-        "verify_blob",
-    ),
-    ".toc": ("entry_to_json",),
-    ".types": (
-        "DEFAULT_CHUNK_SIZE",
-        "DEFAULT_LIMITS",
-        "NO_PREFETCH_LANDMARK",
-        "PREFETCH_LANDMARK",
-        "TOC_DIGEST_ANNOTATION",
-        "TOC_TAR_NAME",
-        "UNCOMPRESSED_SIZE_ANNOTATION",
-        "BytesRangeReader",
-        "Chunk",
-        "FileRangeReader",
-        "Limits",
-        "RangeReader",
-        "TOCEntry",
-    ),
-}
-
 if not TYPE_CHECKING:
-    __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+    __getattr__, __dir__ = lazy_exports(__name__, __file__)

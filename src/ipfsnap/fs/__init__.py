@@ -54,19 +54,5 @@ __all__ = [
 ]
 
 # Submodules load on first use of one of their names (see ipfsnap._lazy).
-_EXPORTS = {
-    ".mounter": (
-        "IPFS_API_LABEL",
-        "LAYER_DIGEST_LABEL",
-        "LOCAL_PATH_LABEL",
-        "PREFETCH_SIZE_LABEL",
-        "SIZE_LABEL",
-        "TOC_DIGEST_LABEL",
-        "URLS_LABEL",
-        "LayerMounter",
-    ),
-    ".spec": ("SourceSpec", "WorkerSpec", "read_status"),
-}
-
 if not TYPE_CHECKING:
-    __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+    __getattr__, __dir__ = lazy_exports(__name__, __file__)

@@ -65,27 +65,5 @@ __all__ = [
 ]
 
 # Submodules load on first use of one of their names (see ipfsnap._lazy).
-_EXPORTS = {
-    ".aclient": ("AsyncIPFSClient",),
-    ".cid": ("CID", "normalize_cid", "parse_cid", "raw_cid"),
-    ".client": ("CIDReader", "IPFSClient", "endpoint_from_config"),
-    ".core": ("AddResult", "BlockStat", "FileStat", "Peer", "RetryPolicy"),
-    ".errors": (
-        "APINotFound",
-        "BadCID",
-        "BadMultiaddr",
-        "BadReply",
-        "DaemonUnreachable",
-        "IPFSCallError",
-        "IPFSHTTPError",
-        "IPFSNotFound",
-        "IPFSTimeout",
-        "ShortRead",
-        "StreamError",
-    ),
-    ".multiaddr": ("Endpoint", "discover_api", "parse_api"),
-    ".unixfs": ("DagInfo", "compute_cid", "compute_dag"),
-}
-
 if not TYPE_CHECKING:
-    __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+    __getattr__, __dir__ = lazy_exports(__name__, __file__)

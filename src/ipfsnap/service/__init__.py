@@ -51,19 +51,5 @@ __all__ = [
 ]
 
 # Submodules load on first use of one of their names (see ipfsnap._lazy).
-_EXPORTS = {
-    ".client": ("SnapshotterClient", "connect_if_running", "connect_or_start", "start_daemon"),
-    ".daemon": ("Daemon", "serve"),
-    ".errors": (
-        "DaemonAlreadyRunning",
-        "DaemonStartError",
-        "ProtocolError",
-        "RemoteInternalError",
-        "ServiceUnavailable",
-    ),
-    ".paths": ("STARGZ_ROOT", "lock_holder", "stargz_root"),
-    ".protocol": ("LayerState",),
-}
-
 if not TYPE_CHECKING:
-    __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+    __getattr__, __dir__ = lazy_exports(__name__, __file__)

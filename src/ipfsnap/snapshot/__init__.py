@@ -55,29 +55,5 @@ __all__ = [
 ]
 
 # Submodules load on first use of one of their names (see ipfsnap._lazy).
-_EXPORTS = {
-    ".apply": (
-        "DEFAULT_APPLY_LIMITS",
-        "ESTARGZ_METADATA",
-        "ApplyLimits",
-        "ApplyResult",
-        "apply_layer",
-    ),
-    ".mount": ("mount_all", "unmount"),
-    ".store": ("SnapshotStore",),
-    ".types": (
-        "REMOTE_LABEL",
-        "REMOTE_LABEL_PREFIX",
-        "REMOTE_LABEL_VALUE",
-        "TARGET_SNAPSHOT_LABEL",
-        "Info",
-        "Kind",
-        "Mount",
-        "RemoteFileSystem",
-        "Snapshotter",
-        "Usage",
-    ),
-}
-
 if not TYPE_CHECKING:
-    __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+    __getattr__, __dir__ = lazy_exports(__name__, __file__)
