@@ -408,3 +408,31 @@ def test_rejected_layer_never_runs(
     assert not (run_state / "containers" / "c1").exists()
     assert _state(canary) == before
     assert not (escape_base / "x").exists()
+
+
+@pytest.mark.parametrize("snapshotter", ["stargz", "overlayfs"])
+def test_image_mount_on_the_host_is_inert(
+    snapshotter: str, run_state: Path, hostile_cid: str, ipfs_node: object
+) -> None:
+    """``ipfsnap image mount`` shows an image's files on the host, where no runtime spec
+    applies: its setuid binaries must not give a local user root, its device nodes must
+    not open (the target is world-traversable here, as /mnt would be)."""
+    api = ipfs_node.api_url  # type: ignore[attr-defined]
+    target = Path(tempfile.mkdtemp(prefix="ipfsnap-escape-mnt-"))
+    try:
+        target.chmod(0o755)
+        p = ipfsnap(run_state, api, "image", "mount", f"--snapshotter={snapshotter}",
+                    hostile_cid, str(target))
+        assert p.returncode == 0, p.stderr
+        try:
+            assert {"nosuid", "nodev"} <= _mount_options(target)
+            got = subprocess.run([str(target / "euid-suid")], check=False, user=USER_UID,
+                                 group=USER_UID, extra_groups=[]).returncode
+            assert got == UNPRIVILEGED_EXIT
+            with pytest.raises(PermissionError):
+                open(target / "mem", "rb").close()
+        finally:
+            p = ipfsnap(run_state, api, "image", "unmount", str(target))
+            assert p.returncode == 0, p.stderr
+    finally:
+        target.rmdir()
