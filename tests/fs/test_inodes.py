@@ -116,3 +116,33 @@ def test_parse_modtime() -> None:
     assert parse_modtime("2020-09-13T14:26:40+02:00") == 1_600_000_000 * 10**9
     assert parse_modtime("") == 0
     assert parse_modtime("garbage") == 0
+
+
+def test_parse_modtime_memo_is_bounded_and_consistent() -> None:
+    from ipfsnap.fs import inodes
+
+    texts = [f"2021-01-01T00:{m:02d}:{s:02d}Z" for m in range(60) for s in range(60)]
+    texts += [f"2021-01-01T00:00:00.{n:09d}Z" for n in range(2000)]
+    first = [parse_modtime(t) for t in texts]
+    # answers from the memo equal the first computation, and the memo stays bounded
+    assert [parse_modtime(t) for t in texts] == first
+    assert len(inodes._MODTIME_MEMO) <= inodes._MODTIME_MEMO_MAX
+    assert first[61] == (1609459200 + 61) * 10**9
+    assert first[3600 + 7] == 1609459200 * 10**9 + 7
+    assert parse_modtime("2021-02-30T00:00:00Z") == 0  # invalid, also the second time
+    assert parse_modtime("2021-02-30T00:00:00Z") == 0
+
+
+def test_table_pickles_column_wise(every_type_blob: Blob) -> None:
+    import pickle
+
+    t = table_of(every_type_blob)
+    state = t.__getstate__()
+    # one list per field, not one pickled object per inode
+    assert set(state) == {"columns", "by_path"}
+    back = pickle.loads(pickle.dumps(t, protocol=pickle.HIGHEST_PROTOCOL))
+    assert len(back) == len(t) and back.by_path == t.by_path
+    for a, b in zip(t.inodes[1:], back.inodes[1:], strict=True):
+        assert a is not None and b is not None
+        assert {k: getattr(a, k) for k in a.__slots__} == \
+            {k: getattr(b, k) for k in b.__slots__}
