@@ -137,6 +137,7 @@ class SnapshotStore:
         self._snapdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.root, 0o700)
         self._lock = threading.RLock()
+        self._remount_lock = threading.Lock()
         self._db = sqlite3.connect(
             self.root / "metadata.db", isolation_level=None, check_same_thread=False, timeout=30
         )
@@ -316,13 +317,34 @@ class SnapshotStore:
             mp = self.fs_path(r.id)
             try:
                 if self.remote is not None:
-                    self.remote.check(mp, r.labels)
+                    self._check_or_remount(r, mp)
                 elif not mountlib.is_mountpoint(mp):
                     raise SnapshotUnavailable(f"remote layer {r.key!r} is not mounted at {mp}")
             except Exception as exc:
                 raise SnapshotUnavailable(
                     f"layer {r.key!r} of snapshot {row.key!r} is unavailable: {exc}"
                 ) from exc
+
+    def _check_or_remount(self, row: _Row, mp: Path) -> None:
+        """Check a remote layer's mount; mount it again if it fails (its worker died, or
+        IPFS was unreachable when :meth:`restore_remote` ran), as a restart would."""
+        assert self.remote is not None
+        try:
+            self.remote.check(mp, row.labels)
+            return
+        except Exception as exc:
+            with self._remount_lock:  # one remount at a time: no two workers on one path
+                try:
+                    self.remote.check(mp, row.labels)
+                    return
+                except Exception:
+                    pass
+                log.info("remote snapshot %r at %s fails its check, remounting: %s",
+                         row.key, mp, exc)
+                self._unmount_remote(mp)
+                self.remote.mount(mp, row.labels)
+                self.remote.check(mp, row.labels)
+                log.info("restored remote snapshot %r at %s", row.key, mp)
 
     def _mounts_for(self, row: _Row, chain: list[_Row]) -> list[Mount]:
         self._check_available(row, chain)
