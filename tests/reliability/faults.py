@@ -655,6 +655,64 @@ def wait_layer(client: SnapshotterClient, mp: Path, pred: Callable[[Any], bool],
         time.sleep(0.1)
 
 
+def remote_layer(svc: Svc, layer: Layer, name: str = "layer") -> tuple[Path, int]:
+    """Prepare ``layer`` lazily (from IPFS) as committed snapshot ``name`` through the
+    snapshotter of ``svc``, started on demand; its mountpoint and worker pid."""
+    labels = {**ipfs_labels(layer.blob, layer.cid), TARGET_SNAPSHOT_LABEL: name}
+    with connect_or_start(svc.config) as client:
+        with contextlib.suppress(SnapshotExists):
+            client.prepare("extract", labels=labels)
+        mounts = client.view("probe", parent=name)
+        client.remove("probe")
+        mp = Path(mounts[0].source)
+        return mp, layer_state(client, mp).pid
+
+
+def fault_snapshotter_restarted_without_ipfs(setup: FaultSetup) -> FaultResult:
+    """kill -9 of the snapshotter and the layer worker, restarted while the IPFS API stalls
+    (the layer cannot be mounted again); then IPFS comes back and the next use of the
+    snapshot (a view, as a container start would) mounts it again."""
+    res = FaultResult("snapshotter + worker kill -9, restarted while IPFS stalls",
+                      ReadStats(), setup.timeout, False)
+    work = setup.scratch("svcnoipfs")
+    layer = setup.layer
+    proxy = FaultProxy.for_node(setup.node)
+    try:
+        with service(work, "svc", service_config(proxy.url, setup.timeout, setup.threads)
+                     ) as svc:
+            mp, worker = remote_layer(svc, layer)
+            reader = RandomReads(mp, layer.files)
+            reader.run(res.phase("serving"), setup.reads_of(0.3), threads=setup.threads,
+                       seed=setup.seed)
+            down = res.phase("killed, restarted without IPFS")
+            with reader.background(down, setup.reads_of(0.05), threads=setup.threads,
+                                   seed=setup.seed + 1):
+                svc.kill9()
+                os.kill(worker, signal.SIGKILL)
+                proxy.stalled.set()
+                proxy.drop_connections()
+                with connect_or_start(svc.config) as client:  # the restore fails
+                    failed = layer_state(client, mp)
+                down.wait_reads(setup.reads_of(0.05))
+            res.notes.append(f"after the restart: layer {failed.state}: "
+                             f"{failed.last_error[:120]}")
+            proxy.stalled.clear()
+            proxy.drop_connections()
+            with connect_or_start(svc.config) as client:
+                client.view("container", parent="layer")  # mounts it again
+                remounted = layer_state(client, mp)
+            reader.run(res.phase("IPFS back, snapshot used again"), setup.reads_of(0.65),
+                       threads=setup.threads, seed=setup.seed + 2)
+            res.recovered = (failed.state == "error" and remounted.pid != worker
+                             and not reader.verify_all())
+            slog = svc.state / "snapshotter.log"
+            res.log = log_lines(slog, "could not be restored", limit=1) + \
+                log_lines(slog, "fails its check, remounting", limit=1)
+    finally:
+        proxy.close()
+    return res.finish()
+
+
 def fault_snapshotter_killed_in_background_fetch(setup: FaultSetup) -> FaultResult:
     """kill -9 of the snapshotter and of the layer's worker while it fetches the layer in
     the background (replies slowed by a proxy to widen the window); restart on demand."""
@@ -667,15 +725,8 @@ def fault_snapshotter_killed_in_background_fetch(setup: FaultSetup) -> FaultResu
     text = service_config(proxy.url, 60, setup.threads)
     try:
         with service(work, "svc", text) as svc:
-            labels = {**ipfs_labels(layer.blob, layer.cid), TARGET_SNAPSHOT_LABEL: "layer"}
             proxy.delay = 0.05
-            with connect_or_start(svc.config) as client:
-                with contextlib.suppress(SnapshotExists):
-                    client.prepare("extract", labels=labels)
-                mounts = client.view("probe", parent="layer")
-                client.remove("probe")
-                mp = Path(mounts[0].source)
-                worker = layer_state(client, mp).pid
+            mp, worker = remote_layer(svc, layer)
             reader = RandomReads(mp, layer.files)
             reader.run(res.phase("serving"), setup.reads_of(0.2), threads=setup.threads,
                        seed=setup.seed)
@@ -783,6 +834,7 @@ FAULTS: dict[str, Callable[[FaultSetup], FaultResult]] = {
     "flipped-bytes": fault_flipped_bytes,
     "snapshotter-killed-background": fault_snapshotter_killed_in_background_fetch,
     "snapshotter-killed-rpull": fault_snapshotter_killed_in_rpull,
+    "snapshotter-restarted-without-ipfs": fault_snapshotter_restarted_without_ipfs,
     "cache-disk-full": fault_full_cache_disk,
     "cache-corrupt": fault_corrupt_cache,
 }

@@ -27,6 +27,7 @@ from tests.reliability.faults import (
     fault_full_cache_disk,
     fault_snapshotter_killed_in_background_fetch,
     fault_snapshotter_killed_in_rpull,
+    fault_snapshotter_restarted_without_ipfs,
     fixed_node,
     make_layer,
 )
@@ -113,6 +114,18 @@ def test_snapshotter_killed_during_background_fetch(setup: FaultSetup) -> None:
 def test_snapshotter_killed_during_rpull(setup: FaultSetup) -> None:
     res = fault_snapshotter_killed_in_rpull(setup)
     check(res, errors=False)
+
+
+def test_snapshotter_restarted_while_ipfs_stalls(setup: FaultSetup) -> None:
+    """The restore fails (logged); once IPFS answers, the next use of the snapshot mounts
+    the layer again, with no restart of the snapshotter."""
+    res = fault_snapshotter_restarted_without_ipfs(setup)
+    check(res, errors=False)
+    assert set(res.stats.other) <= {"ENOTCONN", "ECONNABORTED"}, res.describe()
+    phases = dict(res.phases)
+    back = phases["IPFS back, snapshot used again"]
+    assert back.ok == back.reads
+    assert len(res.log) == 2, res.log
 
 
 def test_full_cache_disk(setup: FaultSetup) -> None:
