@@ -591,29 +591,41 @@ def corrupt_entries(cache_dir: Path, rng: random.Random, fraction: float) -> int
 
 
 def fault_corrupt_cache(setup: FaultSetup) -> FaultResult:
-    """Chunk files damaged on disk after the whole layer was cached."""
-    res = FaultResult("cache files of chunks corrupted on disk", ReadStats(), 0, False)
+    """Chunk files damaged on disk after the whole layer was cached: twice with IPFS up
+    (refetched), once more with IPFS stalled (EIO, not the damaged bytes)."""
+    res = FaultResult("cache files of chunks corrupted on disk", ReadStats(), setup.timeout,
+                      False)
     work = setup.scratch("corrupt")
     layer = setup.layer
-    m = layer_mounter(work / "state", setup.node.api_url, setup, background=True,
-                      cache_limit=0)
-    mp = work / "mp"
-    reader = RandomReads(mp, layer.files)
-    rng = random.Random(setup.seed)
-    with mounted(m, mp, ipfs_labels(layer.blob, layer.cid)):
-        wait_status(m, mp, lambda s: s["state"] == "complete", timeout=120)
-        cache_dir = m.cache_root / layer.blob.digest[7:]
-        damaged = 0
-        for i in range(2):  # damage, read; damage again (refetched entries too), read
+    proxy = FaultProxy.for_node(setup.node)
+    try:
+        m = layer_mounter(work / "state", proxy.url, setup, background=True, cache_limit=0)
+        mp = work / "mp"
+        reader = RandomReads(mp, layer.files)
+        rng = random.Random(setup.seed)
+        with mounted(m, mp, ipfs_labels(layer.blob, layer.cid)):
+            wait_status(m, mp, lambda s: s["state"] == "complete", timeout=120)
+            cache_dir = m.cache_root / layer.blob.digest[7:]
+            damaged = 0
+            for i in range(2):  # damage, read; damage again (refetched entries too), read
+                damaged += corrupt_entries(cache_dir, rng, 0.5)
+                reader.run(res.phase(f"damaged cache, round {i + 1}"), setup.reads_of(0.45),
+                           threads=setup.threads, seed=setup.seed + i)
             damaged += corrupt_entries(cache_dir, rng, 0.5)
-            reader.run(res.phase(f"damaged cache, round {i + 1}"), setup.reads_of(0.5),
-                       threads=setup.threads, seed=setup.seed + i)
-        res.recovered = not reader.verify_all() and not bad_cache_entries(cache_dir)
-        wlog = m.worker_dir(mp) / "worker.log"
-        found = len(log_lines(wlog, "does not match", limit=10**6))
-        res.notes.append(f"{damaged} entries damaged, {found} detected by reads "
-                         "(the rest were still in the worker's RAM or never read again)")
-        res.log = log_lines(wlog, "does not match", limit=1)
+            proxy.stalled.set()
+            proxy.drop_connections()
+            reader.run(res.phase("damaged cache, IPFS stalled"), setup.reads_of(0.1),
+                       threads=setup.threads, seed=setup.seed + 2)
+            proxy.stalled.clear()
+            proxy.drop_connections()
+            res.recovered = not reader.verify_all() and not bad_cache_entries(cache_dir)
+            wlog = m.worker_dir(mp) / "worker.log"
+            found = wlog.read_text(encoding="utf-8", errors="replace").count("does not match")
+            res.notes.append(f"{damaged} entries damaged, {found} found damaged by reads (the "
+                             "rest were still in the worker's RAM or not read again)")
+            res.log = log_lines(wlog, "does not match", limit=1)
+    finally:
+        proxy.close()
     return res.finish()
 
 

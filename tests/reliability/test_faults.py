@@ -136,5 +136,10 @@ def test_full_cache_disk(setup: FaultSetup) -> None:
 
 def test_corrupt_cache_files(setup: FaultSetup) -> None:
     res = fault_corrupt_cache(setup)
-    check(res, errors=False)
+    check(res, errors=True)
+    phases = dict(res.phases)
+    for i in (1, 2):  # IPFS up: every damaged entry refetched
+        rnd = phases[f"damaged cache, round {i}"]
+        assert rnd.ok == rnd.reads, res.describe()
+    assert phases["damaged cache, IPFS stalled"].eio > 0
     assert any("does not match" in line for line in res.log), res.log
