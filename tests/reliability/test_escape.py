@@ -29,7 +29,7 @@ from ipfsnap.fs.mounter import is_mountpoint
 from ipfsnap.fs.worker import LAZY_MAX_CHUNK_SIZE, load_tables
 from ipfsnap.ipfs import IPFSClient
 from ipfsnap.runtime import ContainerStore
-from ipfsnap.snapshot import ESTARGZ_METADATA, apply_layer
+from ipfsnap.snapshot import ESTARGZ_METADATA, apply_layer, unmount
 from ipfsnap.snapshot.errors import LayerFormatError
 from tests.fs.mounts import labels_for, make_mounter, mounted
 from tests.image.rpull_helpers import push, unmount_state
@@ -435,4 +435,6 @@ def test_image_mount_on_the_host_is_inert(
             p = ipfsnap(run_state, api, "image", "unmount", str(target))
             assert p.returncode == 0, p.stderr
     finally:
+        if is_mountpoint(target):  # the unmount above failed: do not leave it behind
+            unmount(target, lazy=True)
         target.rmdir()
