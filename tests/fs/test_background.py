@@ -338,3 +338,38 @@ def test_background_fetch_waits_for_foreground_reads_of_any_layer(tmp_path: Path
         finally:
             stop.set()
             t.join(30)
+
+
+# -- the spare worker: started ahead, takes the next mount ----------------------------------
+
+
+def test_spare_worker_serves_the_next_mount(tmp_path: Path) -> None:
+    require_fuse()
+    a_blob, b_blob = bg_blob(tmp_path, 51), bg_blob(tmp_path, 52)
+    m = make_mounter(tmp_path / "state", background=False)
+    try:
+        spare = m._spare
+        assert spare is not None and spare.poll() is None
+        with mounted(m, tmp_path / "a", labels_for(a_blob)):
+            st = m.status(tmp_path / "a")
+            assert st is not None and st["pid"] == spare.pid  # the spare took the mount
+            assert (tmp_path / "a" / "small").read_bytes() == b"small\n"
+            log_text = (m.worker_dir(tmp_path / "a") / "worker.log").read_text()
+            assert "mounted" in log_text  # its output went to the layer's log
+            second = m._spare
+            assert second is not None and second.pid != spare.pid
+            with mounted(m, tmp_path / "b", labels_for(b_blob)):
+                assert (tmp_path / "b" / "big").read_bytes() == b_blob.items[0].data
+        # a dead spare is replaced by a direct start
+        dead = m._spare
+        assert dead is not None
+        dead.kill()
+        dead.wait()
+        with mounted(m, tmp_path / "c", labels_for(a_blob)):
+            st = m.status(tmp_path / "c")
+            assert st is not None and st["pid"] != dead.pid
+            assert (tmp_path / "c" / "small").read_bytes() == b"small\n"
+    finally:
+        last = m._spare
+        m.close()
+    assert last is None or last.poll() is not None  # close() ended the spare

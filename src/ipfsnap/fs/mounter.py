@@ -122,6 +122,7 @@ class LayerMounter:
         python: str = sys.executable,
         ready_timeout: float | None = None,
         extra: Mapping[str, Any] | None = None,
+        spare: bool = True,
     ) -> None:
         self.config = config
         self.run_dir = run_dir or config.state_dir / "fs" / "workers"
@@ -137,6 +138,14 @@ class LayerMounter:
         #: workers of lazily unmounted layers, reaped when they exit
         self._detached: list[subprocess.Popen[bytes]] = []
         self._lock = threading.Lock()
+        #: a worker process started ahead (``--stdin``): Python, trio and pyfuse3 already
+        #: imported, waiting for the next mount's spec. Starting a worker costs ~0.5 s of
+        #: imports on an idle 2-core machine and several seconds under load, paid once per
+        #: layer, one layer after the other, during a pull; the spare takes that off the
+        #: mount path (it exits by itself after worker.SPARE_IDLE seconds unused)
+        self.spare = spare
+        self._spare: subprocess.Popen[bytes] | None = None
+        self._start_spare()
 
     # -- paths ----------------------------------------------------------------------------
     def worker_dir(self, mountpoint: Path) -> Path:
@@ -263,15 +272,18 @@ class LayerMounter:
         fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(spec.to_json())
-        logfile = open(wdir / "worker.log", "ab")  # noqa: SIM115 - handed to the child
-        try:
-            proc = subprocess.Popen(
-                [self.python, "-m", "ipfsnap.fs.worker", str(spec_path)],
-                stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
-                start_new_session=True, close_fds=True, cwd="/",
-            )
-        finally:
-            logfile.close()
+        proc = self._hand_to_spare(spec_path)
+        if proc is None:
+            logfile = open(wdir / "worker.log", "ab")  # noqa: SIM115 - handed to the child
+            try:
+                proc = subprocess.Popen(
+                    [self.python, "-m", "ipfsnap.fs.worker", str(spec_path)],
+                    stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
+                    start_new_session=True, close_fds=True, cwd="/",
+                )
+            finally:
+                logfile.close()
+        self._start_spare()
         with self._lock:
             self._procs[str(mountpoint)] = proc
         deadline = time.monotonic() + self.ready_timeout
@@ -347,6 +359,59 @@ class LayerMounter:
                         self._detached.append(proc)
                 return
         self._wait_exit(proc, pid, mountpoint)
+
+    # -- spare worker ---------------------------------------------------------------------
+    def _start_spare(self) -> None:
+        if not self.spare:
+            return
+        with self._lock:
+            if self._spare is not None and self._spare.poll() is None:
+                return
+            try:
+                self._spare = subprocess.Popen(
+                    [self.python, "-m", "ipfsnap.fs.worker", "--stdin"],
+                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+                    cwd="/",
+                )
+            except OSError as exc:
+                log.warning("cannot start a spare layer worker: %s", exc)
+                self._spare = None
+
+    def _hand_to_spare(self, spec_path: Path) -> subprocess.Popen[bytes] | None:
+        """Give the spec to the spare worker; None if there is none alive."""
+        with self._lock:
+            proc, self._spare = self._spare, None
+        if proc is None or proc.stdin is None:
+            return None
+        try:
+            if proc.poll() is not None:
+                raise BrokenPipeError("spare worker exited")
+            proc.stdin.write(os.fsencode(spec_path) + b"\n")
+            proc.stdin.close()
+        except OSError as exc:
+            log.debug("spare layer worker unusable (%s): starting a new one", exc)
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait()
+            return None
+        return proc
+
+    def close(self) -> None:
+        """Stop the spare worker (mounted layers keep being served)."""
+        with self._lock:
+            proc, self._spare = self._spare, None
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                if proc.stdin is not None:
+                    proc.stdin.close()  # EOF: the spare exits
+            try:
+                proc.wait(EXIT_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     # -- helpers --------------------------------------------------------------------------
     def reap(self) -> None:
