@@ -618,8 +618,9 @@ def _run(writer: _Writer, stream: BinaryIO, name: str, limits: ApplyLimits) -> A
         raise LayerFormatError(f"layer {name}: unreadable tar stream{where}: {exc}") from exc
     except OSError as exc:
         raise LayerWriteError(f"layer {name}: entry {current!r}: {exc}") from exc
-    except (OverflowError, ValueError) as exc:
-        # a header value the kernel cannot take: uid/gid or time out of range, NaN mtime,
-        # a NUL inside a link target or xattr name (found by fuzzing, issue 8)
+    except (ArithmeticError, ValueError) as exc:
+        # a header value the kernel cannot take: uid/gid or time out of range (also
+        # decimal.Overflow of a PAX mtime like 1e999999999), NaN mtime, a NUL inside a link
+        # target or xattr name (found by fuzzing, issue 8)
         raise LayerFormatError(f"layer {name}: entry {current!r}: unusable header: {exc}") from exc
     return ApplyResult(diff_id="sha256:" + hashing.hash.hexdigest(), size=hashing.count)
