@@ -61,6 +61,9 @@ _POLL_INTERVAL = 0.1
 PID_FILE = "ipfsnap-node.pid"
 LOG_FILE = "daemon.log"
 LOOPBACK_ANY_PORT = "/ip4/127.0.0.1/tcp/0"
+#: umask of the daemon: what it writes into the repo (config with the node's private key,
+#: blocks, datastore, api file) is owner-only, whatever the caller's umask
+REPO_UMASK = 0o077
 
 
 class NodeError(IPFSError):
@@ -489,7 +492,8 @@ class ManagedNode:
             cmd = self._command("--init")
             env["IPFSNAP_INIT_CONFIG"] = json.dumps(self._init_config())
         log.info("IPFS repo %s: initialising (%s)", self.repo, self.implementation)
-        res = subprocess.run(cmd, env=env, capture_output=True, timeout=self.start_timeout)
+        res = subprocess.run(cmd, env=env, capture_output=True, timeout=self.start_timeout,
+                             umask=REPO_UMASK)
         if res.returncode != 0:
             detail = (res.stderr or res.stdout).decode("utf-8", "replace").strip()
             last = detail.splitlines()[-1] if detail else f"exit status {res.returncode}"
@@ -506,6 +510,10 @@ class ManagedNode:
             return self
         t0 = time.monotonic()
         self.repo.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.repo.stat().st_mode & 0o077:
+            # the repo holds the node's private key, the swarm key and every block
+            log.info("IPFS repo %s: mode -> 700", self.repo)
+            os.chmod(self.repo, 0o700)
         self.check_private_network()
         self.recover_stale()
         env = self._child_env()
@@ -537,6 +545,7 @@ class ManagedNode:
                 stderr=subprocess.STDOUT,
                 # own session: a Ctrl-C in the terminal reaches us, and we stop it in order
                 start_new_session=True,
+                umask=REPO_UMASK,
             )
         finally:
             logf.close()

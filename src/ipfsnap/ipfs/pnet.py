@@ -135,7 +135,7 @@ def repo_swarm_key(repo: Path) -> SwarmKey | None:
 
 def write_swarm_key(repo: Path, key: SwarmKey) -> Path:
     """Install ``key`` as ``$repo/swarm.key``, readable by the owner only."""
-    repo.mkdir(parents=True, exist_ok=True)
+    repo.mkdir(parents=True, exist_ok=True, mode=0o700)  # a new repo: owner-only, as Kubo's
     path = repo / SWARM_KEY_FILE
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -99,6 +99,13 @@ def _state_of(st: Mapping[str, Any], background: bool) -> str:
     return state
 
 
+#: umask of the snapshotter process (a Daemon is one) and so of its layer workers: what they
+#: create (sqlite store, chunk cache, worker specs with the API token, logs) is ipfsnap's own
+#: state, owner-only. Image content keeps its modes: snapshot dirs are chmod-ed explicitly and
+#: the FUSE mounts take theirs from the TOC.
+PRIVATE_UMASK = 0o077
+
+
 class Daemon:
     """The snapshotter for ``config.state_dir``. ``run()`` serves until stopped."""
 
@@ -107,7 +114,10 @@ class Daemon:
         self.state_dir = config.state_dir
         self.socket_path = paths.socket_path(self.state_dir)
         self.root = paths.stargz_root(self.state_dir)
-        self.mounter = mounter or LayerMounter(config)
+        os.umask(PRIVATE_UMASK)  # before the mounter starts its spare worker
+        # the layer workers log at debug level too when the snapshotter does (-vv)
+        debug = {"log_level": "DEBUG"} if log.isEnabledFor(logging.DEBUG) else None
+        self.mounter = mounter or LayerMounter(config, extra=debug)
         self.store: SnapshotStore | None = None
         self._lock_fd: int | None = None
         self._listener: socket.socket | None = None
@@ -485,5 +495,6 @@ class Daemon:
 
 def serve(config: Config, *, extra: Mapping[str, Any] | None = None) -> int:
     """Run a snapshotter for ``config`` in this process until it is stopped."""
+    os.umask(PRIVATE_UMASK)  # before the mounter starts its spare worker
     mounter = LayerMounter(config, extra=extra) if extra else None
     return Daemon(config, mounter=mounter).run()
