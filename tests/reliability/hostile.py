@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import json
 import struct
 import tarfile
 import zlib
@@ -23,6 +22,7 @@ from typing import Any
 from ipfsnap.estargz import BuildOptions, build
 from ipfsnap.estargz.footer import gzip_footer, parse_gzip_footer
 from tests.estargz.helpers import with_toc
+from tests.estargz.test_reader import _craft, sha
 from tests.fs.layers import Blob
 from tests.snapshot.tarbuild import E, make_tar
 from tests.snapshot.test_escape import _cases
@@ -78,28 +78,15 @@ def toc_digest_of(blob: bytes) -> str:
     return "sha256:" + hashlib.sha256(plain[512 : 512 + size]).hexdigest()
 
 
-def crafted_blob(members: list[bytes], entries: list[dict[str, Any]], path: Path,
-                 toc: bytes | None = None) -> Blob:
-    """A gzip eStargz blob made of explicit ``members`` and a TOC of ``entries`` whose
-    ``member`` field (an index into ``members``) becomes the entry's ``offset``; ``toc``
-    replaces the TOC JSON bytes entirely."""
-    offsets, pos = [], 0
-    for m in members:
-        offsets.append(pos)
-        pos += len(m)
-    for e in entries:
-        if "member" in e:
-            e["offset"] = offsets[e.pop("member")]
-    payload = b"".join(members)
-    doc = toc if toc is not None else json.dumps({"version": 1, "entries": entries}).encode()
-    blob = with_toc(payload + gzip_footer(len(payload)), doc)
+def _as_blob(blob: bytes, path: Path) -> Blob:
     path.write_bytes(blob)
-    return Blob(path, toc_digest_of(blob), "sha256:" + hashlib.sha256(blob).hexdigest(),
-                len(blob), [])
+    return Blob(path, toc_digest_of(blob), sha(blob), len(blob), [])
 
 
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+def crafted_blob(members: list[bytes], entries: list[dict[str, Any]], path: Path) -> Blob:
+    """A gzip eStargz blob made of explicit ``members`` and a TOC of ``entries`` whose
+    ``member`` field (an index into ``members``) becomes the entry's ``offset``."""
+    return _as_blob(_craft(members, entries), path)
 
 
 def one_tib_file_blob(path: Path) -> tuple[Blob, int]:
@@ -136,7 +123,8 @@ def toc_bomb_blob(path: Path, toc_bytes: int) -> Blob:
     about a thousandth of that."""
     head = b'{"version": 1, "entries": [{"name": "d", "type": "dir"}]'
     doc = head + b" " * (toc_bytes - len(head) - 1) + b"}"
-    return crafted_blob([gzip.compress(b"hdr")], [], path, toc=doc)
+    payload = gzip.compress(b"hdr")
+    return _as_blob(with_toc(payload + gzip_footer(len(payload)), doc), path)
 
 
 def sparse_tar(name: str, apparent: int, data: bytes) -> bytes:
