@@ -291,6 +291,10 @@ class ChunkFetcher:
         self.on_fetched: Callable[[Chunk], None] | None = None
         #: called when a foreground request starts and ends (machine-wide activity stamp)
         self.on_foreground: Callable[[], None] | None = None
+        #: > 0: a foreground request longer than this is sent as concurrent pieces of this
+        #: size (each takes a concurrency slot); the prefetch sets it (a 4 MiB chunk cannot
+        #: be split into smaller runs, but its bytes can be fetched in parallel ranges)
+        self.split_size = 0
 
     # -- priority -------------------------------------------------------------------------
     async def wait_foreground_idle(self) -> None:
@@ -417,7 +421,7 @@ class ChunkFetcher:
         start = run[0].offset
         end = max(c.end for c in run)
         try:
-            blob = await self._read(start, end - start, background)
+            blob = await self._read_split(start, end - start, background)
         except IpfsnapError as exc:
             self.stats.last_error = str(exc)
             log.debug("%s", exc)
@@ -456,6 +460,27 @@ class ChunkFetcher:
                 if self.on_fetched is not None and stored:
                     self.on_fetched(c)
             mine[c.chunk_digest][1].resolve(data, error)
+
+    async def _read_split(self, offset: int, length: int, background: bool) -> bytes:
+        """One range, as concurrent pieces of ``split_size`` bytes when that is set."""
+        piece = self.split_size
+        if background or piece <= 0 or length <= piece:
+            return await self._read(offset, length, background)
+        parts: dict[int, bytes] = {}
+        errors: list[IpfsnapError] = []
+
+        async def one(at: int, n: int) -> None:
+            try:
+                parts[at] = await self._read(at, n)
+            except IpfsnapError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for at in range(offset, offset + length, piece):
+                nursery.start_soon(one, at, min(piece, offset + length - at))
+        if errors:
+            raise errors[0]
+        return b"".join(parts[at] for at in sorted(parts))
 
     async def _read(self, offset: int, length: int, background: bool = False) -> bytes:
         """One source request, bounded by ``timeout`` (the thread is abandoned on timeout;

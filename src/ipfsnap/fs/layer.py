@@ -416,7 +416,8 @@ class LazyLayer:
 
     async def prefetch(self, end: int, timeout: float) -> bool:
         """Fetch the prioritized range (the chunks starting before blob offset ``end``) in
-        requests of at most ``prefetch_span`` bytes, ``prefetch_concurrency`` at once;
+        requests of at most ``prefetch_span`` bytes (a bigger chunk as concurrent pieces of
+        that size), ``prefetch_concurrency`` at once;
         False (logged) if it did not finish in ``timeout`` seconds. Raises the first
         fetch error after the other requests have finished."""
         if end <= 0:
@@ -429,6 +430,7 @@ class LazyLayer:
         # the mount is not up yet: no reader competes, so the prefetch may use more
         # connections than reads do later
         self.fetcher.set_concurrency(max(self.max_concurrency, self.prefetch_concurrency))
+        self.fetcher.split_size = self.prefetch_span
 
         slots = trio.Semaphore(self.prefetch_concurrency)
 
@@ -449,6 +451,7 @@ class LazyLayer:
                         nursery.start_soon(one, run)
         finally:
             self.fetcher.set_concurrency(self.max_concurrency)
+            self.fetcher.split_size = 0
             self.prefetch_bytes += self.fetcher.stats.foreground_bytes - before
             self.prefetch_seconds += time.monotonic() - t0
         log.info("%s: prefetched %d bytes of the prioritized range in %d requests, %.2f s",
