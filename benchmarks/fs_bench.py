@@ -16,22 +16,30 @@ dropping the page cache (served from the chunk cache), and the same file on loca
 simplest possible pyfuse3 filesystem (one file served from memory, ``keep_cache``, defaults
 otherwise: :class:`MemoryFS`), on the local disk (ext4 here) and on tmpfs, rounds
 interleaved, and prints medians: if the trivial FUSE filesystem is as far from ext4 as the
-lazy layer is, the gap is the kernel's FUSE read path, not ipfsnap's.
+lazy layer is, the gap is the kernel's FUSE read path, not ipfsnap's. It also prints the
+size of the page-cache folios holding each file (``/proc/kpageflags``), which is where
+that gap comes from on this kernel.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import ctypes
 import errno
 import io
+import mmap
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+import pyfuse3
 
 from ipfsnap.config import Config
 from ipfsnap.estargz import BuildOptions, build
@@ -60,6 +68,16 @@ def build_layer(tar_bytes: bytes, out: Path, chunk: int = 4 << 20) -> dict[str, 
         LOCAL_PATH_LABEL: str(out),
         SIZE_LABEL: str(res.blob_size),
     }
+
+
+def one_file_layer(data: bytes, out: Path) -> dict[str, str]:
+    """An eStargz layer holding ``data`` as ``big.bin``; its mount labels."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        ti = tarfile.TarInfo("big.bin")
+        ti.size = len(data)
+        tf.addfile(ti, io.BytesIO(data))
+    return build_layer(buf.getvalue(), out)
 
 
 def mounter(state: Path, background: bool = False) -> LayerMounter:
@@ -137,13 +155,8 @@ def throughput(size_mib: int) -> None:
         data = os.urandom(size_mib << 20)
         local = tmp / "local.bin"
         local.write_bytes(data)
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tf:
-            ti = tarfile.TarInfo("big.bin")
-            ti.size = len(data)
-            tf.addfile(ti, io.BytesIO(data))
-        labels = build_layer(buf.getvalue(), tmp / "big.blob")
-        del data, buf
+        labels = one_file_layer(data, tmp / "big.blob")
+        del data
         m = mounter(tmp / "state")
         mp = tmp / "mp"
         m.mount(mp, labels)
@@ -168,59 +181,88 @@ def throughput(size_mib: int) -> None:
             print(f"{name:34s} {n / t / 1e6:8.1f} MB/s")
 
 
-class MemoryFS:
-    """``big.bin`` (``size`` pseudo-random bytes) in the root, served from memory."""
+class MemoryFS(pyfuse3.Operations):
+    """``big.bin`` (``data``) in the root, served from memory: the simplest pyfuse3
+    filesystem, to tell the kernel's FUSE costs from the lazy layer's."""
 
-    def __init__(self, size: int) -> None:
-        import pyfuse3
+    FILE_INODE = pyfuse3.ROOT_INODE + 1
 
-        self.pyfuse3 = pyfuse3
-        self.data = os.urandom(size)
+    def __init__(self, data: bytes) -> None:
+        super().__init__()
+        self.data = data
 
-    def operations(self) -> object:
-        import pyfuse3
+    def _attrs(self, ino: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.attr_timeout = a.entry_timeout = 1.0
+        if ino == pyfuse3.ROOT_INODE:
+            a.st_mode, a.st_nlink = 0o40755, 2
+        else:
+            a.st_mode, a.st_nlink, a.st_size = 0o100644, 1, len(self.data)
+        a.st_blksize = 128 * 1024
+        return a
 
-        data = self.data
-        file_ino = pyfuse3.ROOT_INODE + 1
+    async def getattr(self, inode: int, ctx: object = None) -> pyfuse3.EntryAttributes:
+        return self._attrs(inode)
 
-        class Ops(pyfuse3.Operations):
-            def _attrs(self, ino: int) -> pyfuse3.EntryAttributes:
-                a = pyfuse3.EntryAttributes()
-                a.st_ino = ino
-                a.attr_timeout = a.entry_timeout = 1.0
-                if ino == pyfuse3.ROOT_INODE:
-                    a.st_mode, a.st_nlink = 0o40755, 2
-                else:
-                    a.st_mode, a.st_nlink, a.st_size = 0o100644, 1, len(data)
-                a.st_blksize = 128 * 1024
-                return a
+    async def lookup(self, parent_inode: int, name: bytes, ctx: object = None
+                     ) -> pyfuse3.EntryAttributes:
+        if name != b"big.bin":
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(self.FILE_INODE)
 
-            async def getattr(self, inode: int, ctx: object = None) -> pyfuse3.EntryAttributes:
-                return self._attrs(inode)
+    async def open(self, inode: int, flags: int, ctx: object = None) -> pyfuse3.FileInfo:
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
-            async def lookup(self, parent_inode: int, name: bytes, ctx: object = None
-                             ) -> pyfuse3.EntryAttributes:
-                if name != b"big.bin":
-                    raise pyfuse3.FUSEError(errno.ENOENT)
-                return self._attrs(file_ino)
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return self.data[off:off + size]
 
-            async def open(self, inode: int, flags: int, ctx: object = None
-                           ) -> pyfuse3.FileInfo:
-                return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
-            async def read(self, fh: int, off: int, size: int) -> bytes:
-                return data[off:off + size]
-
-        return Ops()
+def folio_sizes(path: Path) -> dict[int, int]:
+    """Page-cache folios of a cached file, {size in 4 KiB pages: count}: the file is mapped
+    privately (read faults map its page-cache pages), every page touched, the PFNs read
+    from /proc/self/pagemap and the compound-page flags from /proc/kpageflags (root)."""
+    head, tail = 1 << 15, 1 << 16  # KPF_COMPOUND_HEAD, KPF_COMPOUND_TAIL
+    page = os.sysconf("SC_PAGE_SIZE")
+    sizes: collections.Counter[int] = collections.Counter()
+    with open(path, "rb") as f:
+        n = os.fstat(f.fileno()).st_size // page
+        m = mmap.mmap(f.fileno(), n * page, access=mmap.ACCESS_COPY)
+        try:
+            for i in range(n):
+                m[i * page]  # fault the page in
+            base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+            with open("/proc/self/pagemap", "rb") as pm, open("/proc/kpageflags", "rb") as kf:
+                pm.seek(base // page * 8)
+                raw = pm.read(8 * n)
+                run = 0
+                for i in range(n):
+                    entry = struct.unpack_from("Q", raw, 8 * i)[0]
+                    flags = 0
+                    if entry >> 63:  # present
+                        kf.seek((entry & ((1 << 55) - 1)) * 8)
+                        flags = struct.unpack("Q", kf.read(8))[0]
+                    if flags & tail:
+                        run += 1
+                        continue
+                    if run:
+                        sizes[run] += 1
+                    run = 1 if flags & head else 0
+                    if not flags & head:
+                        sizes[1] += 1
+                if run:
+                    sizes[run] += 1
+        finally:
+            del m  # the exported buffer must go before close
+    return dict(sorted(sizes.items()))
 
 
 def serve_memory_fs(mountpoint: str, size: int) -> None:
     """Child process: mount :class:`MemoryFS` and serve until unmounted."""
-    import pyfuse3
     import trio
 
-    fs = MemoryFS(size)
-    pyfuse3.init(fs.operations(), mountpoint, set(pyfuse3.default_options) | {"ro"})
+    pyfuse3.init(MemoryFS(os.urandom(size)), mountpoint,
+                 set(pyfuse3.default_options) | {"ro"})
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     try:
@@ -237,13 +279,8 @@ def warm(size_mib: int, rounds: int) -> None:
         local = tmp / "local.bin"
         local.write_bytes(data)
         (Path(shm) / "local.bin").write_bytes(data)
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tf:
-            ti = tarfile.TarInfo("big.bin")
-            ti.size = len(data)
-            tf.addfile(ti, io.BytesIO(data))
-        labels = build_layer(buf.getvalue(), tmp / "big.blob")
-        del data, buf
+        labels = one_file_layer(data, tmp / "big.blob")
+        del data
         m = mounter(tmp / "state")
         mp = tmp / "mp"
         mem_mp = tmp / "memfs"
@@ -259,9 +296,7 @@ def warm(size_mib: int, rounds: int) -> None:
             for path in files.values():  # fill the page cache
                 read_all(path)
                 read_all(path)
-            if os.environ.get("FS_BENCH_INSPECT"):
-                subprocess.run([*os.environ["FS_BENCH_INSPECT"].split(),
-                                *map(str, files.values())], check=False)
+            folios = {name: folio_sizes(path) for name, path in files.items()}
             rates: dict[str, list[float]] = {k: [] for k in files}
             cpu_rates: dict[str, list[float]] = {k: [] for k in files}
             for _ in range(rounds):
@@ -286,6 +321,10 @@ def warm(size_mib: int, rounds: int) -> None:
             cpu = statistics.median(cpu_rates[name])
             print(f"| {name} | {med:.0f} | {min(r):.0f}-{max(r):.0f} | "
                   f"{med / local_med:.2f} | {cpu:.0f} | {cpu / local_cpu:.2f} |")
+        print()
+        print("page-cache folios of each file, {size in 4 KiB pages: count}:")
+        for name, sizes in folios.items():
+            print(f"  {name}: {sizes}")
 
 
 def main() -> None:

@@ -21,7 +21,11 @@ crosses bitswap over loopback. Bytes fetched = growth of the pulling node's repo
 * 100 MiB: one incompressible file in a single-layer eStargz image (4 MiB chunks):
   sequential 1 MiB reads through the lazy mount, cold (fetched from A through B1), warm
   (page cache), chunk cache only (page cache dropped), vs the same bytes on local disk,
-  and vs a plain ``cat`` of a same-sized blob through B1 (what IPFS itself delivers).
+  and vs a plain ``cat`` of a same-sized blob through B1 (what IPFS itself delivers, catted
+  right before the cold read), and vs ``cat``s of a third blob in 4 MiB ranges, 2 in flight
+  (the requests a lazy read makes of IPFS, right after the cold read). The cold read also
+  prints how busy the workers kept IPFS: summed seconds of their chunk requests / the read's
+  wall time (>= 1: IPFS was never idle, the rate is IPFS's).
 """
 
 from __future__ import annotations
@@ -164,6 +168,24 @@ def worker_bytes(store: SnapshotStore, chains: tuple[str, ...]) -> int:
     return total
 
 
+def worker_stats(store: SnapshotStore, chains: tuple[str, ...]) -> dict[str, float]:
+    """Summed status counters of the lazy layers' workers, plus their CPU seconds."""
+    mounter = store.remote
+    assert isinstance(mounter, LayerMounter)
+    time.sleep(0.6)  # the workers rewrite their status every 0.2 s
+    out: dict[str, float] = {}
+    for chain in chains:
+        st = mounter.status(store.path(chain)) or {}
+        for key in ("fetched_bytes", "source_calls", "foreground_seconds", "read_requests"):
+            out[key] = out.get(key, 0.0) + float(st.get(key, 0) or 0)
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{int(st.get('pid', 0))}/stat").read_text()
+            ticks = fields.rsplit(")", 1)[1].split()
+            out["cpu_seconds"] = out.get("cpu_seconds", 0.0) + \
+                (int(ticks[11]) + int(ticks[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def worker_requests(store: SnapshotStore, chains: tuple[str, ...]) -> int:
     """FUSE read requests the lazy layers' workers served so far."""
     mounter = store.remote
@@ -220,21 +242,42 @@ def throughput(tmp: Path, a: ManagedNode, b: ManagedNode, size_mib: int,
 
     with IPFSClient(a.api_url) as ca:
         image = push(ca, [tar_of(data)], [True], chunk_size=CHUNK)
+        # blobs of the same size, each catted once through B right before / after the cold
+        # read (IPFS's own rate at that moment; the load on a shared machine drifts)
         other = ca.add(io.BytesIO(os.urandom(size_mib << 20))).cid
+        ranged = ca.add(io.BytesIO(os.urandom(size_mib << 20))).cid
     del data
     rows: list[tuple[str, float]] = []
     state = tmp / "tp-state"
     store, img, _, _ = pull_once(state, b, image.cid, lazy=True, readahead=readahead)
     try:
         with mounted_view(store, img.chain_ids[-1], tmp / "tp-mp") as mp:
+            with IPFSClient(b.api_url) as cb:
+                t0 = time.monotonic()
+                got = cb.cat_into(other, 0, None, lambda _d: None)
+                plain_rate = got / (time.monotonic() - t0) / MB
             drop_caches()
             drops = drop_count()
+            before = worker_stats(store, img.chain_ids)
             t0 = time.monotonic()
             n = read_all(mp / "big.bin")
-            print(f"cold read: page cache dropped {drop_count() - drops} times meanwhile",
-                  flush=True)
-            rows.append(("lazy mount, cold (bitswap from A, verify, cache)",
-                         n / (time.monotonic() - t0) / MB))
+            cold_s = time.monotonic() - t0
+            after = worker_stats(store, img.chain_ids)
+            d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+            per_call = d.get("fetched_bytes", 0) / max(d.get("foreground_seconds", 0), 1e-9)
+            # source busy = summed seconds of the chunk requests to IPFS / wall time of the
+            # read: about 1 or more (several in flight) means IPFS was never left idle
+            print(f"cold read: page cache dropped {drop_count() - drops} times meanwhile; "
+                  f"{d.get('read_requests', 0):.0f} FUSE requests, "
+                  f"{d.get('source_calls', 0):.0f} IPFS requests "
+                  f"({d.get('fetched_bytes', 0) / MB:.1f} MB, "
+                  f"{per_call / MB:.1f} MB/s each), "
+                  f"source busy {d.get('foreground_seconds', 0) / cold_s:.2f} "
+                  f"of the read; worker CPU {d.get('cpu_seconds', 0):.2f} s "
+                  f"({d.get('cpu_seconds', 0) / cold_s * 100:.0f}% of a core)", flush=True)
+            rows.append(("lazy mount, cold (bitswap from A, verify, cache)", n / cold_s / MB))
+            rows.append(("IPFS cat in 4 MiB ranges, 2 in flight (the requests a lazy read "
+                         "makes)", ranged_cat(b, ranged, size_mib << 20, CHUNK, 2)))
             # reads the page cache answers never reach the worker: a request during a warm
             # read means pages were dropped meanwhile (another benchmark on the machine
             # writing drop_caches during the long cold read): then the read is repeated
@@ -252,10 +295,16 @@ def throughput(tmp: Path, a: ManagedNode, b: ManagedNode, size_mib: int,
                     break
             rows.append(("lazy mount, warm (page cache)", rate))
             drop_caches()
+            before = worker_stats(store, img.chain_ids)
             t0 = time.monotonic()
             n = read_all(mp / "big.bin")
-            rows.append(("lazy mount, chunk cache (page cache dropped)",
-                         n / (time.monotonic() - t0) / MB))
+            cc_s = time.monotonic() - t0
+            after = worker_stats(store, img.chain_ids)
+            print(f"chunk-cache read: "
+                  f"{after['read_requests'] - before['read_requests']:.0f} FUSE requests, "
+                  f"worker CPU {after.get('cpu_seconds', 0) - before.get('cpu_seconds', 0):.2f}"
+                  f" s over {cc_s:.2f} s", flush=True)
+            rows.append(("lazy mount, chunk cache (page cache dropped)", n / cc_s / MB))
     finally:
         store.close(unmount_remote=True)
     drop_caches()
@@ -265,12 +314,21 @@ def throughput(tmp: Path, a: ManagedNode, b: ManagedNode, size_mib: int,
     t0 = time.monotonic()
     n = read_all(local)
     rows.append(("local disk, warm (page cache)", n / (time.monotonic() - t0) / MB))
-    with IPFSClient(b.api_url) as cb:
-        t0 = time.monotonic()
-        got = cb.cat_into(other, 0, None, lambda _d: None)
-        rows.append(("plain IPFS cat through B (bitswap from A)",
-                     got / (time.monotonic() - t0) / MB))
+    rows.append(("plain IPFS cat through B (bitswap from A)", plain_rate))
     return rows
+
+
+def ranged_cat(node: ManagedNode, cid: str, size: int, span: int, in_flight: int) -> float:
+    """MB/s of reading ``cid`` through ``node`` as ``span``-byte ``cat``s, ``in_flight`` at
+    a time (what a sequential cold read through a lazy layer asks of IPFS)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with IPFSClient(node.api_url) as client, ThreadPoolExecutor(in_flight) as pool:
+        t0 = time.monotonic()
+        got = sum(pool.map(lambda off: len(client.cat(cid, offset=off,
+                                                       length=min(span, size - off))),
+                           range(0, size, span)))
+        return got / (time.monotonic() - t0) / MB
 
 
 def print_throughput(tp: list[tuple[str, float]], size_mib: int) -> None:
@@ -282,7 +340,8 @@ def print_throughput(tp: list[tuple[str, float]], size_mib: int) -> None:
     print()
     print(f"warm lazy / warm local: {rates['lazy mount, warm (page cache)'] / rates['local disk, warm (page cache)']:.2f}; "  # noqa: E501
           f"chunk cache / local cold: {rates['lazy mount, chunk cache (page cache dropped)'] / rates['local disk, cold']:.2f}; "  # noqa: E501
-          f"cold lazy / plain IPFS cat: {rates['lazy mount, cold (bitswap from A, verify, cache)'] / rates['plain IPFS cat through B (bitswap from A)']:.2f}")  # noqa: E501
+          f"cold lazy / plain IPFS cat: {rates['lazy mount, cold (bitswap from A, verify, cache)'] / rates['plain IPFS cat through B (bitswap from A)']:.2f}; "  # noqa: E501
+          f"cold lazy / ranged cats: {rates['lazy mount, cold (bitswap from A, verify, cache)'] / rates['IPFS cat in 4 MiB ranges, 2 in flight (the requests a lazy read makes)']:.2f}")  # noqa: E501
 
 
 def main() -> int:
