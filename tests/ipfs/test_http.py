@@ -149,7 +149,7 @@ def test_length_decoder_any_split() -> None:
 # -- whole exchanges against a scripted peer ------------------------------------------------
 
 
-def drive(plan: Plan, incoming: list[bytes]) -> tuple[Any, bytes]:
+def drive(plan: Plan[Any], incoming: list[bytes]) -> tuple[Any, bytes]:
     """Run ``plan``: each receive takes the next scripted piece (cut to the buffer; the rest
     stays for the next receive), 0 (end of stream) when the script is used up."""
     queue = list(incoming)

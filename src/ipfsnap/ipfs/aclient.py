@@ -7,31 +7,22 @@ one ``trio.run``; cancelling a call (a cancel scope) closes its connection, neve
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
-from collections.abc import Callable, Iterable
-from pathlib import Path
-from typing import IO, Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import trio
 
-from ipfsnap.config import Config
-from ipfsnap.ipfs.client import _endpoint, endpoint_from_config
-from ipfsnap.ipfs.core import (
-    DEFAULT_TIMEOUT,
-    RPC,
-    AddResult,
-    BlockStat,
-    FileStat,
-    Peer,
-    RetryPolicy,
-)
+from ipfsnap.ipfs.core import DEFAULT_TIMEOUT, RPC, ClientBase, HasRPC, RetryPolicy
 from ipfsnap.ipfs.errors import BadMultiaddr
-from ipfsnap.ipfs.http import Connect, ConnectionPool, Plan, RecvInto, Send, Sleep
+from ipfsnap.ipfs.http import Connect, Plan, RecvInto, Send, Sleep
 from ipfsnap.ipfs.multiaddr import Endpoint
-from ipfsnap.progress import Progress
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class _TrioTransport:
@@ -42,7 +33,7 @@ class _TrioTransport:
         self.stream.socket.close()
 
 
-async def run_plan_async(plan: Plan) -> Any:
+async def run_plan_async(plan: Plan[T]) -> T:
     """Drive a plan with trio I/O and return its result."""
     value: Any = None
     error: BaseException | None = None
@@ -51,7 +42,8 @@ async def run_plan_async(plan: Plan) -> Any:
             try:
                 op = plan.throw(error) if error is not None else plan.send(value)
             except StopIteration as stop:
-                return stop.value
+                result: T = stop.value
+                return result
             value, error = None, None
             try:
                 if isinstance(op, RecvInto):
@@ -85,7 +77,19 @@ async def run_plan_async(plan: Plan) -> Any:
         plan.close()
 
 
-class AsyncIPFSClient:
+def awaiting(
+    plan: Callable[Concatenate[RPC, P], Plan[T]],
+) -> Callable[Concatenate[HasRPC, P], Awaitable[T]]:
+    """The :class:`RPC` plan ``plan`` as a trio method (same parameters and result)."""
+
+    @functools.wraps(plan)
+    async def method(self: HasRPC, /, *args: P.args, **kw: P.kwargs) -> T:
+        return await run_plan_async(plan(self._rpc, *args, **kw))
+
+    return method
+
+
+class AsyncIPFSClient(ClientBase):
     """Trio Kubo RPC client with the same calls as :class:`~ipfsnap.ipfs.IPFSClient`."""
 
     def __init__(
@@ -96,22 +100,11 @@ class AsyncIPFSClient:
         timeout: float = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
     ) -> None:
-        self.endpoint = _endpoint(endpoint, auth)
+        super().__init__(endpoint, auth=auth, timeout=timeout, retry=retry)
         if self.endpoint.scheme != "http":
             raise BadMultiaddr(
                 f"IPFS API {self.endpoint.url}: the trio client speaks plain HTTP only"
             )
-        self._rpc = RPC(self.endpoint, timeout=timeout, retry=retry, pool=ConnectionPool())
-
-    @classmethod
-    def from_config(
-        cls, cfg: Config, repo_candidates: Iterable[Path] | None = None, **kw: Any
-    ) -> AsyncIPFSClient:
-        kw.setdefault("retry", RetryPolicy.from_config(cfg.blob))
-        return cls(endpoint_from_config(cfg, repo_candidates), **kw)
-
-    def __repr__(self) -> str:
-        return f"AsyncIPFSClient({self.endpoint.url})"
 
     async def aclose(self) -> None:
         self._rpc.pool.close_all()
@@ -122,71 +115,22 @@ class AsyncIPFSClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def cat(self, cid: str, offset: int = 0, length: int | None = None, *,
-                  timeout: float | None = None) -> bytes:
-        result: bytes = await run_plan_async(self._rpc.cat(cid, offset, length, timeout=timeout))
-        return result
-
-    async def cat_into(self, cid: str, offset: int, length: int | None,
-                       sink: Callable[[bytes], object], *, timeout: float | None = None) -> int:
-        n: int = await run_plan_async(
-            self._rpc.cat_into(cid, offset, length, sink, timeout=timeout))
-        return n
-
-    async def files_stat(self, cid: str, *, timeout: float | None = None) -> FileStat:
-        result: FileStat = await run_plan_async(self._rpc.files_stat(cid, timeout=timeout))
-        return result
-
-    async def file_size(self, cid: str, *, timeout: float | None = None) -> int:
-        n: int = await run_plan_async(self._rpc.file_size(cid, timeout=timeout))
-        return n
-
-    async def block_get(self, cid: str, *, timeout: float | None = None) -> bytes:
-        result: bytes = await run_plan_async(self._rpc.block_get(cid, timeout=timeout))
-        return result
-
-    async def block_stat(self, cid: str, *, timeout: float | None = None) -> BlockStat:
-        result: BlockStat = await run_plan_async(self._rpc.block_stat(cid, timeout=timeout))
-        return result
-
-    async def add(self, source: str | os.PathLike[str] | IO[bytes] | bytes,
-                  name: str | None = None, *, pin: bool = True, timeout: float | None = None,
-                  progress: Progress | None = None) -> AddResult:
-        result: AddResult = await run_plan_async(
-            self._rpc.add(source, name, pin=pin, timeout=timeout, progress=progress))
-        return result
-
-    async def pin_add(self, cid: str, *, timeout: float | None = None) -> list[str]:
-        result: list[str] = await run_plan_async(self._rpc.pin_add(cid, timeout=timeout))
-        return result
-
-    async def id(self) -> dict[str, Any]:
-        result: dict[str, Any] = await run_plan_async(self._rpc.id())
-        return result
-
-    async def version(self) -> dict[str, Any]:
-        result: dict[str, Any] = await run_plan_async(self._rpc.version())
-        return result
-
-    async def swarm_connect(self, addr: str, *, timeout: float | None = None) -> list[str]:
-        result: list[str] = await run_plan_async(self._rpc.swarm_connect(addr, timeout=timeout))
-        return result
-
-    async def swarm_peers(self) -> list[Peer]:
-        result: list[Peer] = await run_plan_async(self._rpc.swarm_peers())
-        return result
-
-    async def bootstrap_list(self) -> list[str]:
-        result: list[str] = await run_plan_async(self._rpc.bootstrap_list())
-        return result
-
-    async def bootstrap_rm_all(self) -> list[str]:
-        result: list[str] = await run_plan_async(self._rpc.bootstrap_rm_all())
-        return result
-
-    async def bootstrap_add(self, addr: str) -> list[str]:
-        result: list[str] = await run_plan_async(self._rpc.bootstrap_add(addr))
-        return result
-
-    async def shutdown(self) -> None:
-        await run_plan_async(self._rpc.shutdown())
+    # reads
+    cat = awaiting(RPC.cat)
+    cat_into = awaiting(RPC.cat_into)
+    files_stat = awaiting(RPC.files_stat)
+    file_size = awaiting(RPC.file_size)
+    block_get = awaiting(RPC.block_get)
+    block_stat = awaiting(RPC.block_stat)
+    # writes
+    add = awaiting(RPC.add)
+    pin_add = awaiting(RPC.pin_add)
+    # node
+    id = awaiting(RPC.id)
+    version = awaiting(RPC.version)
+    swarm_connect = awaiting(RPC.swarm_connect)
+    swarm_peers = awaiting(RPC.swarm_peers)
+    bootstrap_list = awaiting(RPC.bootstrap_list)
+    bootstrap_rm_all = awaiting(RPC.bootstrap_rm_all)
+    bootstrap_add = awaiting(RPC.bootstrap_add)
+    shutdown = awaiting(RPC.shutdown)

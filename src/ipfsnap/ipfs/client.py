@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Callable
 from types import TracebackType
-from typing import IO, Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from ipfsnap.config import Config
-from ipfsnap.ipfs.core import (
-    DEFAULT_TIMEOUT,
-    RPC,
-    AddResult,
-    BlockStat,
-    FileStat,
-    Peer,
-    RetryPolicy,
-)
-from ipfsnap.ipfs.http import Connect, ConnectionPool, Plan, RecvInto, Send, Sleep
-from ipfsnap.ipfs.multiaddr import Endpoint, discover_api, parse_api
-from ipfsnap.progress import Progress
+from ipfsnap.ipfs.core import RPC, ClientBase, HasRPC
+from ipfsnap.ipfs.core import endpoint_from_config as endpoint_from_config
+from ipfsnap.ipfs.http import Connect, Plan, RecvInto, Send, Sleep
+from ipfsnap.ipfs.multiaddr import Endpoint
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 def _connect(endpoint: Endpoint, timeout: float) -> socket.socket:
@@ -43,7 +36,7 @@ def _connect(endpoint: Endpoint, timeout: float) -> socket.socket:
     return sock
 
 
-def run_plan(plan: Plan) -> Any:
+def run_plan(plan: Plan[T]) -> T:
     """Drive a plan with blocking I/O and return its result."""
     value: Any = None
     error: BaseException | None = None
@@ -52,7 +45,8 @@ def run_plan(plan: Plan) -> Any:
             try:
                 op = plan.throw(error) if error is not None else plan.send(value)
             except StopIteration as stop:
-                return stop.value
+                result: T = stop.value
+                return result
             value, error = None, None
             try:
                 if isinstance(op, RecvInto):
@@ -76,43 +70,23 @@ def run_plan(plan: Plan) -> Any:
         plan.close()
 
 
-def endpoint_from_config(cfg: Config, repo_candidates: Iterable[Path] | None = None) -> Endpoint:
-    """The API of ``cfg`` (``ipfs_api``/env/CLI), else the managed repo, else the usual files."""
-    candidates = [cfg.ipfs_repo] if repo_candidates is None else list(repo_candidates)
-    return discover_api(cfg.ipfs_api, cfg.ipfs_auth, repo_candidates=candidates)
+def blocking(plan: Callable[Concatenate[RPC, P], Plan[T]]) -> Callable[Concatenate[HasRPC, P], T]:
+    """The :class:`RPC` plan ``plan`` as a blocking method (same parameters and result)."""
+
+    @functools.wraps(plan)
+    def method(self: HasRPC, /, *args: P.args, **kw: P.kwargs) -> T:
+        return run_plan(plan(self._rpc, *args, **kw))
+
+    return method
 
 
-def _endpoint(endpoint: Endpoint | str | None, auth: str | None) -> Endpoint:
-    if endpoint is None:
-        return discover_api(None, auth)
-    if isinstance(endpoint, str):
-        return parse_api(endpoint, auth=auth)
-    return endpoint.with_auth(auth) if auth is not None else endpoint
+class IPFSClient(ClientBase):
+    """Blocking Kubo RPC client; thread-safe, with a keep-alive connection pool.
 
-
-class IPFSClient:
-    """Blocking Kubo RPC client; thread-safe, with a keep-alive connection pool."""
-
-    def __init__(
-        self,
-        endpoint: Endpoint | str | None = None,
-        *,
-        auth: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        retry: RetryPolicy | None = None,
-    ) -> None:
-        self.endpoint = _endpoint(endpoint, auth)
-        self._rpc = RPC(self.endpoint, timeout=timeout, retry=retry, pool=ConnectionPool())
-
-    @classmethod
-    def from_config(
-        cls, cfg: Config, repo_candidates: Iterable[Path] | None = None, **kw: Any
-    ) -> IPFSClient:
-        kw.setdefault("retry", RetryPolicy.from_config(cfg.blob))
-        return cls(endpoint_from_config(cfg, repo_candidates), **kw)
-
-    def __repr__(self) -> str:
-        return f"IPFSClient({self.endpoint.url})"
+    ``cat(cid, offset=0, length=None)`` gives exactly ``length`` bytes at ``offset`` (None: to
+    the end) or raises; ``cat_into`` streams them to a callback. See :class:`RPC` for each
+    call's parameters.
+    """
 
     def close(self) -> None:
         self._rpc.pool.close_all()
@@ -126,77 +100,24 @@ class IPFSClient:
         self.close()
 
     # reads
-    def cat(self, cid: str, offset: int = 0, length: int | None = None, *,
-            timeout: float | None = None) -> bytes:
-        """``length`` bytes at ``offset`` (None: to the end); exactly that many or an error."""
-        result: bytes = run_plan(self._rpc.cat(cid, offset, length, timeout=timeout))
-        return result
-
-    def cat_into(self, cid: str, offset: int, length: int | None,
-                 sink: Callable[[bytes], object], *, timeout: float | None = None) -> int:
-        """Stream the range into ``sink``; returns the byte count."""
-        n: int = run_plan(self._rpc.cat_into(cid, offset, length, sink, timeout=timeout))
-        return n
-
-    def files_stat(self, cid: str, *, timeout: float | None = None) -> FileStat:
-        result: FileStat = run_plan(self._rpc.files_stat(cid, timeout=timeout))
-        return result
-
-    def file_size(self, cid: str, *, timeout: float | None = None) -> int:
-        n: int = run_plan(self._rpc.file_size(cid, timeout=timeout))
-        return n
-
-    def block_get(self, cid: str, *, timeout: float | None = None) -> bytes:
-        result: bytes = run_plan(self._rpc.block_get(cid, timeout=timeout))
-        return result
-
-    def block_stat(self, cid: str, *, timeout: float | None = None) -> BlockStat:
-        result: BlockStat = run_plan(self._rpc.block_stat(cid, timeout=timeout))
-        return result
-
+    cat = blocking(RPC.cat)
+    cat_into = blocking(RPC.cat_into)
+    files_stat = blocking(RPC.files_stat)
+    file_size = blocking(RPC.file_size)
+    block_get = blocking(RPC.block_get)
+    block_stat = blocking(RPC.block_stat)
     # writes
-    def add(self, source: str | os.PathLike[str] | IO[bytes] | bytes, name: str | None = None,
-            *, pin: bool = True, timeout: float | None = None,
-            progress: Progress | None = None) -> AddResult:
-        result: AddResult = run_plan(
-            self._rpc.add(source, name, pin=pin, timeout=timeout, progress=progress))
-        return result
-
-    def pin_add(self, cid: str, *, timeout: float | None = None) -> list[str]:
-        result: list[str] = run_plan(self._rpc.pin_add(cid, timeout=timeout))
-        return result
-
+    add = blocking(RPC.add)
+    pin_add = blocking(RPC.pin_add)
     # node
-    def id(self) -> dict[str, Any]:
-        result: dict[str, Any] = run_plan(self._rpc.id())
-        return result
-
-    def version(self) -> dict[str, Any]:
-        result: dict[str, Any] = run_plan(self._rpc.version())
-        return result
-
-    def swarm_connect(self, addr: str, *, timeout: float | None = None) -> list[str]:
-        result: list[str] = run_plan(self._rpc.swarm_connect(addr, timeout=timeout))
-        return result
-
-    def swarm_peers(self) -> list[Peer]:
-        result: list[Peer] = run_plan(self._rpc.swarm_peers())
-        return result
-
-    def bootstrap_list(self) -> list[str]:
-        result: list[str] = run_plan(self._rpc.bootstrap_list())
-        return result
-
-    def bootstrap_rm_all(self) -> list[str]:
-        result: list[str] = run_plan(self._rpc.bootstrap_rm_all())
-        return result
-
-    def bootstrap_add(self, addr: str) -> list[str]:
-        result: list[str] = run_plan(self._rpc.bootstrap_add(addr))
-        return result
-
-    def shutdown(self) -> None:
-        run_plan(self._rpc.shutdown())
+    id = blocking(RPC.id)
+    version = blocking(RPC.version)
+    swarm_connect = blocking(RPC.swarm_connect)
+    swarm_peers = blocking(RPC.swarm_peers)
+    bootstrap_list = blocking(RPC.bootstrap_list)
+    bootstrap_rm_all = blocking(RPC.bootstrap_rm_all)
+    bootstrap_add = blocking(RPC.bootstrap_add)
+    shutdown = blocking(RPC.shutdown)
 
 
 class CIDReader:

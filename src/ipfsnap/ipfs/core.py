@@ -19,10 +19,10 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol, Self
 from urllib.parse import quote, urlencode
 
-from ipfsnap.config import BlobConfig
+from ipfsnap.config import BlobConfig, Config
 from ipfsnap.ipfs.cid import SHA2_256, parse_cid
 from ipfsnap.ipfs.errors import (
     BadCID,
@@ -50,7 +50,7 @@ from ipfsnap.ipfs.http import (
     open_connection,
     reusable,
 )
-from ipfsnap.ipfs.multiaddr import Endpoint
+from ipfsnap.ipfs.multiaddr import Endpoint, discover_api, parse_api
 from ipfsnap.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -261,7 +261,7 @@ class RPC:
             headers.append(("Authorization", self.endpoint.auth))
         return Request("POST", target, headers, call.body() if call.body is not None else None)
 
-    def _attempt(self, call: Call, sink: BodySink | None) -> Plan:
+    def _attempt(self, call: Call, sink: BodySink | None) -> Plan[Response]:
         """Plan -> :class:`Response` with a 2xx status and no stream error, or raise."""
         timeout = call.timeout if call.timeout is not None else self.timeout
         while True:
@@ -328,7 +328,7 @@ class RPC:
         make_call: Callable[[int], Call],
         sink: BodySink | None = None,
         check: Callable[[Call, Response], None] | None = None,
-    ) -> Plan:
+    ) -> Plan[Response]:
         """Plan -> :class:`Response`: attempts ``make_call(attempt)`` until it works, retrying
         retryable failures of idempotent calls with backoff within :class:`RetryPolicy`."""
         start = time.monotonic()
@@ -359,7 +359,7 @@ class RPC:
         cid: str | None = None,
         idempotent: bool = True,
         timeout: float | None = None,
-    ) -> Plan:
+    ) -> Plan[Any]:
         """Plan -> the decoded JSON reply (None for an empty body)."""
         resp = yield from self.run(
             lambda _a: Call(name, list(params or []), cid, idempotent, timeout=timeout)
@@ -395,7 +395,7 @@ class RPC:
         sink: Callable[[bytes], object],
         *,
         timeout: float | None = None,
-    ) -> Plan:
+    ) -> Plan[int]:
         """Plan -> bytes written to ``sink``: ``length`` bytes at ``offset`` (None: to the end).
 
         Exactly ``length`` bytes or an error: a short body is retried from where it stopped
@@ -408,7 +408,7 @@ class RPC:
     def cat(
         self, cid: str, offset: int = 0, length: int | None = None, *,
         timeout: float | None = None,
-    ) -> Plan:
+    ) -> Plan[bytes]:
         """Plan -> bytes: built in place, received straight into the result when the length
         is known (see :class:`~ipfsnap.ipfs.http.BufferSink`)."""
         buf = BufferSink(length if length is not None and length <= PREALLOC_MAX else None)
@@ -423,7 +423,7 @@ class RPC:
         body: BodySink,
         *,
         timeout: float | None = None,
-    ) -> Plan:
+    ) -> Plan[int]:
         """Plan -> bytes given to ``body``: what :meth:`cat_into` does, for any sink."""
         cid = self._cid("cat", cid)
         if offset < 0 or (length is not None and length < 0):
@@ -488,7 +488,7 @@ class RPC:
             raise
         return counted.got
 
-    def files_stat(self, cid: str, *, timeout: float | None = None) -> Plan:
+    def files_stat(self, cid: str, *, timeout: float | None = None) -> Plan[FileStat]:
         """Plan -> :class:`FileStat` (``files/stat`` of ``/ipfs/<cid>``)."""
         cid = self._cid("files/stat", cid)
         t = timeout if timeout is not None else self.timeout
@@ -507,11 +507,11 @@ class RPC:
             raise BadReply("files/stat", self.api, f"unexpected reply {obj!r:.200} ({exc})",
                            cid) from None
 
-    def file_size(self, cid: str, *, timeout: float | None = None) -> Plan:
+    def file_size(self, cid: str, *, timeout: float | None = None) -> Plan[int]:
         stat: FileStat = yield from self.files_stat(cid, timeout=timeout)
         return stat.size
 
-    def block_get(self, cid: str, *, timeout: float | None = None) -> Plan:
+    def block_get(self, cid: str, *, timeout: float | None = None) -> Plan[bytes]:
         """Plan -> the block's bytes, checked against the CID's sha2-256 digest."""
         cid = self._cid("block/get", cid)
         parsed = parse_cid(cid)
@@ -529,7 +529,7 @@ class RPC:
             None, check)
         return resp.body
 
-    def block_stat(self, cid: str, *, timeout: float | None = None) -> Plan:
+    def block_stat(self, cid: str, *, timeout: float | None = None) -> Plan[BlockStat]:
         cid = self._cid("block/stat", cid)
         t = timeout if timeout is not None else self.timeout
         obj = yield from self.json_call(
@@ -541,7 +541,7 @@ class RPC:
             raise BadReply("block/stat", self.api, f"unexpected reply {obj!r:.200} ({exc})",
                            cid) from None
 
-    def pin_add(self, cid: str, *, timeout: float | None = None) -> Plan:
+    def pin_add(self, cid: str, *, timeout: float | None = None) -> Plan[list[str]]:
         """Plan -> the pinned CIDs (normalised). Recursive, like ``ipfs pin add``."""
         cid = self._cid("pin/add", cid)
         t = timeout if timeout is not None else max(self.timeout, self.retry.total)
@@ -555,26 +555,26 @@ class RPC:
 
     # -- node -----------------------------------------------------------------------------
 
-    def id(self) -> Plan:
+    def id(self) -> Plan[dict[str, Any]]:
         """Plan -> the ``id`` reply (``ID``, ``Addresses``, ``AgentVersion``...)."""
         obj = yield from self.json_call("id")
         if not isinstance(obj, dict) or not isinstance(obj.get("ID"), str):
             raise BadReply("id", self.api, f"unexpected reply {obj!r:.200}")
         return obj
 
-    def version(self) -> Plan:
+    def version(self) -> Plan[dict[str, Any]]:
         obj = yield from self.json_call("version")
         if not isinstance(obj, dict) or not isinstance(obj.get("Version"), str):
             raise BadReply("version", self.api, f"unexpected reply {obj!r:.200}")
         return obj
 
-    def swarm_connect(self, addr: str, *, timeout: float | None = None) -> Plan:
+    def swarm_connect(self, addr: str, *, timeout: float | None = None) -> Plan[list[str]]:
         obj = yield from self.json_call("swarm/connect", [("arg", addr)], cid=None,
                                         timeout=timeout)
         strings = obj.get("Strings") if isinstance(obj, dict) else None
         return [str(s) for s in strings] if isinstance(strings, list) else []
 
-    def swarm_peers(self) -> Plan:
+    def swarm_peers(self) -> Plan[list[Peer]]:
         obj = yield from self.json_call("swarm/peers")
         peers = obj.get("Peers") if isinstance(obj, dict) else None
         out = []
@@ -591,19 +591,19 @@ class RPC:
             raise BadReply(name, self.api, f"unexpected reply {obj!r:.200}")
         return [str(p) for p in peers]
 
-    def bootstrap_list(self) -> Plan:
+    def bootstrap_list(self) -> Plan[list[str]]:
         obj = yield from self.json_call("bootstrap/list")
         return self._peers("bootstrap/list", obj)
 
-    def bootstrap_rm_all(self) -> Plan:
+    def bootstrap_rm_all(self) -> Plan[list[str]]:
         obj = yield from self.json_call("bootstrap/rm", [("all", "true")])
         return self._peers("bootstrap/rm", obj)
 
-    def bootstrap_add(self, addr: str) -> Plan:
+    def bootstrap_add(self, addr: str) -> Plan[list[str]]:
         obj = yield from self.json_call("bootstrap/add", [("arg", addr)])
         return self._peers("bootstrap/add", obj)
 
-    def shutdown(self) -> Plan:
+    def shutdown(self) -> Plan[None]:
         """Plan -> None. A daemon that hangs up while stopping counts as stopped."""
         try:
             yield from self.run(lambda _a: Call("shutdown", [], idempotent=False))
@@ -621,7 +621,7 @@ class RPC:
         pin: bool = True,
         timeout: float | None = None,
         progress: Progress | None = None,
-    ) -> Plan:
+    ) -> Plan[AddResult]:
         """Plan -> :class:`AddResult`: stream ``source`` as one multipart file part.
 
         A path (or bytes) can be sent again, so a failed add of a path is retried; a file
@@ -678,3 +678,53 @@ class RPC:
         if progress is not None:
             progress.finish(label, f"added {cid}")
         return AddResult(cid=cid, size=counter[0], dag_size=dag_size, name=label)
+
+
+# -- what both faces share ----------------------------------------------------------------------
+
+
+def endpoint_from_config(cfg: Config, repo_candidates: Iterable[Path] | None = None) -> Endpoint:
+    """The API of ``cfg`` (``ipfs_api``/env/CLI), else the managed repo, else the usual files."""
+    candidates = [cfg.ipfs_repo] if repo_candidates is None else list(repo_candidates)
+    return discover_api(cfg.ipfs_api, cfg.ipfs_auth, repo_candidates=candidates)
+
+
+def resolve_endpoint(endpoint: Endpoint | str | None, auth: str | None) -> Endpoint:
+    """An explicit endpoint (multiaddr or URL string), else the discovered one."""
+    if endpoint is None:
+        return discover_api(None, auth)
+    if isinstance(endpoint, str):
+        return parse_api(endpoint, auth=auth)
+    return endpoint.with_auth(auth) if auth is not None else endpoint
+
+
+class HasRPC(Protocol):
+    """A face: something holding the plans it runs."""
+
+    _rpc: RPC
+
+
+class ClientBase:
+    """Construction shared by the faces; each face adds its calls as ``RPC`` plans run with its
+    own I/O (``cat = blocking(RPC.cat)``), so signatures and types come from :class:`RPC`."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint | str | None = None,
+        *,
+        auth: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.endpoint = resolve_endpoint(endpoint, auth)
+        self._rpc = RPC(self.endpoint, timeout=timeout, retry=retry, pool=ConnectionPool())
+
+    @classmethod
+    def from_config(
+        cls, cfg: Config, repo_candidates: Iterable[Path] | None = None, **kw: Any
+    ) -> Self:
+        kw.setdefault("retry", RetryPolicy.from_config(cfg.blob))
+        return cls(endpoint_from_config(cfg, repo_candidates), **kw)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.endpoint.url})"

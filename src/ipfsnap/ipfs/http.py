@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import h11
 
@@ -99,8 +99,9 @@ class Sleep:
 
 
 Op = Connect | Send | RecvInto | Sleep
+T = TypeVar("T")
 #: a plan: yields operations, gets their results sent back, returns T
-Plan = Generator[Op, Any, Any]
+Plan = Generator[Op, Any, T]
 
 
 @dataclass
@@ -407,13 +408,13 @@ def _close(transport: Any) -> None:
         log.debug("closing transport failed", exc_info=True)
 
 
-def open_connection(endpoint: Endpoint, timeout: float) -> Plan:
+def open_connection(endpoint: Endpoint, timeout: float) -> Plan[Connection]:
     """Plan -> a fresh :class:`Connection` (``OSError``/``TimeoutError`` propagate)."""
     transport = yield Connect(endpoint, timeout)
     return Connection(transport, h11.Connection(h11.CLIENT))
 
 
-def _send_request(conn: Connection, request: Request, timeout: float) -> Plan:
+def _send_request(conn: Connection, request: Request, timeout: float) -> Plan[None]:
     """Send the head through h11 and frame the body's chunks here: h11 would join each piece
     with its framing (a copy of every uploaded byte); the bytes on the wire are the same."""
     h = conn.h11
@@ -449,7 +450,7 @@ def exchange(
     request: Request,
     timeout: float,
     sink: BodySink | None = None,
-) -> Plan:
+) -> Plan[Response]:
     """Plan -> :class:`Response`: send ``request`` on ``conn`` and read the whole reply.
 
     A 2xx body goes to ``sink`` when given (streaming), else into ``Response.body``; error
@@ -569,7 +570,7 @@ def _fast_body(
     timeout: float,
     start: int,
     filled: int,
-) -> Plan:
+) -> Plan[None]:
     """Read a 2xx body with ``decoder`` into ``sink``, then renew ``conn``'s h11 state.
     ``conn.scratch[start:filled]`` holds body bytes already received with the head."""
     view = memoryview(conn.scratch)
