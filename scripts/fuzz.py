@@ -66,9 +66,10 @@ def run_target(name: str, args: argparse.Namespace, work: Path) -> Result:
     twork = work / name
     report = twork / "report.json"
     twork.mkdir(parents=True, exist_ok=True)
+    cases = TARGETS[name].ci_cases if args.ci else args.cases
     cmd = [
         sys.executable, "-m", "tests.fuzz.atheris_main", name,
-        "--cases", str(args.cases), "--seconds", str(args.seconds),
+        "--cases", str(cases), "--seconds", str(args.seconds),
         "--report", str(report), "--work", str(twork),
         "--timeout", str(args.timeout), "--rss-mb", str(RSS_LIMIT_MB), "--seed", str(args.seed),
     ]
@@ -127,6 +128,8 @@ def keep(name: str, args: argparse.Namespace, twork: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=100_000, help="inputs per target")
+    ap.add_argument("--ci", action="store_true",
+                    help="each target's CI size (Target.ci_cases) instead of --cases")
     ap.add_argument("--seconds", type=float, default=0.0, help="time per target (0 = none)")
     ap.add_argument("-t", "--target", action="append", choices=sorted(TARGETS),
                     help="only these targets (repeatable; default all)")
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {f['key']}: {f['message'][:160]!r} ({f.get('file', '')})")
     print(f"total {total} s, work dir {work}")
     summary = {
-        "cases_per_target": args.cases,
+        "cases_per_target": "ci" if args.ci else args.cases,
         "seconds_per_target": args.seconds,
         "total_seconds": total,
         "targets": [asdict(r) for r in results],

@@ -75,6 +75,12 @@ _TOC_TAR_SLACK = 64 * BLOCK
 
 def clean_path(path: str) -> str:
     """A lookup path in the index's form: relative, no ``.``/empty components."""
+    # nearly every lookup (the FUSE layer's, one per file at mount) is clean already: a few
+    # substring tests instead of a split and join (~3x faster)
+    if (path and path[0] != "/" and path[-1] != "/" and "//" not in path
+            and path != "." and not path.startswith("./") and "/./" not in path
+            and not path.endswith("/.")):
+        return path
     return "/".join(p for p in path.split("/") if p not in ("", "."))
 
 
@@ -239,6 +245,10 @@ class LayerIndex:
                         hardlinks.append(name)
             entries[name] = e
         offsets.sort()
+        # an offset past the payload (a hostile TOC: an empty file has no chunk that would
+        # reject it) must not become the end of another file's chunk extent
+        while offsets and offsets[-1] >= self._payload_end:
+            offsets.pop()
         offsets.append(self._payload_end)
         self._index_chunks(regs, pieces_of, offsets, limits)
         # Landmarks are format markers, not files: keep them out of the tree.
