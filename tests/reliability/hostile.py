@@ -141,11 +141,14 @@ def sparse_tar(name: str, apparent: int, data: bytes) -> bytes:
     return buf.getvalue()
 
 
-def euid_elf() -> bytes:
-    """A 136-byte static x86-64 ELF that exits with its effective uid (mod 256): a setuid
-    root copy run by uid 1000 exits 0 if it gained root, 232 (1000 % 256) if not."""
+def euid_elf(setuid_first: bool = False) -> bytes:
+    """A static x86-64 ELF of ~150 bytes that exits with its effective uid (mod 256): a
+    setuid-root copy run by uid 1000 exits 0 if it gained root, 232 (1000 % 256) if not.
+    ``setuid_first``: it calls setuid(0) first, which succeeds only with CAP_SETUID (a
+    file capability, :data:`CAP_SETUID_XATTR`, grants it on exec unless something stops it)."""
     code = bytes.fromhex(
-        "b86b000000"  # mov eax, 107 (geteuid)
+        ("31ff" "b869000000" "0f05" if setuid_first else "")  # xor edi,edi; setuid(0)
+        + "b86b000000"  # mov eax, 107 (geteuid)
         "0f05"  # syscall
         "89c7"  # mov edi, eax
         "b83c000000"  # mov eax, 60 (exit)
@@ -160,6 +163,11 @@ def euid_elf() -> bytes:
     # one PT_LOAD (1) segment, readable and executable (4 | 1), page aligned
     phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, total, total, 0x1000)
     return ehdr + phdr + code
+
+
+#: ``security.capability`` as ``setcap cap_setuid+ep`` writes it: struct vfs_cap_data,
+#: revision 2 (0x02000000) with the effective flag (1), permitted CAP_SETUID (bit 7)
+CAP_SETUID_XATTR = struct.pack("<5I", 0x02000001, 1 << 7, 0, 0, 0)
 
 
 #: uid the container tests run unprivileged commands as, and what euid_elf exits with then
@@ -195,4 +203,6 @@ def hostile_image_layer(canary: Path, host_disk: tuple[int, int]) -> list[E]:
         E("disk", "b", dev=host_disk, mode=0o666),  # the host's root filesystem device
         E("euid-suid", data=euid_elf(), mode=0o4755),
         E("euid-plain", data=euid_elf(), mode=0o755),
+        E("euid-cap", data=euid_elf(setuid_first=True), mode=0o755,
+          xattrs={"security.capability": CAP_SETUID_XATTR.decode("utf-8", "surrogateescape")}),
     ]

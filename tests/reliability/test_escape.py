@@ -35,6 +35,7 @@ from tests.fs.mounts import labels_for, make_mounter, mounted
 from tests.image.rpull_helpers import push, unmount_state
 from tests.reliability.hostile import (
     CANARY_SECRET,
+    CAP_SETUID_XATTR,
     CASE_NAMES,
     LAZY_NEUTRALISED,
     UNPRIVILEGED_EXIT,
@@ -178,12 +179,14 @@ def test_devices_and_setuid_are_inert_on_the_host(tmp_path: Path) -> None:
             with pytest.raises(PermissionError):
                 open(mp / dev, "rb").close()
         assert os.lstat(mp / "euid-suid").st_mode & stat.S_ISUID
+        assert os.getxattr(mp / "euid-cap", "security.capability") == CAP_SETUID_XATTR
     dest = tmp_path / "unpack"
     dest.mkdir()
     with open(blob.path, "rb") as f:
         apply_layer(dest, f, layer="devices", skip=ESTARGZ_METADATA)
     assert stat.S_ISCHR(os.lstat(dest / "mem").st_mode)
     assert os.lstat(dest / "euid-suid").st_mode & stat.S_ISUID
+    assert os.getxattr(dest / "euid-cap", "security.capability") == CAP_SETUID_XATTR
     assert os.readlink(dest / "canary-abs") == str(canary / "secret")
     assert (canary / "secret").read_bytes() == CANARY_SECRET
 
@@ -334,7 +337,7 @@ ROOT_OUTPUT = [
     "image shadow", "image shadow", "no-canary", "no-canary", "no-canary-dir", "no-write",
     "pwn", "pwn", "mem-denied", "kmsg-denied", "disk-denied", "root euid 0",
 ]
-USER_SCRIPT = '/euid-suid; echo "suid $?"; /euid-plain; echo "plain $?"'
+USER_SCRIPT = '/euid-suid; echo "suid $?"; /euid-plain; echo "plain $?"; /euid-cap; echo "cap $?"'
 
 
 def _output(p: subprocess.CompletedProcess[str]) -> list[str]:
@@ -343,8 +346,9 @@ def _output(p: subprocess.CompletedProcess[str]) -> list[str]:
 
 
 def test_setuid_probe_gains_root_without_no_new_privs() -> None:
-    """The control of the setuid check below: on the host, where nothing stops it, the
-    probe run by uid 1000 from a setuid-root copy does report euid 0."""
+    """The control of the setuid checks below: on the host, where nothing stops them, the
+    probe run by uid 1000 from a setuid-root copy does report euid 0, and so does the one
+    with a CAP_SETUID file capability."""
     require_root()
     d = Path(tempfile.mkdtemp(prefix="ipfsnap-euid-"))
     try:
@@ -360,6 +364,10 @@ def test_setuid_probe_gains_root_without_no_new_privs() -> None:
         assert as_user() == 0
         probe.chmod(0o755)
         assert as_user() == UNPRIVILEGED_EXIT
+        probe.write_bytes(euid_elf(setuid_first=True))
+        assert as_user() == UNPRIVILEGED_EXIT
+        os.setxattr(probe, "security.capability", CAP_SETUID_XATTR)
+        assert as_user() == 0
     finally:
         for p in d.iterdir():
             p.unlink()
@@ -381,7 +389,8 @@ def test_hostile_image_in_a_container(
     p = ipfsnap(run_state, api, "run", f"--snapshotter={snapshotter}", "--rm",
                 "--user", str(USER_UID), hostile_cid, "user", "sh", "-c", USER_SCRIPT)
     assert p.returncode == 0, p.stderr
-    assert _output(p) == [f"suid {UNPRIVILEGED_EXIT}", f"plain {UNPRIVILEGED_EXIT}"], p.stdout
+    want = [f"{probe} {UNPRIVILEGED_EXIT}" for probe in ("suid", "plain", "cap")]
+    assert _output(p) == want, p.stdout
     if snapshotter == "stargz":  # the layers really were served lazily
         from ipfsnap.content import ImageStore
 
@@ -426,9 +435,10 @@ def test_image_mount_on_the_host_is_inert(
         assert p.returncode == 0, p.stderr
         try:
             assert {"nosuid", "nodev"} <= _mount_options(target)
-            got = subprocess.run([str(target / "euid-suid")], check=False, user=USER_UID,
-                                 group=USER_UID, extra_groups=[]).returncode
-            assert got == UNPRIVILEGED_EXIT
+            for probe in ("euid-suid", "euid-cap"):
+                got = subprocess.run([str(target / probe)], check=False, user=USER_UID,
+                                     group=USER_UID, extra_groups=[]).returncode
+                assert got == UNPRIVILEGED_EXIT, probe
             with pytest.raises(PermissionError):
                 open(target / "mem", "rb").close()
         finally:
