@@ -18,6 +18,7 @@ import trio
 
 from ipfsnap.ipfs import (
     AsyncIPFSClient,
+    BadMultiaddr,
     BadReply,
     DaemonUnreachable,
     IPFSClient,
@@ -525,3 +526,12 @@ def test_connection_dropped_mid_body_is_resumed(serve: Any, where: int) -> None:
     resumed = int(dict(calls[1].params)["offset"])
     # everything received before the cut was kept, nothing more
     assert 0 < resumed <= where and resumed == min(where - 7, 262144)
+
+
+def test_trio_face_refuses_https_and_both_faces_share_construction() -> None:
+    with pytest.raises(BadMultiaddr, match=r"https://127\.0\.0\.1:5001.*AsyncIPFSClient speaks"):
+        AsyncIPFSClient("https://127.0.0.1:5001")
+    sync = IPFSClient("https://127.0.0.1:5001", auth="Bearer t")
+    assert sync.endpoint.scheme == "https" and repr(sync) == "IPFSClient(https://127.0.0.1:5001)"
+    assert repr(AsyncIPFSClient("/ip4/127.0.0.1/tcp/5001")) == (
+        "AsyncIPFSClient(http://127.0.0.1:5001)")

@@ -14,10 +14,8 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import trio
 
-from ipfsnap.ipfs.core import DEFAULT_TIMEOUT, RPC, ClientBase, HasRPC, RetryPolicy
-from ipfsnap.ipfs.errors import BadMultiaddr
-from ipfsnap.ipfs.http import Connect, Plan, RecvInto, Send, Sleep
-from ipfsnap.ipfs.multiaddr import Endpoint
+from ipfsnap.ipfs.core import RPC, ClientBase, HasRPC
+from ipfsnap.ipfs.http import Connect, Done, Plan, RecvInto, Send, Sleep, advance
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +33,11 @@ class _TrioTransport:
 
 async def run_plan_async(plan: Plan[T]) -> T:
     """Drive a plan with trio I/O and return its result."""
-    value: Any = None
-    error: BaseException | None = None
     try:
-        while True:
-            try:
-                op = plan.throw(error) if error is not None else plan.send(value)
-            except StopIteration as stop:
-                result: T = stop.value
-                return result
-            value, error = None, None
+        op = advance(plan, None, None)
+        while not isinstance(op, Done):
+            value: Any = None
+            error: OSError | None = None
             try:
                 if isinstance(op, RecvInto):
                     with trio.move_on_after(op.timeout) as scope:
@@ -73,6 +66,8 @@ async def run_plan_async(plan: Plan[T]) -> T:
                 error = ConnectionResetError(str(exc) or "connection broken")
             except trio.ClosedResourceError as exc:
                 error = ConnectionAbortedError(str(exc) or "connection closed")
+            op = advance(plan, value, error)
+        return op.value
     finally:
         plan.close()
 
@@ -92,19 +87,7 @@ def awaiting(
 class AsyncIPFSClient(ClientBase):
     """Trio Kubo RPC client with the same calls as :class:`~ipfsnap.ipfs.IPFSClient`."""
 
-    def __init__(
-        self,
-        endpoint: Endpoint | str | None = None,
-        *,
-        auth: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        retry: RetryPolicy | None = None,
-    ) -> None:
-        super().__init__(endpoint, auth=auth, timeout=timeout, retry=retry)
-        if self.endpoint.scheme != "http":
-            raise BadMultiaddr(
-                f"IPFS API {self.endpoint.url}: the trio client speaks plain HTTP only"
-            )
+    schemes = ("http",)
 
     async def aclose(self) -> None:
         self._rpc.pool.close_all()

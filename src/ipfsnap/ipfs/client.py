@@ -13,7 +13,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ipfsnap.ipfs.core import RPC, ClientBase, HasRPC
 from ipfsnap.ipfs.core import endpoint_from_config as endpoint_from_config
-from ipfsnap.ipfs.http import Connect, Plan, RecvInto, Send, Sleep
+from ipfsnap.ipfs.http import Connect, Done, Plan, RecvInto, Send, Sleep, advance
 from ipfsnap.ipfs.multiaddr import Endpoint
 
 log = logging.getLogger(__name__)
@@ -38,16 +38,11 @@ def _connect(endpoint: Endpoint, timeout: float) -> socket.socket:
 
 def run_plan(plan: Plan[T]) -> T:
     """Drive a plan with blocking I/O and return its result."""
-    value: Any = None
-    error: BaseException | None = None
     try:
-        while True:
-            try:
-                op = plan.throw(error) if error is not None else plan.send(value)
-            except StopIteration as stop:
-                result: T = stop.value
-                return result
-            value, error = None, None
+        op = advance(plan, None, None)
+        while not isinstance(op, Done):
+            value: Any = None
+            error: OSError | None = None
             try:
                 if isinstance(op, RecvInto):
                     # settimeout is a system call (it switches blocking mode): only on change
@@ -66,6 +61,8 @@ def run_plan(plan: Plan[T]) -> T:
                     raise TypeError(f"unknown plan operation {op!r}")
             except OSError as exc:  # includes TimeoutError
                 error = exc
+            op = advance(plan, value, error)
+        return op.value
     finally:
         plan.close()
 

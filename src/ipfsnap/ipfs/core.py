@@ -26,6 +26,7 @@ from ipfsnap.config import BlobConfig, Config
 from ipfsnap.ipfs.cid import SHA2_256, parse_cid
 from ipfsnap.ipfs.errors import (
     BadCID,
+    BadMultiaddr,
     BadReply,
     DaemonUnreachable,
     IPFSCallError,
@@ -708,6 +709,9 @@ class ClientBase:
     """Construction shared by the faces; each face adds its calls as ``RPC`` plans run with its
     own I/O (``cat = blocking(RPC.cat)``), so signatures and types come from :class:`RPC`."""
 
+    #: the API URL schemes the face can speak
+    schemes: tuple[str, ...] = ("http", "https")
+
     def __init__(
         self,
         endpoint: Endpoint | str | None = None,
@@ -717,6 +721,9 @@ class ClientBase:
         retry: RetryPolicy | None = None,
     ) -> None:
         self.endpoint = resolve_endpoint(endpoint, auth)
+        if self.endpoint.scheme not in self.schemes:
+            raise BadMultiaddr(f"IPFS API {self.endpoint.url}: {type(self).__name__} speaks "
+                               f"{' and '.join(self.schemes)} only")
         self._rpc = RPC(self.endpoint, timeout=timeout, retry=retry, pool=ConnectionPool())
 
     @classmethod

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import h11
 
@@ -102,6 +102,22 @@ Op = Connect | Send | RecvInto | Sleep
 T = TypeVar("T")
 #: a plan: yields operations, gets their results sent back, returns T
 Plan = Generator[Op, Any, T]
+
+
+@dataclass(frozen=True)
+class Done(Generic[T]):
+    """A plan's result, from :func:`advance`."""
+
+    value: T
+
+
+def advance(plan: Plan[T], value: Any, error: BaseException | None) -> Op | Done[T]:
+    """Resume ``plan`` with the last operation's result (or its error): its next operation,
+    or :class:`Done`. The faces' drivers are loops around this."""
+    try:
+        return plan.throw(error) if error is not None else plan.send(value)
+    except StopIteration as stop:
+        return Done(stop.value)
 
 
 @dataclass
