@@ -191,6 +191,29 @@ def test_devices_and_setuid_are_inert_on_the_host(tmp_path: Path) -> None:
     assert (canary / "secret").read_bytes() == CANARY_SECRET
 
 
+def test_overlay_xattrs_from_a_layer_are_dropped(tmp_path: Path) -> None:
+    """``trusted.overlay.*`` in a layer would steer overlayfs, which obeys them on lower
+    layers (a ``redirect`` made ``fake/`` show ``real/``'s files here; ``opaque`` hides the
+    layers below): both paths drop them (the lazy one used to serve them), keep the rest."""
+    require_fuse()
+    overlay = {"trusted.overlay.redirect": "/real", "trusted.overlay.opaque": "y"}
+    entries = [E("real", "d"), E("real/f", data=b"f"),
+               E("fake", "d", xattrs={**overlay, "user.k": "v"})]
+    blob = blob_of(entries, tmp_path / "layer.blob")
+    m = make_mounter(tmp_path / "state", background=False)
+    mp = tmp_path / "mp"
+    with mounted(m, mp, labels_for(blob)):
+        assert os.listxattr(mp / "fake") == ["user.k"]
+        log = (m.worker_dir(mp) / "worker.log").read_text(encoding="utf-8")
+        assert "'fake': xattrs ['trusted.overlay.opaque', 'trusted.overlay.redirect'] dropped" \
+            in log
+    dest = tmp_path / "unpack"
+    dest.mkdir()
+    with open(blob.path, "rb") as f:
+        apply_layer(dest, f, layer="xattrs", skip=ESTARGZ_METADATA)
+    assert os.listxattr(dest / "fake") == ["user.k"]
+
+
 def test_lazy_toc_declaring_a_1tib_file(tmp_path: Path) -> None:
     """1 TiB of identical 64 MiB chunks (one ~64 KiB member): served, and it costs one
     chunk: reads at both ends fetch that member once, the worker stays small."""

@@ -27,6 +27,8 @@ ROOT_INODE = 1
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
+#: the xattr namespace of overlayfs' own metadata
+OVERLAY_XATTRS = "trusted.overlay."
 
 _TYPE_BITS = {
     "dir": stat.S_IFDIR,
@@ -308,9 +310,16 @@ class InodeTable:
         node.gid = entry.gid
         node.mtime_ns = parse_modtime(entry.modtime)
         if entry.xattrs:
-            if node.xattrs is None:
-                node.xattrs = {}
-            node.xattrs.update(entry.xattrs)
+            # overlayfs obeys trusted.overlay.* on a lower layer (redirect, opaque): only
+            # this table decides them (from whiteout markers), as the full unpack does
+            kept = {k: v for k, v in entry.xattrs.items() if not k.startswith(OVERLAY_XATTRS)}
+            if len(kept) != len(entry.xattrs):
+                log.warning("layer entry %r: xattrs %s dropped", node.path,
+                            sorted(set(entry.xattrs) - set(kept)))
+            if kept:
+                if node.xattrs is None:
+                    node.xattrs = {}
+                node.xattrs.update(kept)
         if entry.type == "reg":
             node.size = entry.size
         elif entry.type == "symlink":
