@@ -17,7 +17,8 @@ ipfsnap/curl of those medians (goal: < 1.10), and the spread of the per-round ra
 columns: the client's own CPU time per request (ipfsnap: this process; curl: the child,
 including its start-up), medians.
 
-    .venv/bin/python benchmarks/ipfs_bench.py [--full-mib 32] [--reads 10] [--rounds 3]
+    .venv/bin/python benchmarks/ipfs_bench.py [--full-mib 32] [--reads 10] [--full-reads 3]
+        [--rounds 3] [--remote-full-mib N] [--add-mib 32] [--only range,full,stream,add]
 """
 
 from __future__ import annotations
@@ -151,6 +152,8 @@ def main() -> int:
                     help="size of the blob read in full over bitswap (default: --full-mib)")
     ap.add_argument("--add-mib", type=int, default=32, help="size of the added file")
     ap.add_argument("--reads", type=int, default=10, help="range reads per case and round")
+    ap.add_argument("--full-reads", type=int, default=3,
+                    help="full reads (and adds) per case and round")
     ap.add_argument("--rounds", type=int, default=3, help="repetitions of the whole set")
     ap.add_argument("--only", default="", help="comma-separated kinds to run "
                     "(range,full,stream,add)")
@@ -175,7 +178,7 @@ def main() -> int:
             cases: list[Case] = []
             for where in ("local", "remote"):
                 node_full = args.full_mib if where == "local" else remote_full
-                full = [(0, node_full * MIB)]
+                full = [(0, node_full * MIB)] * args.full_reads
                 cases += [Case(where, "64 KiB range", "range"),
                           Case(where, "1 MiB range", "range"),
                           Case(where, f"full {node_full} MiB", "full", full),
@@ -196,7 +199,7 @@ def main() -> int:
                         reads = [(small_chunks * CHUNK + m * MIB, MIB)
                                  for m in rng.sample(range(big_mibs), min(args.reads, big_mibs))]
                     else:
-                        reads = case.reads or [(0, 0)]
+                        reads = case.reads or [(0, 0)] * args.full_reads
                     cid = cids["range"] if case.kind == "range" else cids[case.where]
                     here: dict[str, list[Sample]] = {m: [] for m in METHODS}
                     for i, read in enumerate(reads):
