@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 #: reads per fault (``IPFSNAP_FAULT_READS`` overrides, e.g. for a quick local run)
 RANDOM_READS = int(os.environ.get("IPFSNAP_FAULT_READS", "1000"))
-#: the test layer: 4 MiB, 64 KiB chunks (about 70 chunks), files of 1 byte to 1.5 MiB
+#: the test layer: 4.2 MiB in 11 files of 1 byte to 1.5 MiB, 73 chunks of 64 KiB
 LAYER_BYTES = 4 << 20
 #: a failed read may take the configured timeout plus scheduling on a loaded 2-core box:
 #: generous, it tells "bounded" from "hangs" (a queued read once took 2x the timeout)
