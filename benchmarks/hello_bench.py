@@ -37,7 +37,7 @@ offline once with debootstrap + chroot apt-get and cached in /var/cache/ipfsnap-
 
     .venv/bin/python benchmarks/hello_bench.py [--runs 5] [--quick] [--image big|small]
         [--workload hello|imports|all] [--modes full,lazy,lazy-opt] [--json runs.json]
-        [--keep-logs DIR]
+        [--runs-other 3] [--keep-logs DIR]
     .venv/bin/python benchmarks/hello_bench.py --build-only     # just build/cache the image
     .venv/bin/python benchmarks/hello_bench.py --report runs.json  # table of saved runs
 
@@ -622,6 +622,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="cold start from IPFS: full vs lazy vs lazy-optimized")
     parser.add_argument("--runs", type=int, default=5, help="runs per mode (default 5)")
+    parser.add_argument("--runs-other", type=int, default=None,
+                        help="runs per mode of the workloads after the first (default: --runs;"
+                        " full runs for the first workload only)")
     parser.add_argument("--quick", action="store_true",
                         help="small python sample, 1 run each (smoke run)")
     parser.add_argument("--image", choices=("big", "small"), default=None,
@@ -674,8 +677,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="hello-bench-", dir="/var/tmp") as tmp, \
                 setup(archive, Path(tmp), workloads, optimized, "full" in modes) as bench:
             bench.keep_logs = args.keep_logs
-            rounds = [(n, w, m) for n in range(runs_per_mode) for w in workloads
-                      for m in modes]
+            # full fetches the whole image whatever the workload: it runs for the first
+            # workload only; the other workloads get --runs-other rounds
+            other = args.runs_other if args.runs_other is not None else runs_per_mode
+            rounds = [(n, w, m) for n in range(max(runs_per_mode, other))
+                      for i, w in enumerate(workloads) for m in modes
+                      if (i == 0 and n < runs_per_mode)
+                      or (i > 0 and n < other and parse_mode(m)[0] != "full")]
             loads: list[float] = []
             for n, w, mode in rounds:
                 r = one_run(bench, mode, n, w)

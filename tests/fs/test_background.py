@@ -379,3 +379,46 @@ def test_spare_worker_serves_the_next_mount(tmp_path: Path) -> None:
         last = m._spare
         m.close()
     assert last is None or last.poll() is not None  # close() ended the spare
+
+
+# -- warm-up of the next layers of a pull ---------------------------------------------------
+
+
+def test_mount_warms_the_next_layers_into_the_cache(tmp_path: Path) -> None:
+    require_fuse()
+    import json
+
+    from ipfsnap.fs.mounter import NEXT_LAYERS_LABEL
+    from ipfsnap.image import unpack as unpack_mod
+
+    assert unpack_mod.NEXT_LAYERS_LABEL == NEXT_LAYERS_LABEL  # the two packages agree
+    first = bg_blob(tmp_path, 61)
+    files = [Item(f"hot{i}", "file", pseudo_random(2 * CHUNK, 70 + i)) for i in range(3)]
+    nxt = build_blob([*files, Item("cold", "file", pseudo_random(4 * CHUNK, 80))],
+                     tmp_path / "next.blob", prioritize=tuple(f.name for f in files))
+    m = make_mounter(tmp_path / "state", background=False)
+    labels = {**labels_for(first),
+              NEXT_LAYERS_LABEL: json.dumps([labels_for(nxt), labels_for(nxt)])}
+    try:
+        with mounted(m, tmp_path / "a", labels):
+            assert len(m._warming) == 1  # listed twice, warmed once
+            proc = next(iter(m._warming.values()))
+            assert proc.wait(120) == 0
+            cache = m.cache_root / nxt.digest.partition(":")[2]
+            cached = {p.name for p in cache.iterdir() if len(p.name) == 64}
+            with open(nxt.path, "rb") as f:
+                index = open_layer(FileRangeReader(f), nxt.size, toc_digest=nxt.toc_digest)
+            hot = {c.chunk_digest.partition(":")[2] for f_ in files
+                   for c in index.chunks(f_.name)}
+            cold = {c.chunk_digest.partition(":")[2] for c in index.chunks("cold")}
+            assert hot <= cached  # the prioritized range is local before the mount
+            assert not cold & cached  # and nothing else
+            with mounted(m, tmp_path / "b", labels_for(nxt)):
+                st = wait_status(m, tmp_path / "b", lambda s: s["updated"] > 0)
+                assert st["prefetch_bytes"] == 0  # its own prefetch found it all cached
+                assert (tmp_path / "b" / "hot1").read_bytes() == files[1].data
+        # a bad label never fails a mount
+        with mounted(m, tmp_path / "c", {**labels_for(first), NEXT_LAYERS_LABEL: "{bad"}):
+            assert (tmp_path / "c" / "small").read_bytes() == b"small\n"
+    finally:
+        m.close()

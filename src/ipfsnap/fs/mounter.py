@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -53,6 +54,11 @@ PREFETCH_SIZE_LABEL = "containerd.io/snapshot/remote/stargz.prefetch"
 SIZE_LABEL = "ipfsnap.io/layer.size"
 LOCAL_PATH_LABEL = "ipfsnap.io/layer.path"
 IPFS_API_LABEL = "ipfsnap.io/ipfs.api"
+#: JSON list of the labels of the image's next lazy layers (set by image.unpack): their TOC
+#: and prioritized range are fetched while this layer mounts (see ``LayerMounter.warm``)
+NEXT_LAYERS_LABEL = "ipfsnap.io/layers.next"
+#: next layers warmed at most per mount (the label carries at most 8)
+NEXT_LAYERS_MAX = 8
 
 #: seconds a ``check`` waits for the mountpoint to answer a stat
 CHECK_TIMEOUT = 5.0
@@ -146,6 +152,8 @@ class LayerMounter:
         self.spare = spare
         self._spare: subprocess.Popen[bytes] | None = None
         self._start_spare()
+        #: warm-up processes (``worker --warm``) by layer digest: one per layer
+        self._warming: dict[str, subprocess.Popen[bytes]] = {}
 
     # -- paths ----------------------------------------------------------------------------
     def worker_dir(self, mountpoint: Path) -> Path:
@@ -244,6 +252,7 @@ class LayerMounter:
         mountpoint = Path(os.path.abspath(mountpoint))
         self.reap()
         spec = self.spec_for(mountpoint, labels)
+        self.warm(labels.get(NEXT_LAYERS_LABEL, ""), labels)
         if is_mountpoint(mountpoint):
             # a worker that outlived a snapshotter restart already serves this layer here
             st = self.status(mountpoint) or {}
@@ -360,6 +369,66 @@ class LayerMounter:
                 return
         self._wait_exit(proc, pid, mountpoint)
 
+    # -- warm-up of the next layers -------------------------------------------------------
+    def warm(self, next_layers: str, labels: Mapping[str, str]) -> None:
+        """Start a warm-up process for each next layer (JSON list of label objects) that is
+        neither warming nor already has chunks in the cache. Never fails the mount: a bad
+        list is logged and ignored."""
+        if not next_layers:
+            return
+        try:
+            items = json.loads(next_layers)
+            if not isinstance(items, list):
+                raise ValueError("not a list")
+        except ValueError as exc:
+            log.warning("ignoring label %s: %s", NEXT_LAYERS_LABEL, exc)
+            return
+        for item in items[:NEXT_LAYERS_MAX]:
+            if not isinstance(item, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in item.items()):
+                log.warning("ignoring an entry of label %s: not an object of strings",
+                            NEXT_LAYERS_LABEL)
+                continue
+            lbls = dict(item)
+            if IPFS_API_LABEL in labels and IPFS_API_LABEL not in lbls:
+                lbls[IPFS_API_LABEL] = labels[IPFS_API_LABEL]
+            digest = lbls.get(LAYER_DIGEST_LABEL, "")
+            with self._lock:
+                if digest in self._warming:
+                    continue
+            try:
+                self._start_warm(lbls)
+            except (IpfsnapError, OSError) as exc:
+                log.warning("warm-up of layer %s not started: %s", digest, exc)
+
+    def _start_warm(self, labels: Mapping[str, str]) -> None:
+        digest = labels.get(LAYER_DIGEST_LABEL, "")
+        wdir = self.run_dir / ("warm-" + digest.partition(":")[2][:16])
+        spec = self.spec_for(wdir / "unused-mountpoint", labels)
+        cache = Path(spec.cache_dir)
+        with contextlib.suppress(OSError):
+            if cache.is_dir() and any(os.scandir(cache)):
+                return  # fetched before (an earlier pull or a restart): nothing to gain
+        wdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+        spec.status_path = str(wdir / "status.json")
+        spec_path = wdir / "spec.json"
+        fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(spec.to_json())
+        logfile = open(wdir / "worker.log", "ab")  # noqa: SIM115 - handed to the child
+        try:
+            proc = subprocess.Popen(
+                [self.python, "-m", "ipfsnap.fs.worker", "--warm", str(spec_path)],
+                stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
+                start_new_session=True, close_fds=True, cwd="/",
+            )
+        finally:
+            logfile.close()
+        with self._lock:
+            self._warming[digest] = proc
+        log.info("warming up layer %s (pid %d)", digest, proc.pid)
+
     # -- spare worker ---------------------------------------------------------------------
     def _start_spare(self) -> None:
         if not self.spare:
@@ -400,9 +469,14 @@ class LayerMounter:
         return proc
 
     def close(self) -> None:
-        """Stop the spare worker (mounted layers keep being served)."""
+        """Stop the spare worker and warm-ups (mounted layers keep being served)."""
         with self._lock:
+            warming = list(self._warming.values())
             proc, self._spare = self._spare, None
+        for w in warming:
+            if w.poll() is None:
+                w.terminate()
+            w.wait()
         if proc is not None:
             with contextlib.suppress(OSError):
                 if proc.stdin is not None:
@@ -418,6 +492,9 @@ class LayerMounter:
         """Collect workers of lazily unmounted layers that have exited."""
         with self._lock:
             self._detached = [p for p in self._detached if p.poll() is None]
+            # finished warm-ups stay listed (the layer is not warmed twice), reaped here
+            for w in self._warming.values():
+                w.poll()
 
     def _wait_exit(self, proc: subprocess.Popen[bytes] | None, pid: int,
                    mountpoint: Path) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -50,6 +51,12 @@ TOC_DIGEST_LABEL = "containerd.io/snapshot/stargz/toc.digest"
 URLS_LABEL = "containerd.io/snapshot/remote/urls"
 PREFETCH_SIZE_LABEL = "containerd.io/snapshot/remote/stargz.prefetch"
 SIZE_LABEL = "ipfsnap.io/layer.size"
+#: the remote labels of the image's next lazy layers (JSON list of objects), so the lazy
+#: filesystem can open and prefetch them while the earlier ones are mounted (layers are
+#: prepared one after the other, each waiting for its mount)
+NEXT_LAYERS_LABEL = "ipfsnap.io/layers.next"
+#: next layers listed at most (each ~300 bytes: containerd bounds a label at 4096 bytes)
+NEXT_LAYERS_MAX = 8
 
 
 def chain_ids(diff_ids: Sequence[str]) -> list[str]:
@@ -187,13 +194,18 @@ def unpack_layers(
     chains = chain_ids(diff_ids)
     results: list[LayerResult] = []
     parent = ""
-    for layer, diff_id, chain in zip(layers, diff_ids, chains, strict=True):
+    lazy_labels = [remote_labels(layer, prefetch_size)
+                   if lazy and is_estargz(layer) and ipfs_urls(layer) else None
+                   for layer in layers]
+    for i, (layer, diff_id, chain) in enumerate(zip(layers, diff_ids, chains, strict=True)):
         if _exists(snapshotter, chain):
             results.append(LayerResult(layer.digest, chain, "existing"))
             parent = chain
             continue
+        upcoming = [lb for lb in lazy_labels[i + 1:] if lb is not None][:NEXT_LAYERS_MAX]
         how = _unpack_one(name, layer, diff_id, chain, parent, snapshotter, blobs=blobs,
-                          fetcher=fetcher, lazy=lazy, prefetch_size=prefetch_size)
+                          fetcher=fetcher, lazy=lazy, prefetch_size=prefetch_size,
+                          upcoming=upcoming)
         results.append(LayerResult(layer.digest, chain, how))
         parent = chain
     return UnpackResult(tuple(chains), tuple(results))
@@ -211,6 +223,7 @@ def _unpack_one(
     fetcher: BlobFetcher | None,
     lazy: bool,
     prefetch_size: int | None,
+    upcoming: Sequence[Mapping[str, str]] = (),
 ) -> str:
     what = f"image {name} layer {layer.digest}"
     labels: dict[str, str] = {}
@@ -224,6 +237,8 @@ def _unpack_one(
         else:
             # the target label is what asks the snapshotter to try a remote mount
             labels = {TARGET_SNAPSHOT_LABEL: chain, **remote_labels(layer, prefetch_size)}
+            if upcoming:
+                labels[NEXT_LAYERS_LABEL] = json.dumps(list(upcoming), separators=(",", ":"))
             try_lazy = True
     # a private key, committed under the chain ID: concurrent unpacks of the same layer each
     # work on their own snapshot and the first commit wins (as containerd's unpacker)
@@ -263,7 +278,7 @@ def _committed_labels(labels: Mapping[str, str]) -> dict[str, str]:
     # mount it lazily on top of its unpacked files
     return {k: v for k, v in labels.items()
             if k not in (LAYER_DIGEST_LABEL, TOC_DIGEST_LABEL, URLS_LABEL, PREFETCH_SIZE_LABEL,
-                         SIZE_LABEL, TARGET_SNAPSHOT_LABEL)}
+                         SIZE_LABEL, TARGET_SNAPSHOT_LABEL, NEXT_LAYERS_LABEL)}
 
 
 def unpack(
