@@ -125,6 +125,19 @@ def keep(name: str, args: argparse.Namespace, twork: Path) -> None:
             shutil.copy(p, dest / p.name)
 
 
+def markdown(summary: dict[str, Any]) -> str:
+    """The docs/reliability.md table of a campaign summary."""
+    rows = ["| target | cases | crashes | time (s) | cases/s | reproduce |",
+            "|---|---|---|---|---|---|"]
+    for r in summary["targets"]:
+        t = TARGETS[r["target"]]
+        rate = round(r["cases"] / r["seconds"]) if r["seconds"] else 0
+        cmd = f"`scripts/fuzz.py --cases {r['cases']} -t {t.name}`"
+        rows.append(f"| `{t.name}` | {r['cases']:,} | {r['crashes']} | "
+                    f"{r['seconds']:.0f} | {rate} | {cmd} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=100_000, help="inputs per target")
@@ -140,7 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, help="work dir (default: a temporary one)")
     ap.add_argument("--keep-corpus", action="store_true")
     ap.add_argument("--save-crashes", action="store_true")
+    ap.add_argument("--render", type=Path, metavar="SUMMARY",
+                    help="print the markdown table of a --json summary and exit")
     args = ap.parse_args(argv)
+    if args.render:
+        print(markdown(json.loads(args.render.read_text())))
+        return 0
     names = args.target or list(TARGETS)
     if os.geteuid() != 0:
         skipped = [n for n in names if TARGETS[n].needs_root]

@@ -7,16 +7,22 @@ figures are in docs/reliability.md."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.fuzz.targets import TARGETS
 from tests.support import ROOT, require, require_root
 
 
+# a guard against a stuck run only: ~3 minutes on an idle 2-core machine, ~8 when shared
+@pytest.mark.timeout(1800)
 def test_fuzz_campaign_ci_size(tmp_path: Path) -> None:
     require_root()  # snapshot_apply creates device nodes and chowns
     try:
@@ -29,9 +35,17 @@ def test_fuzz_campaign_ci_size(tmp_path: Path) -> None:
         "--ci", "--jobs", "2",
         "--work", str(tmp_path / "work"), "--json", str(out),
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    # its own session: whatever ends this test (a failure, pytest's timeout) ends the
+    # fuzz processes with it
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        stdout, stderr = proc.communicate()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert out.exists(), stdout[-3000:] + stderr[-3000:]
     summary = json.loads(out.read_text())
     results = {r["target"]: r for r in summary["targets"]}
     assert set(results) == set(TARGETS)
@@ -39,4 +53,4 @@ def test_fuzz_campaign_ci_size(tmp_path: Path) -> None:
     assert not crashed, f"fuzz findings (reproducers under {tmp_path}/work): {crashed}"
     ran = {n: r["cases"] for n, r in results.items()}
     assert ran == {n: t.ci_cases for n, t in TARGETS.items()}, ran
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.returncode == 0, stdout[-3000:]
