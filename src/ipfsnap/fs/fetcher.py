@@ -46,16 +46,9 @@ Decompressor = Callable[[str, bytes, Chunk], bytes]
 
 
 @dataclass
-class FetchStats:
-    #: compressed bytes read from the source
-    fetched_bytes: int = 0
-    #: requests sent to the source
-    source_calls: int = 0
-    #: chunks verified and cached
-    chunks_fetched: int = 0
-    #: chunks served from the disk cache
-    cache_hits: int = 0
-    last_error: str = ""
+class RequestCounts:
+    """Where a layer's requests went (fetcher stats, and the status file shows them)."""
+
     #: foreground requests (reads and prefetch), their bytes, and the seconds they took
     #: (summed, and the longest): where a cold start waits
     foreground_calls: int = 0
@@ -67,6 +60,19 @@ class FetchStats:
     background_bytes: int = 0
     #: neighbour chunks fetched with foreground reads (see ``ChunkFetcher.get``'s extra)
     neighbour_chunks: int = 0
+
+
+@dataclass
+class FetchStats(RequestCounts):
+    #: compressed bytes read from the source
+    fetched_bytes: int = 0
+    #: requests sent to the source
+    source_calls: int = 0
+    #: chunks verified and cached
+    chunks_fetched: int = 0
+    #: chunks served from the disk cache
+    cache_hits: int = 0
+    last_error: str = ""
 
 
 class _Pending:

@@ -7,7 +7,7 @@ import logging
 import time
 from array import array
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Protocol
 
 import trio
@@ -23,6 +23,7 @@ from ipfsnap.fs.fetcher import (
     BackgroundPacing,
     ChunkFetcher,
     Decompressor,
+    RequestCounts,
     coalesce,
 )
 from ipfsnap.fs.inodes import IndexView, Inode, InodeTable
@@ -69,7 +70,7 @@ class LayerIndexView(IndexView, Protocol):
 
 
 @dataclass
-class LayerStatus:
+class LayerStatus(RequestCounts):
     """What ``ipfsnap snapshot status`` shows for one layer (the worker's status file)."""
 
     state: str = "starting"  # starting|prefetching|ready|complete|failed|unmounted
@@ -90,17 +91,8 @@ class LayerStatus:
     readahead_runs: int = 0
     #: FUSE read requests served (reads the page cache answered never get here)
     read_requests: int = 0
-    #: foreground requests to the source, their bytes and seconds (sum, longest)
-    foreground_calls: int = 0
-    foreground_bytes: int = 0
-    foreground_seconds: float = 0.0
-    foreground_max_seconds: float = 0.0
-    #: background requests and bytes; seconds background fetch waited for its turn
-    background_calls: int = 0
-    background_bytes: int = 0
+    #: seconds background fetch waited for its turn (the request counts: RequestCounts)
     background_waited: float = 0.0
-    #: neighbour chunks fetched along with on-demand reads
-    neighbour_chunks: int = 0
     #: prefetch: bytes of the prioritized range fetched, seconds it took
     prefetch_bytes: int = 0
     prefetch_seconds: float = 0.0
@@ -527,14 +519,10 @@ class LazyLayer:
         st.readahead_runs = self.readahead_runs
         st.read_requests = self.read_requests
         fs = self.fetcher.stats
-        st.foreground_calls = fs.foreground_calls
-        st.foreground_bytes = fs.foreground_bytes
-        st.foreground_seconds = round(fs.foreground_seconds, 3)
-        st.foreground_max_seconds = round(fs.foreground_max_seconds, 3)
-        st.background_calls = fs.background_calls
-        st.background_bytes = fs.background_bytes
+        for f in fields(RequestCounts):
+            value = getattr(fs, f.name)
+            setattr(st, f.name, round(value, 3) if isinstance(value, float) else value)
         st.background_waited = round(self.gate.waited, 1) if self.gate is not None else 0.0
-        st.neighbour_chunks = fs.neighbour_chunks
         st.prefetch_bytes = self.prefetch_bytes
         st.prefetch_seconds = round(self.prefetch_seconds, 3)
         if self.fetcher.stats.last_error:
