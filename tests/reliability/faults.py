@@ -469,7 +469,7 @@ def fault_daemon_killed(setup: FaultSetup) -> FaultResult:
         reader.run(res.phase("restarted"), setup.reads_of(0.6), threads=setup.threads,
                    seed=setup.seed + 2)
         res.recovered = not reader.verify_all()
-        res.log = log_lines(m.worker_dir(mp) / "worker.log", "ERROR", "EIO")
+        res.log = log_lines(m.worker_dir(mp) / "worker.log", "ERROR", "EIO", limit=4)
     return res.finish()
 
 
@@ -609,13 +609,14 @@ def fault_corrupt_cache(setup: FaultSetup) -> FaultResult:
             damaged = 0
             for i in range(2):  # damage, read; damage again (refetched entries too), read
                 damaged += corrupt_entries(cache_dir, rng, 0.5)
-                reader.run(res.phase(f"damaged cache, round {i + 1}"), setup.reads_of(0.45),
+                reader.run(res.phase(f"damaged cache, round {i + 1}"), setup.reads_of(0.475),
                            threads=setup.threads, seed=setup.seed + i)
             damaged += corrupt_entries(cache_dir, rng, 0.5)
             proxy.stalled.set()
             proxy.drop_connections()
-            reader.run(res.phase("damaged cache, IPFS stalled"), setup.reads_of(0.1),
-                       threads=setup.threads, seed=setup.seed + 2)
+            # each read of a damaged chunk now waits for the timeout: few reads, more threads
+            reader.run(res.phase("damaged cache, IPFS stalled"), setup.reads_of(0.05),
+                       threads=2 * setup.threads, seed=setup.seed + 2)
             proxy.stalled.clear()
             proxy.drop_connections()
             res.recovered = not reader.verify_all() and not bad_cache_entries(cache_dir)
