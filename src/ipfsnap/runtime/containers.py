@@ -392,18 +392,23 @@ class ContainerStore:
                     pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=mlog, stderr=mlog,
                     start_new_session=True, cwd="/",
                 )
+        except BaseException:
+            os.close(r)
+            raise
         finally:
             os.close(w)
-        # one line once runc has started it (runc's calls are bounded), or EOF if it died
+        # the first monitor process forks the real one and exits at once
         with os.fdopen(r, "r", encoding="utf-8") as ready:
+            proc.wait()
+            # one line once runc has started it (runc's calls are bounded), or EOF if the
+            # monitor died
             answer = ready.readline().strip()
         word, _, rest = answer.partition(" ")
         if word == "ok":
             return int(rest)
-        proc.wait()
         if word == "error":
             raise RuncError(rest)
         raise RuncError(
-            f"container {container_id}: its monitor exited with status {proc.returncode} "
+            f"container {container_id}: its monitor exited (status {proc.returncode}) "
             f"before starting it (see {d / 'monitor.log'})"
         )

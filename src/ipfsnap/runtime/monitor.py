@@ -8,7 +8,8 @@ to pid 1; it waits for the init and writes the exit status into the container's 
 (``state.json``: ``exit_code``, ``finished``), where ``ipfsnap ps`` reads it.
 
 Run as ``python -m ipfsnap.runtime.monitor STATE_DIR ID RUNC READY_FD`` by
-:meth:`ContainerStore.run`, which waits for one line on ``READY_FD``: ``ok PID`` once runc
+:meth:`ContainerStore.run` (it forks once more and the first process exits at once), which
+waits for one line on ``READY_FD``: ``ok PID`` once runc
 has started the container, or ``error MESSAGE``. Its own messages go to ``monitor.log`` in
 the container's directory. ``ipfsnap rm`` may delete the container while the monitor waits:
 both take the container directory's ``flock`` around writing/removing it (see
@@ -104,6 +105,10 @@ def monitor(state_dir: Path, container_id: str, runc_binary: str, ready_fd: int)
 
 def main(argv: list[str]) -> int:
     state_dir, container_id, runc_binary, ready_fd = argv
+    # double fork: the starting command reaps this process at once and leaves no child
+    # behind; the monitor proper (the grandchild) is re-parented when that command exits
+    if os.fork() > 0:
+        os._exit(0)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s monitor %(levelname)s %(message)s"
     )
