@@ -206,3 +206,40 @@ def hostile_image_layer(canary: Path, host_disk: tuple[int, int]) -> list[E]:
         E("euid-cap", data=euid_elf(setuid_first=True), mode=0o755,
           xattrs={"security.capability": CAP_SETUID_XATTR.decode("utf-8", "surrogateescape")}),
     ]
+
+
+def pax_header_bomb(claimed: int) -> bytes:
+    """A gzip layer whose first member is a PAX extended header claiming ``claimed`` bytes
+    (zeros follow, compressing ~1000:1), then an ordinary file ``f``."""
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type = tarfile.XHDTYPE
+    pax.size = claimed
+    co = zlib.compressobj(9, zlib.DEFLATED, 31)
+    out = [co.compress(pax.tobuf(format=tarfile.USTAR_FORMAT))]
+    step = 1 << 24
+    for i in range(0, claimed, step):
+        out.append(co.compress(bytes(min(step, claimed - i))))
+    out.append(co.compress(bytes(-claimed % 512) + make_tar([E("f", data=b"f")])))
+    out.append(co.flush())
+    return b"".join(out)
+
+
+def gnu_sparse_chain(blocks: int) -> bytes:
+    """A gzip layer holding one old-GNU sparse member ``s`` whose header chains ``blocks``
+    extension blocks of 21 extents each (all alike: they compress ~1000:1)."""
+    ti = tarfile.TarInfo("s")
+    hdr = bytearray(ti.tobuf(format=tarfile.GNU_FORMAT)[:512])
+    hdr[156:157] = tarfile.GNUTYPE_SPARSE
+    hdr[482] = 1  # isextended
+    hdr[148:156] = b" " * 8
+    hdr[148:156] = b"%06o\0 " % sum(hdr)
+    ext = bytearray(512)
+    for i in range(21):  # extents of one byte every 4 KiB
+        ext[i * 24 : i * 24 + 24] = b"%011o\0%011o\0" % (i * 4096, 1)
+    ext[504] = 1
+    co = zlib.compressobj(9, zlib.DEFLATED, 31)
+    out = [co.compress(bytes(hdr))]
+    out += [co.compress(bytes(ext)) for _ in range(blocks - 1)]
+    ext[504] = 0
+    out += [co.compress(bytes(ext) + bytes(1024)), co.flush()]
+    return b"".join(out)

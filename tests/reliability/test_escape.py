@@ -30,6 +30,7 @@ from ipfsnap.fs.worker import LAZY_MAX_CHUNK_SIZE, load_tables
 from ipfsnap.ipfs import IPFSClient
 from ipfsnap.runtime import ContainerStore
 from ipfsnap.snapshot import ESTARGZ_METADATA, apply_layer, unmount
+from ipfsnap.snapshot.apply import MAX_SPECIAL_HEADER
 from ipfsnap.snapshot.errors import LayerFormatError
 from tests.fs.mounts import labels_for, make_mounter, mounted
 from tests.image.rpull_helpers import push, unmount_state
@@ -42,10 +43,12 @@ from tests.reliability.hostile import (
     USER_UID,
     blob_of,
     euid_elf,
+    gnu_sparse_chain,
     gzip_bomb_blob,
     hostile_image_layer,
     make_canary,
     one_tib_file_blob,
+    pax_header_bomb,
     rootfs_tar,
     sparse_tar,
     tar_cases,
@@ -286,6 +289,29 @@ def test_unpack_sparse_and_huge_size_claims(tmp_path: Path) -> None:
             apply_layer(empty, io.BytesIO(blob), layer=name)
         _one_line_naming(str(ei.value), name, str(1 << 40))
         assert os.listdir(empty) == []
+
+
+def test_unpack_special_header_bombs(tmp_path: Path) -> None:
+    """Headers tarfile reads whole into memory are bounded at 1 MiB (Go's archive/tar bound):
+    a PAX header claiming 64 MiB (a 64 KiB layer: it took 23 s and 215 MB, 1 GiB took over
+    5 min) and a chain of 4096 old-GNU sparse extension blocks (447 KB of gzip with 200k
+    blocks took 98 s and 1.4 GB) are refused at once; short ones still unpack."""
+    require_root()
+    for name, layer, what in (
+        ("pax", pax_header_bomb(64 * MIB), f"PAX header of {64 * MIB} bytes"),
+        ("gnu-sparse", gnu_sparse_chain(4096), "GNU sparse extension headers"),
+    ):
+        dest = tmp_path / name
+        dest.mkdir()
+        with pytest.raises(LayerFormatError) as ei:
+            apply_layer(dest, io.BytesIO(layer), layer=name)
+        _one_line_naming(str(ei.value), f"layer {name}", what, str(MAX_SPECIAL_HEADER))
+        assert os.listdir(dest) == []
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    apply_layer(ok, io.BytesIO(pax_header_bomb(4096)), layer="small-pax")
+    apply_layer(ok, io.BytesIO(gnu_sparse_chain(100)), layer="small-sparse")
+    assert sorted(os.listdir(ok)) == ["f", "s"]
 
 
 # -------------------------------------------------------------------------------------------
