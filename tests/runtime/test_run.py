@@ -361,6 +361,16 @@ def test_detached_killed_container_and_rm_f_while_monitored(
         assert_no_trace(runtime_state, cid)
 
 
+def test_detached_start_failure_is_reported_and_cleaned_up(
+    runtime_state: Path, rootfs: Path
+) -> None:
+    p = run_rootfs(runtime_state, rootfs, "nf", ["/no/such/program"], "-d")
+    assert p.returncode != 0
+    assert "runc run -d nf failed" in p.stderr and "/no/such/program" in p.stderr
+    assert not monitors(runtime_state)
+    assert_no_trace(runtime_state, "nf")
+
+
 def test_duplicate_id(runtime_state: Path, rootfs: Path) -> None:
     p = run_rootfs(runtime_state, rootfs, "dup", ["sleep", "1000"], "-d")
     assert p.returncode == 0, p.stderr
