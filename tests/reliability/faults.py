@@ -41,6 +41,7 @@ from typing import Any
 
 from ipfsnap.config import load_config
 from ipfsnap.fs import LayerMounter
+from ipfsnap.fs.spec import read_status
 from ipfsnap.ipfs import IPFSClient
 from ipfsnap.ipfs.node import ManagedNode
 from ipfsnap.service import SnapshotterClient, connect_or_start
@@ -741,19 +742,20 @@ def fault_snapshotter_killed_in_background_fetch(setup: FaultSetup) -> FaultResu
             proxy.delay = 0.05
             mp, worker = remote_layer(svc, layer)
             reader = RandomReads(mp, layer.files)
-            reader.run(res.phase("serving"), setup.reads_of(0.2), threads=setup.threads,
-                       seed=setup.seed)
             with connect_or_start(svc.config) as client:
                 st = layer_state(client, mp)
-            res.notes.append(f"killed at {st.percent:.0f}% cached ({st.state})")
             background = st.state != "complete"
-            # the snapshotter alone (systemd's KillMode=process): its workers serve on
+            # the snapshotter alone (systemd's KillMode=process), right after the mount: the
+            # slowed background fetch has just begun; the worker serves on
             svc.kill9()
-            reader.run(res.phase("snapshotter dead, worker serving"), setup.reads_of(0.1),
-                       threads=setup.threads, seed=setup.seed + 3)
+            res.notes.append(f"snapshotter killed at {st.percent:.0f}% cached ({st.state})")
+            reader.run(res.phase("snapshotter dead, worker serving"), setup.reads_of(0.3),
+                       threads=setup.threads, seed=setup.seed)
             dead = res.phase("worker killed too, restarting")
             with reader.background(dead, setup.reads_of(0.1), threads=setup.threads,
                                    seed=setup.seed + 1):
+                wst = read_status(next((svc.state / "fs" / "workers").glob("*/status.json")))
+                res.notes.append(f"worker killed at {(wst or {}).get('percent', 0):.0f}% cached")
                 os.kill(worker, signal.SIGKILL)
                 dead.wait_reads(setup.reads_of(0.05))
                 proxy.delay = 0.0
