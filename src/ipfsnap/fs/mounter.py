@@ -13,12 +13,17 @@ Labels read (the reference's names where it has one):
 ``ipfsnap.io/ipfs.api``                          IPFS API URL to fetch from (optional; the API
                                                  of the command that asked for the layer, else
                                                  the snapshotter's configured/discovered one)
+``ipfsnap.io/layers.next``                       JSON list of the labels of the image's next
+                                                 lazy layers (optional): they are warmed up
+                                                 (TOC, prioritized range) while this one mounts
 ==============================================  ===============================================
 
 Per mountpoint a run directory ``<state>/fs/workers/<sha256(mountpoint)[:16]>`` holds
 ``spec.json``, ``status.json`` and ``worker.log``; chunks are cached in
 ``<state>/fs/cache/<layer digest hex>/``. Workers run in their own session, so they outlive
 a restart of the snapshotter; a new ``LayerMounter`` finds them again by their status file.
+A warm-up of a next layer runs ``worker --warm`` in ``<state>/fs/workers/warm-<digest
+prefix>/``. One spare worker (``worker --stdin``, imports done) waits for the next mount.
 """
 
 from __future__ import annotations
