@@ -16,8 +16,8 @@ HTTP clients silently drop.
 
 Why not h11 for bodies: it copies every byte twice through its receive buffer and costs ~3 us
 of Python per event, and receiving into a fresh ``bytes`` per ``recv`` makes the kernel
-zero-fill new pages for every body byte. On the 2-core VMs ipfsnap was measured on, a page
-fault costs ~1 ms per MiB, more than the copy itself (docs/benchmarks.md, IPFS client).
+zero-fill new pages for every body byte: on the 2-core VMs ipfsnap was measured on, page
+faults cost ~1 ms of CPU per MiB, more than the copy itself (docs/benchmarks.md, IPFS client).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 #: a connection's receive buffer: big enough that a loopback socket, which holds up to a few
 #: hundred KiB when the reader lags, is drained in one system call; allocated once per
-#: connection (pooled connections keep theirs, so its pages stay mapped)
+#: connection (pooled connections keep theirs, so its pages stay mapped); 1 MiB measured no
+#: better
 RECV_SIZE = 256 * 1024
 #: a chunk-size line is at most 16 hex digits plus an extension nobody sends: look for its end
 #: in this many bytes before trying :data:`MAX_LINE`
