@@ -208,6 +208,8 @@ class ReaderResult:
     error_count: int = 0
     #: latency of each read (open + pread + close), seconds, as array('d') bytes
     latencies: bytes = b""
+    #: when each read ended (time.monotonic()), same order, as array('d') bytes
+    ends: bytes = b""
 
 
 def reader(seed: int, mounts: dict[int, str], files: list[DataFile], deadline: float,
@@ -215,6 +217,7 @@ def reader(seed: int, mounts: dict[int, str], files: list[DataFile], deadline: f
     rng = random.Random(seed)
     res = ReaderResult()
     lat = array.array("d")
+    ends = array.array("d")
     while time.monotonic() < deadline:
         f = rng.choice(files)
         length = rng.randint(1, min(MAX_READ, f.size))
@@ -235,6 +238,7 @@ def reader(seed: int, mounts: dict[int, str], files: list[DataFile], deadline: f
                 res.errors.append(f"{path} [{offset}:+{length}]: {exc}")
             continue
         lat.append(time.perf_counter() - t0)
+        ends.append(time.monotonic())
         res.reads += 1
         res.nbytes += len(data)
         want = expected(f.layer, f.index, offset, length)
@@ -245,6 +249,7 @@ def reader(seed: int, mounts: dict[int, str], files: list[DataFile], deadline: f
             if len(res.errors) < 5:
                 res.errors.append(f"{path} [{offset}:+{length}]: wrong bytes (got {len(data)})")
     res.latencies = lat.tobytes()
+    res.ends = ends.tobytes()
     out.send(asdict(res))
     out.close()
 
@@ -365,11 +370,15 @@ def run_readers(mounts: dict[int, str], files: list[DataFile], args: argparse.Na
     sampler.stopped.set()
     sampler.join()
     lat: list[float] = []
+    steady: list[float] = []  # reads that ended after the warm-up
     for r in results:
-        a = array.array("d")
+        a, e = array.array("d"), array.array("d")
         a.frombytes(r.latencies)
+        e.frombytes(r.ends)
         lat += a.tolist()
+        steady += [x for x, end in zip(a, e, strict=True) if end - sampler.t0 >= args.warmup]
     lat.sort()
+    steady.sort()
     reads = sum(r.reads for r in results)
     total = sum(r.nbytes for r in results)
     errors = [e for r in results for e in r.errors]
@@ -381,6 +390,11 @@ def run_readers(mounts: dict[int, str], files: list[DataFile], args: argparse.Na
         "latency_p50_ms": round(percentile(lat, 0.50) * 1e3, 2),
         "latency_p99_ms": round(percentile(lat, 0.99) * 1e3, 2),
         "latency_max_ms": round((lat[-1] if lat else float("nan")) * 1e3, 1),
+        "steady_reads": len(steady),
+        "steady_reads_per_s": round(len(steady) / max(elapsed - args.warmup, 1e-9), 1),
+        "steady_latency_p50_ms": round(percentile(steady, 0.50) * 1e3, 2),
+        "steady_latency_p99_ms": round(percentile(steady, 0.99) * 1e3, 2),
+        "steady_latency_max_ms": round((steady[-1] if steady else float("nan")) * 1e3, 1),
         "errors": sum(r.error_count for r in results),
         "wrong_reads": sum(r.wrong_reads for r in results),
         "wrong_bytes": sum(r.wrong_bytes for r in results),
@@ -550,6 +564,11 @@ def table(report: dict[str, Any]) -> str:
              f"| throughput | {load['throughput_mb_s']} MB/s |",
              f"| read latency p50 / p99 / max | {load['latency_p50_ms']} / "
              f"{load['latency_p99_ms']} / {load['latency_max_ms']} ms |",
+             f"| reads after the {report['args']['warmup']:g} s warm-up | "
+             f"{load['steady_reads']} ({load['steady_reads_per_s']}/s) |",
+             f"| latency p50 / p99 / max of those | "
+             f"{load['steady_latency_p50_ms']} / {load['steady_latency_p99_ms']} / "
+             f"{load['steady_latency_max_ms']} ms |",
              f"| errors / wrong reads / wrong bytes | {load['errors']} / {load['wrong_reads']} / "
              f"{load['wrong_bytes']} |",
              f"| FUSE read requests the workers served | {load['worker_read_requests']} |"]
