@@ -109,7 +109,7 @@ def one_tib_file_blob(path: Path) -> tuple[Blob, int]:
 def gzip_bomb_blob(path: Path, inflated: int, claimed: int) -> Blob:
     """A file ``f`` whose one chunk claims ``claimed`` zero bytes, stored as a gzip member
     that inflates to ``inflated`` zero bytes."""
-    bomb = gzip.compress(bytes(inflated), compresslevel=9)
+    bomb = gzip.compress(bytes(inflated), compresslevel=1)  # ~200:1, 2.6x faster than 9
     digest = sha(bytes(claimed))
     entries: list[dict[str, Any]] = [
         {"name": "f", "type": "reg", "size": claimed, "mode": 0o644, "member": 1,
