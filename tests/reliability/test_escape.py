@@ -27,6 +27,7 @@ from ipfsnap.fs import LayerMounter
 from ipfsnap.fs.errors import LayerMountError
 from ipfsnap.fs.mounter import is_mountpoint
 from ipfsnap.fs.worker import LAZY_MAX_CHUNK_SIZE, load_tables
+from ipfsnap.image.snapshotters import snapshotter_root
 from ipfsnap.ipfs import IPFSClient
 from ipfsnap.runtime import ContainerStore
 from ipfsnap.snapshot import ESTARGZ_METADATA, apply_layer, unmount
@@ -440,6 +441,10 @@ def test_hostile_image_in_a_container(
     assert p.returncode == 0, p.stderr
     want = [f"{probe} {UNPRIVILEGED_EXIT}" for probe in ("suid", "plain", "cap")]
     assert _output(p) == want, p.stdout
+    # on the host the image's setuid files lie in the snapshots (unpacked, or FUSE-mounted
+    # with suid): only root may reach them
+    root = snapshotter_root(run_state, snapshotter)
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
     if snapshotter == "stargz":  # the layers really were served lazily
         from ipfsnap.content import ImageStore
 
