@@ -41,6 +41,7 @@ from typing import Any
 
 from ipfsnap.config import load_config
 from ipfsnap.fs import LayerMounter
+from ipfsnap.fs.errors import LayerMountError
 from ipfsnap.fs.spec import read_status
 from ipfsnap.ipfs import IPFSClient
 from ipfsnap.ipfs.node import ManagedNode
@@ -518,6 +519,15 @@ def fault_flipped_bytes(setup: FaultSetup) -> FaultResult:
         m = layer_mounter(work / "state", proxy.url, setup, background=False)
         mp = work / "mp"
         reader = RandomReads(mp, layer.files)
+        # a mount while every reply is damaged: the footer and TOC checks refuse it
+        proxy.flip_probability = 1.0
+        try:
+            with mounted(m, mp, ipfs_labels(layer.blob, layer.cid)):
+                refused = False
+        except LayerMountError as exc:
+            refused = True
+            res.notes.append(f"mount while flipping: refused: {str(exc)[-160:]}")
+        proxy.flip_probability = 0.0
         with mounted(m, mp, ipfs_labels(layer.blob, layer.cid)):
             proxy.flip_probability = 0.25
             reader.run(res.phase("flipping"), setup.reads_of(0.7), threads=setup.threads,
@@ -526,7 +536,7 @@ def fault_flipped_bytes(setup: FaultSetup) -> FaultResult:
             res.notes.append(f"{proxy.flipped} bytes flipped")
             reader.run(res.phase("clean"), setup.reads_of(0.3), threads=setup.threads,
                        seed=setup.seed + 1)
-            res.recovered = not reader.verify_all() and proxy.flipped > 0
+            res.recovered = refused and not reader.verify_all() and proxy.flipped > 0
             wlog = m.worker_dir(mp) / "worker.log"
             res.log = log_lines(wlog, "ERROR", "digest", limit=1) + \
                 log_lines(wlog, "ERROR", "EIO", limit=1)
