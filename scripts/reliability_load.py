@@ -86,6 +86,8 @@ RSS_SLACK_FRACTION = 0.10
 #: leaked per read would add hundreds
 FD_SLACK = 8
 CLI_TIMEOUT = 600.0
+#: a read this slow is recorded with its parts (open, pread, close): 10x the p99 seen here
+SLOW_READ = 3.0
 IPFS_B = "ipfs node B (info)"
 
 
@@ -210,6 +212,8 @@ class ReaderResult:
     latencies: bytes = b""
     #: when each read ended (time.monotonic()), same order, as array('d') bytes
     ends: bytes = b""
+    #: reads slower than SLOW_READ: where the time went
+    slow: list[dict[str, Any]] = field(default_factory=list)
 
 
 def reader(seed: int, mounts: dict[int, str], files: list[DataFile], deadline: float,
@@ -224,10 +228,13 @@ def reader(seed: int, mounts: dict[int, str], files: list[DataFile], deadline: f
         offset = rng.randint(0, f.size - length)
         path = os.path.join(mounts[f.layer], f.path)
         t0 = time.perf_counter()
+        t1 = t2 = t0
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
+                t1 = time.perf_counter()
                 data = os.pread(fd, length, offset)
+                t2 = time.perf_counter()
                 if evict:
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
@@ -237,8 +244,13 @@ def reader(seed: int, mounts: dict[int, str], files: list[DataFile], deadline: f
             if len(res.errors) < 5:
                 res.errors.append(f"{path} [{offset}:+{length}]: {exc}")
             continue
-        lat.append(time.perf_counter() - t0)
+        t3 = time.perf_counter()
+        lat.append(t3 - t0)
         ends.append(time.monotonic())
+        if t3 - t0 >= SLOW_READ and len(res.slow) < 20:
+            res.slow.append({"end": time.monotonic(), "path": f.path, "offset": offset,
+                             "length": length, "open_s": round(t1 - t0, 3),
+                             "pread_s": round(t2 - t1, 3), "close_s": round(t3 - t2, 3)})
         res.reads += 1
         res.nbytes += len(data)
         want = expected(f.layer, f.index, offset, length)
@@ -399,6 +411,9 @@ def run_readers(mounts: dict[int, str], files: list[DataFile], args: argparse.Na
         "wrong_reads": sum(r.wrong_reads for r in results),
         "wrong_bytes": sum(r.wrong_bytes for r in results),
         "error_samples": errors[:10],
+        "slowest_reads": sorted(
+            ({**x, "end": round(x["end"] - sampler.t0, 1)} for r in results for x in r.slow),
+            key=lambda x: -(x["open_s"] + x["pread_s"] + x["close_s"]))[:10],
         "memory": memory_figures(sampler.samples, list(pids), args.warmup, args.window, elapsed),
         "samples": sampler.samples,
     }

@@ -338,14 +338,15 @@ def test_api_token_never_logged(world: World) -> None:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    refused = Ipfsnap(world.b.state.parent / "state-refused",
+                      f"http://127.0.0.1:{server.server_address[1]}", world.b.config)
+    refused.state.mkdir(exist_ok=True)
     try:
-        refused = Ipfsnap(world.b.state.parent / "state-refused",
-                          f"http://127.0.0.1:{server.server_address[1]}", world.b.config)
-        refused.state.mkdir(exist_ok=True)
         res = refused("-vv", "image", "rpull", "--ipfs", world.cid, check=False)
         assert res.returncode != 0 and "401" in res.stderr, res
         world.outputs += [res.stdout, res.stderr]
     finally:
+        refused.teardown()  # the rpull started a snapshotter for that state dir
         server.shutdown()
         server.server_close()
     # B's own workers (running, with the token in their 0600 spec) and the daemon
