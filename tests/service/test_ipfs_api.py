@@ -4,16 +4,19 @@ fetched from that command's API, not from the API the snapshotter was started wi
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ipfsnap.fs import IPFS_API_LABEL
 from ipfsnap.image.unpack import chain_ids
-from ipfsnap.ipfs import IPFSClient
+from ipfsnap.ipfs import IPFSClient, parse_api
 from ipfsnap.service import SnapshotterClient
 from ipfsnap.snapshot import REMOTE_LABEL
 from tests.fs.layers import Item, make_tar
+from tests.fs.proxy import StallingProxy
 from tests.image.rpull_helpers import PushedImage, push
 from tests.service.conftest import Svc
 from tests.support import require_fuse
@@ -23,6 +26,19 @@ def _image(api: str, text: bytes) -> PushedImage:
     tar = make_tar([Item("data", "dir", mode=0o755), Item("data/file", "file", text)])
     with IPFSClient(api) as client:
         return push(client, [tar], [True])
+
+
+def _wait_refused(port: int) -> None:
+    """Until connects to ``port`` are refused (a closed listener can still take the
+    connections its blocked accept() thread was waiting for)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        except ConnectionRefusedError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"port {port} still accepts connections")
 
 
 def _worker_apis(state: Path) -> dict[str, str]:
@@ -71,3 +87,39 @@ def test_each_request_uses_its_own_ipfs_api(
             assert (target / "data" / "file").read_bytes() == text
         finally:
             svc.cli("image", "unmount", str(target))
+
+
+def test_a_layer_whose_api_is_gone_is_restored_from_the_snapshotters_own(
+    make_svc: Callable[..., Svc], ipfs_node: Any, tmp_path: Path
+) -> None:
+    """The request's API is kept with the snapshot; when nothing listens there any more
+    (a managed node restarted on another port), a restart serves the layer from the
+    snapshotter's own API instead of failing it."""
+    require_fuse()
+    image = _image(ipfs_node.api_url, b"served after the move\n")
+    endpoint = parse_api(ipfs_node.api_url)
+    proxy = StallingProxy((endpoint.host, endpoint.port))  # the node at another address
+    svc = make_svc()
+    try:
+        svc.cli("--ipfs-api", ipfs_node.api_url, "snapshotter")
+        res = svc.cli("--ipfs-api", proxy.url, "image", "rpull", "--ipfs", image.cid)
+        assert res.returncode == 0, res.stderr
+        chain = chain_ids(image.diff_ids)[-1]
+        with SnapshotterClient(svc.state) as client:
+            assert client.stat(chain).labels[IPFS_API_LABEL] == proxy.url
+        assert set(_worker_apis(svc.state).values()) == {proxy.url}
+        svc.cli("snapshotter", "stop")  # unmounts the layer
+    finally:
+        proxy.close()  # the address of the request is dead now
+    _wait_refused(proxy.port)
+    # restart: the remote snapshot is mounted again, from the snapshotter's own API
+    svc.cli("--ipfs-api", ipfs_node.api_url, "snapshotter")
+    assert set(_worker_apis(svc.state).values()) == {ipfs_node.api_url}
+    target = tmp_path / "mnt"
+    target.mkdir()
+    res = svc.cli("image", "mount", image.cid, str(target))
+    assert res.returncode == 0, res.stderr
+    try:
+        assert (target / "data" / "file").read_bytes() == b"served after the move\n"
+    finally:
+        svc.cli("image", "unmount", str(target))

@@ -35,6 +35,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -48,7 +49,7 @@ from ipfsnap.errors import IpfsnapError
 from ipfsnap.fs.errors import LayerMountError, WorkerSpecError
 from ipfsnap.fs.fetcher import ActivityBoard
 from ipfsnap.fs.spec import SourceSpec, WorkerSpec, read_status
-from ipfsnap.ipfs import endpoint_from_config
+from ipfsnap.ipfs import endpoint_from_config, parse_api
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ NEXT_LAYERS_LABEL = "ipfsnap.io/layers.next"
 #: next layers warmed at most per mount (the label carries at most 8)
 NEXT_LAYERS_MAX = 8
 
+#: seconds a connect to a request's IPFS API may take (loopback answers at once)
+_PROBE_TIMEOUT = 2.0
 #: seconds a ``check`` waits for the mountpoint to answer a stat
 CHECK_TIMEOUT = 5.0
 #: seconds to wait for a worker to exit after its filesystem was unmounted
@@ -86,6 +89,28 @@ def _cid_from_urls(urls: str) -> str | None:
             if cid and "/" not in cid:
                 return cid
     return None
+
+
+def _request_api(labels: Mapping[str, str]) -> str:
+    """The API the request named (:data:`IPFS_API_LABEL`) if something listens there, else "".
+
+    The label is kept with the snapshot, so a restarted snapshotter remounts the layer from
+    the same node; but that node may have moved meanwhile (a managed node gets a new port
+    each start), and then the snapshotter's own API must serve it. A TCP connect is enough
+    to tell (a refused connection is answered at once) and costs no request on the node.
+    """
+    api = labels.get(IPFS_API_LABEL, "")
+    if not api:
+        return ""
+    try:
+        endpoint = parse_api(api)
+        with socket.create_connection((endpoint.host, endpoint.port), timeout=_PROBE_TIMEOUT):
+            pass
+    except (IpfsnapError, OSError) as exc:
+        log.warning("IPFS API %s (label %s) does not answer (%s): using the snapshotter's own",
+                    api, IPFS_API_LABEL, exc)
+        return ""
+    return api
 
 
 def is_mountpoint(path: Path) -> bool:
@@ -196,7 +221,7 @@ class LayerMounter:
             if cid is None:
                 raise WorkerSpecError(f"layer {layer}: no ipfs:// url in label {URLS_LABEL}")
             # per request: a long-lived snapshotter serves commands with different APIs
-            api = labels.get(IPFS_API_LABEL) or self.config.ipfs_api
+            api = _request_api(labels) or self.config.ipfs_api
             if not api:
                 api = self._discover_api()
             source = SourceSpec(kind="ipfs", api=api, cid=cid, auth=self.config.ipfs_auth or "")
