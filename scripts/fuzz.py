@@ -33,7 +33,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.fuzz.targets import CORPUS_DIR, CRASHES_DIR, TARGETS  # noqa: E402
+from tests.fuzz.targets import (  # noqa: E402
+    CORPUS_DIR,
+    CRASHES_DIR,
+    SANDBOX_ENV,
+    TARGETS,
+    default_sandbox_parent,
+)
 
 #: address-space cap of a fuzz process: generous for CPython + libFuzzer (~0.5 GiB), far
 #: below what an unbounded decompression would take
@@ -62,6 +68,20 @@ def _limits() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
 
+def _child(cmd: list[str], log: Path) -> int:
+    """Run a fuzz process under the limits, output to ``log``, in a scratch directory of
+    its own that is removed afterwards (also when libFuzzer killed it)."""
+    sandbox = tempfile.mkdtemp(prefix="ipfsnap-fuzz-", dir=default_sandbox_parent())
+    try:
+        with open(log, "wb") as out:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                  preexec_fn=_limits, check=False,
+                                  env={**os.environ, SANDBOX_ENV: sandbox})
+        return proc.returncode
+    finally:
+        shutil.rmtree(sandbox, ignore_errors=True)
+
+
 def run_target(name: str, args: argparse.Namespace, work: Path) -> Result:
     twork = work / name
     report = twork / "report.json"
@@ -75,9 +95,7 @@ def run_target(name: str, args: argparse.Namespace, work: Path) -> Result:
     ]
     log = twork / "libfuzzer.log"
     t0 = time.monotonic()
-    with open(log, "wb") as out:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                              preexec_fn=_limits, check=False)
+    returncode = _child(cmd, log)
     res = Result(name, seconds=round(time.monotonic() - t0, 1))
     stats: dict[str, Any] = json.loads(report.read_text()) if report.exists() else {}
     res.cases = int(stats.get("cases", 0))
@@ -86,7 +104,7 @@ def run_target(name: str, args: argparse.Namespace, work: Path) -> Result:
         res.findings.append({"key": key, **f})
     if res.crashes:
         res.status = "crashed"
-    if proc.returncode != 0 or not stats.get("done"):
+    if returncode != 0 or not stats.get("done"):
         # libFuzzer stopped the process: a hang or memory blow-up left an artifact
         artifacts = sorted((twork / "crashes").glob("[a-z]*-*"))
         kinds = [a.name.split("-")[0] for a in artifacts if not a.name.startswith("finding-")]
@@ -111,9 +129,7 @@ def keep(name: str, args: argparse.Namespace, twork: Path) -> None:
     merged = twork / "merged"
     cmd = [sys.executable, "-m", "tests.fuzz.atheris_main", name, "--report",
            str(twork / "merge.json"), "--work", str(twork), "--merge-into", str(merged)]
-    with open(twork / "merge.log", "wb") as out:
-        subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                       preexec_fn=_limits, check=False)
+    _child(cmd, twork / "merge.log")
     dest = CORPUS_DIR / name
     seeds = {p.read_bytes() for p in dest.glob("seed-*")}
     for old in dest.iterdir():

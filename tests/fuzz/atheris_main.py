@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> None:
         lf += libfuzzer_extra
     elif args.merge_into:
         args.merge_into.mkdir(parents=True, exist_ok=True)
-        lf += ["-merge=1", str(args.merge_into), str(corpus)]
+        # the kept corpus and this run's new inputs, minimised together
+        lf += ["-merge=1", str(args.merge_into), str(targets.CORPUS_DIR / target.name),
+               str(corpus)]
     else:
         lf += [str(corpus), str(targets.CORPUS_DIR / target.name)]
     atheris.Setup(lf, one)

@@ -315,12 +315,23 @@ def fuzz_build(data: bytes) -> None:
 
 
 # -- the snapshot unpacker ---------------------------------------------------------------
+#: environment variable naming the directory the file-writing targets work in
+SANDBOX_ENV = "IPFSNAP_FUZZ_SANDBOX"
+
+
+def default_sandbox_parent() -> str | None:
+    """/dev/shm (tmpfs) when writable, else the system temp dir (None)."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
 @functools.cache
 def _sandbox() -> Path:
     """A private directory: ``box/fs`` is the snapshot root, ``canary`` must never change."""
-    # tmpfs when there is one: a case creates and removes files, ~20x faster than on disk
-    shm = Path("/dev/shm")
-    where = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+    # scripts/fuzz.py gives each process a directory it removes after the process ends
+    # (also after libFuzzer killed it on a hang); else tmpfs when there is one: a case
+    # creates and removes files, ~20x faster than on disk
+    where = os.environ.get(SANDBOX_ENV) or default_sandbox_parent()
     base = Path(tempfile.mkdtemp(prefix="ipfsnap-fuzz-", dir=where))
     (base / "canary" / "sub").mkdir(parents=True)
     (base / "canary" / "secret").write_bytes(b"secret")
