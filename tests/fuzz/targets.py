@@ -15,7 +15,6 @@ import functools
 import gzip
 import hashlib
 import io
-import json
 import os
 import shutil
 import tempfile
@@ -60,6 +59,7 @@ from ipfsnap.ipfs.multiaddr import discover_api, parse_api
 from ipfsnap.ipfs.pnet import ENCODINGS, PSK_HEADER, read_swarm_key
 from ipfsnap.oci import (
     Descriptor,
+    canonical_json,
     load_json,
     parse_config,
     parse_document,
@@ -327,14 +327,15 @@ def default_sandbox_parent() -> str | None:
 
 @functools.cache
 def _sandbox() -> Path:
-    """A private directory: ``box/fs`` is the snapshot root, ``canary`` must never change."""
+    """A private directory: ``apply/box/fs`` is the unpack root and ``apply/canary`` must
+    never change (``snapshot_apply``); ``files/`` holds the file targets' inputs."""
     # scripts/fuzz.py gives each process a directory it removes after the process ends
     # (also after libFuzzer killed it on a hang); else tmpfs when there is one: a case
     # creates and removes files, ~20x faster than on disk
     where = os.environ.get(SANDBOX_ENV) or default_sandbox_parent()
     base = Path(tempfile.mkdtemp(prefix="ipfsnap-fuzz-", dir=where))
-    (base / "canary" / "sub").mkdir(parents=True)
-    (base / "canary" / "secret").write_bytes(b"secret")
+    (base / "apply" / "canary" / "sub").mkdir(parents=True)
+    (base / "apply" / "canary" / "secret").write_bytes(b"secret")
     return base
 
 
@@ -347,7 +348,7 @@ def remove_sandbox() -> None:
 def fuzz_apply(data: bytes) -> None:
     """apply_layer (the full-fetch unpacker, as root) on a hostile layer: it unpacks or
     raises an ipfsnap error, leaves nothing behind on error, writes nothing outside."""
-    base = _sandbox()
+    base = _sandbox() / "apply"
     dest = base / "box" / "fs"
     if dest.exists():
         shutil.rmtree(dest)
@@ -367,7 +368,8 @@ def fuzz_apply(data: bytes) -> None:
 # -- OCI ---------------------------------------------------------------------------------
 def fuzz_oci_descriptor(data: bytes) -> None:
     d = Descriptor.from_dict(load_json(data, "fuzz"), "fuzz")
-    again = Descriptor.from_dict(json.loads(json.dumps(d.to_dict())), "fuzz")
+    # written back as ipfsnap writes documents (canonical JSON), then read again
+    again = Descriptor.from_dict(load_json(canonical_json(d.to_dict()), "fuzz"), "fuzz")
     expect(again == d, "descriptor does not round-trip")
 
 
