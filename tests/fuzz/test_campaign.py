@@ -1,6 +1,5 @@
 """The fuzz campaign at CI size: every target under atheris for its ``ci_cases`` inputs
-(100,000, the full campaign's size, where that takes seconds; fewer for the targets that
-decompress or unpack), failing on any crash, hang or memory blow-up.
+(100,000 each: the full campaign), failing on any crash, hang or memory blow-up.
 
 The full campaign (100,000 inputs per target) is ``scripts/fuzz.py --cases 100000``; its
 figures are in docs/reliability.md."""
@@ -21,7 +20,7 @@ from tests.fuzz.targets import TARGETS
 from tests.support import ROOT, require, require_root
 
 
-# a guard against a stuck run only: ~3 minutes on an idle 2-core machine, ~8 when shared
+# a guard against a stuck run only: ~5 minutes on an idle 2-core machine, far more when shared
 @pytest.mark.timeout(1800)
 def test_fuzz_campaign_ci_size(tmp_path: Path) -> None:
     require_root()  # snapshot_apply creates device nodes and chowns
