@@ -23,7 +23,14 @@ Per mountpoint a run directory ``<state>/fs/workers/<sha256(mountpoint)[:16]>`` 
 ``<state>/fs/cache/<layer digest hex>/``. Workers run in their own session, so they outlive
 a restart of the snapshotter; a new ``LayerMounter`` finds them again by their status file.
 A warm-up of a next layer runs ``worker --warm`` in ``<state>/fs/workers/warm-<digest
-prefix>/``. One spare worker (``worker --stdin``, imports done) waits for the next mount.
+prefix>/``, holding the layer's warm-up lock, and leaves the layer's parsed TOC in
+``<state>/fs/cache/.tables/`` for the layer's worker to adopt (fs/tablecache.py: one TOC
+parse per layer, off the mount path; a worker whose layer is still warming waits for it). A
+layer's stored tables are removed when it is unmounted. One spare worker (``worker
+--stdin``, imports done) waits for the next mount.
+
+``IPFSNAP_TOC_CACHE`` (environment of the snapshotter; benchmarks only) sets the workers'
+``toc_cache`` mode: ``wait`` (default), ``adopt`` or ``off`` (see ``WorkerSpec``).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from ipfsnap.errors import IpfsnapError
 from ipfsnap.fs.errors import LayerMountError, WorkerSpecError
 from ipfsnap.fs.fetcher import ActivityBoard
 from ipfsnap.fs.spec import SourceSpec, WorkerSpec, read_status
+from ipfsnap.fs.tablecache import TableCache
 from ipfsnap.ipfs import endpoint_from_config, parse_api
 
 log = logging.getLogger(__name__)
@@ -72,6 +80,8 @@ _PROBE_TIMEOUT = 2.0
 CHECK_TIMEOUT = 5.0
 #: seconds to wait for a worker to exit after its filesystem was unmounted
 EXIT_TIMEOUT = 10.0
+#: environment variable naming the workers' parsed-TOC cache mode (benchmarks)
+TOC_CACHE_ENV = "IPFSNAP_TOC_CACHE"
 
 
 def _is_digest(value: str) -> bool:
@@ -163,6 +173,9 @@ class LayerMounter:
         self.config = config
         self.run_dir = run_dir or config.state_dir / "fs" / "workers"
         self.cache_root = cache_root or config.state_dir / "fs" / "cache"
+        #: parsed TOCs handed from warm-ups to workers (fs/tablecache.py)
+        self.tables = TableCache(self.cache_root)
+        self.toc_cache = os.environ.get(TOC_CACHE_ENV, "") or "wait"
         self.python = python
         # opening the TOC and prefetching are each bounded; allow both plus start-up
         self.ready_timeout = ready_timeout if ready_timeout is not None else (
@@ -263,6 +276,7 @@ class LayerMounter:
             prefetch_concurrency=max(1, cfg.prefetch_concurrency),
             silence_period=cfg.background_fetch.silence_period_msec / 1000.0,
             fetch_period=cfg.background_fetch.fetch_period_msec / 1000.0,
+            toc_cache=self.toc_cache,
         )
         for key, value in self.extra.items():
             if not hasattr(spec, key):
@@ -280,6 +294,7 @@ class LayerMounter:
     # -- RemoteFileSystem -----------------------------------------------------------------
     def mount(self, mountpoint: Path, labels: Mapping[str, str]) -> None:
         mountpoint = Path(os.path.abspath(mountpoint))
+        t0 = time.monotonic()
         self.reap()
         spec = self.spec_for(mountpoint, labels)
         self.warm(labels.get(NEXT_LAYERS_LABEL, ""), labels)
@@ -333,8 +348,8 @@ class LayerMounter:
                 if board is not None:
                     with contextlib.suppress(OSError):
                         board.mark()
-                log.info("layer %s mounted lazily at %s (pid %d)", spec.layer, mountpoint,
-                         proc.pid)
+                log.info("layer %s mounted lazily at %s in %.2f s (pid %d)", spec.layer,
+                         mountpoint, time.monotonic() - t0, proc.pid)
                 return
             code = proc.poll()
             if state == "failed" or code is not None:
@@ -379,6 +394,16 @@ class LayerMounter:
         mountpoint = Path(os.path.abspath(mountpoint))
         st = self.status(mountpoint)
         pid = int(st.get("pid", 0)) if st else 0
+        layer = str(st.get("layer", "")) if st else ""
+        try:
+            self._unmount(mountpoint, pid)
+        finally:
+            # the layer's parsed TOC goes with its mount (the snapshot store unmounts a
+            # layer when its snapshot is removed)
+            if _is_digest(layer):
+                self.tables.remove_layer(layer)
+
+    def _unmount(self, mountpoint: Path, pid: int) -> None:
         with self._lock:
             proc = self._procs.pop(str(mountpoint), None)
         if is_mountpoint(mountpoint):
@@ -436,9 +461,12 @@ class LayerMounter:
         wdir = self.run_dir / ("warm-" + digest.partition(":")[2][:16])
         spec = self.spec_for(wdir / "unused-mountpoint", labels)
         cache = Path(spec.cache_dir)
-        with contextlib.suppress(OSError):
-            if cache.is_dir() and any(os.scandir(cache)):
-                return  # fetched before (an earlier pull or a restart): nothing to gain
+        if spec.toc_cache == "off":
+            with contextlib.suppress(OSError):
+                if cache.is_dir() and any(os.scandir(cache)):
+                    return  # fetched before (an earlier pull or a restart): nothing to gain
+        elif self.tables.path(spec.layer, spec.toc_digest).exists():
+            return  # warmed before (its tables are stored): nothing to gain
         wdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         cache.mkdir(parents=True, exist_ok=True, mode=0o700)
         spec.status_path = str(wdir / "status.json")
@@ -446,15 +474,28 @@ class LayerMounter:
         fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(spec.to_json())
+        # the warm-up lock is taken here and inherited by the warm-up, so a worker of this
+        # layer that starts before the warm-up process runs still sees it (tablecache doc)
+        lock_fd: int | None = None
+        if spec.toc_cache != "off":
+            lock_fd = self.tables.lock_warm(spec.layer)
+            if lock_fd is None:
+                log.info("layer %s: already warming (another process)", digest)
+                return
         logfile = open(wdir / "worker.log", "ab")  # noqa: SIM115 - handed to the child
         try:
+            argv = [self.python, "-m", "ipfsnap.fs.worker", "--warm", str(spec_path)]
+            if lock_fd is not None:
+                argv += ["--lock-fd", str(lock_fd)]
             proc = subprocess.Popen(
-                [self.python, "-m", "ipfsnap.fs.worker", "--warm", str(spec_path)],
-                stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
+                argv, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
                 start_new_session=True, close_fds=True, cwd="/",
+                pass_fds=() if lock_fd is None else (lock_fd,),
             )
         finally:
             logfile.close()
+            if lock_fd is not None:
+                os.close(lock_fd)  # the warm-up holds the lock now (or nobody, if it failed)
         with self._lock:
             self._warming[digest] = proc
         log.info("warming up layer %s (pid %d)", digest, proc.pid)

@@ -88,6 +88,10 @@ class WorkerSpec:
     direct_io: bool = False
     #: extra FUSE mount options
     fuse_options: list[str] = field(default_factory=list)
+    #: parsed-TOC cache (fs/tablecache.py): "wait" = adopt the tables a warm-up stored,
+    #: waiting for a warm-up still running; "adopt" = adopt stored tables, never wait
+    #: (parse in parallel; for measurements); "off" = always parse, store nothing
+    toc_cache: str = "wait"
     log_level: str = "INFO"
 
     def to_json(self) -> str:
@@ -109,6 +113,8 @@ class WorkerSpec:
             raise WorkerSpecError(f"layer worker spec: invalid: {exc}") from None
         if spec.source.kind not in ("file", "ipfs"):
             raise WorkerSpecError(f"layer worker spec: unknown source kind {spec.source.kind!r}")
+        if spec.toc_cache not in ("wait", "adopt", "off"):
+            raise WorkerSpecError(f"layer worker spec: bad toc_cache {spec.toc_cache!r}")
         if not spec.toc_digest.startswith("sha256:"):
             raise WorkerSpecError(f"layer worker spec: bad toc_digest {spec.toc_digest!r}")
         return spec

@@ -43,6 +43,7 @@ from ipfsnap.fs.layer import LayerStatus, LayerTables, LazyLayer
 from ipfsnap.fs.ops import LayerOperations
 from ipfsnap.fs.source import BlobSource, IPFSSource, LocalFileSource
 from ipfsnap.fs.spec import WorkerSpec, write_json_atomic
+from ipfsnap.fs.tablecache import TableCache, TableKey, limits_key
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +93,53 @@ def load_tables(spec: WorkerSpec) -> LayerTables:
         source.close()
 
 
+def table_cache_of(spec: WorkerSpec) -> tuple[TableCache, TableKey] | None:
+    """The parsed-TOC cache of the spec's layer (fs/tablecache.py), None when it is off."""
+    if spec.toc_cache == "off" or not spec.layer:
+        return None
+    try:
+        cache = TableCache(Path(spec.cache_dir).parent)
+        key = TableKey(spec.layer, spec.toc_digest, limits_key(limits_of(spec)))
+        cache.path(key.layer, key.toc_digest)  # both digests well formed
+    except ValueError as exc:
+        log.warning("layer %s: no parsed-TOC cache: %s", spec.layer, exc)
+        return None
+    return cache, key
+
+
+def adopt_tables(spec: WorkerSpec) -> LayerTables | None:
+    """The tables a warm-up of this layer stored, or None (then the caller parses).
+
+    With ``toc_cache = "wait"`` a warm-up still running is waited for (see tablecache's
+    module doc for why), at most ``fetching_timeout_sec + prefetch_timeout_sec`` seconds."""
+    found = table_cache_of(spec)
+    if found is None:
+        return None
+    cache, key = found
+    if spec.toc_cache == "wait" and cache.warming(key.layer):
+        t0 = time.monotonic()
+        bound = spec.fetching_timeout_sec + spec.prefetch_timeout_sec
+        log.info("layer %s: its warm-up is running: waiting for it (at most %g s)", key.layer,
+                 bound)
+        done = cache.wait_warm(key.layer, bound)
+        log.info("layer %s: waited %.2f s for its warm-up%s", key.layer,
+                 time.monotonic() - t0, "" if done else f" (still running after {bound:g} s)")
+    tables = cache.load(key)
+    if tables is not None and spec.blob_size is not None and tables.blob_size != spec.blob_size:
+        log.warning("layer %s: stored tables are for a %d-byte blob, not %d: parsing the TOC",
+                    key.layer, tables.blob_size, spec.blob_size)
+        return None
+    return tables
+
+
 def load_tables_isolated(spec: WorkerSpec) -> LayerTables:
     """:func:`load_tables` in a forked child, which pickles the result back.
 
     The parsed TOC of a big layer is several times larger than the tables kept (for 100k
     entries ~260 MiB at its peak vs ~65 MiB); CPython cannot give that fragmented heap back
-    to the OS, so parsing in a short-lived child keeps the long-lived worker small.
+    to the OS, so parsing in a short-lived child keeps the long-lived worker small. The child
+    also leaves the pickled tables in the parsed-TOC cache (after sending them), so a remount
+    of the layer (a snapshotter restarted after a crash) adopts them instead of parsing.
     """
     r, w = os.pipe()
     pid = os.fork()
@@ -105,16 +147,21 @@ def load_tables_isolated(spec: WorkerSpec) -> LayerTables:
         code = 0
         try:
             os.close(r)
-            payload: tuple[str, object]
+            payload = b""
             try:
-                payload = ("ok", load_tables(spec))
+                payload = pickle.dumps(load_tables(spec), protocol=pickle.HIGHEST_PROTOCOL)
+                reply = b"T" + payload
             except IpfsnapError as exc:
-                payload = ("error", str(exc))
+                reply = b"E" + str(exc).encode("utf-8", "replace")
             except Exception as exc:
                 log.exception("parsing the TOC failed")
-                payload = ("error", f"unexpected error: {exc!r}")
+                reply = b"E" + f"unexpected error: {exc!r}".encode("utf-8", "replace")
             with os.fdopen(w, "wb") as f:
-                pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
+                f.write(reply)
+            del reply
+            found = table_cache_of(spec) if payload else None
+            if found is not None:
+                found[0].store_payload(found[1], payload)
         except BaseException:
             code = 1
         finally:
@@ -125,16 +172,18 @@ def load_tables_isolated(spec: WorkerSpec) -> LayerTables:
     _, status = os.waitpid(pid, 0)
     if not data:
         raise LayerMountError(f"layer {spec.layer}: TOC parser process died (status {status})")
-    kind, value = pickle.loads(data)
-    if kind != "ok":
-        raise LayerMountError(str(value))
+    if data[:1] != b"T":
+        raise LayerMountError(data[1:].decode("utf-8", "replace"))
+    value = pickle.loads(memoryview(data)[1:])
     assert isinstance(value, LayerTables)
     return value
 
 
-def open_lazy_layer(spec: WorkerSpec, source: BlobSource, *, isolated: bool = True
-                    ) -> LazyLayer:
-    tables = load_tables_isolated(spec) if isolated else load_tables(spec)
+def open_lazy_layer(spec: WorkerSpec, source: BlobSource, *, isolated: bool = True,
+                    tables: LayerTables | None = None) -> LazyLayer:
+    """The layer of ``spec``: from ``tables`` when given, else from a parse of its TOC."""
+    if tables is None:
+        tables = load_tables_isolated(spec) if isolated else load_tables(spec)
     # the cache root (parent of the layer directories) is shared by all workers: the limit
     # bounds their total
     cache = ChunkCache(Path(spec.cache_dir), limit=spec.cache_size_limit)
@@ -191,12 +240,15 @@ class Worker:
         try:
             source = make_source(spec)
             self.status.source = source.name
-            self.layer = open_lazy_layer(spec, source)
+            tables = adopt_tables(spec)
+            how = "adopted from the parsed-TOC cache" if tables is not None else \
+                "opened and verified"
+            self.layer = open_lazy_layer(spec, source, tables=tables)
         except IpfsnapError as exc:
             return self.fail(f"layer {spec.layer or spec.mountpoint}: cannot open: {exc}")
         # timings for cold-start analysis (hello_bench --keep-logs collects these logs)
-        log.info("%s: TOC opened and verified in %.2f s: %d entries, %d bytes of chunks, "
-                 "%d cached", source.name, time.monotonic() - t0, len(self.layer.table),
+        log.info("%s: TOC %s in %.2f s: %d entries, %d bytes of chunks, %d cached",
+                 source.name, how, time.monotonic() - t0, len(self.layer.table),
                  self.layer.chunk_bytes, self.layer.cached_bytes)
         try:
             return trio.run(self._serve, self.layer)
@@ -249,22 +301,46 @@ class Worker:
                      st.neighbour_chunks, st.background_calls, st.background_bytes)
         return 0
 
-    def warm(self) -> int:
+    def warm(self, lock_fd: int | None = None) -> int:
         """``--warm``: open the layer and prefetch its prioritized range into the chunk
         cache, without mounting, then exit. The mounter runs this for the next layers of a
         pull while the current one mounts: their TOC blocks and prioritized chunks are then
         local when their own worker starts (one layer's mount no longer waits for the
-        previous layers' network round trips)."""
+        previous layers' network round trips), and the parsed TOC is left in the parsed-TOC
+        cache for the worker to adopt (fs/tablecache.py).
+
+        ``lock_fd``: the layer's warm-up lock, taken by the mounter and inherited; held
+        until this process exits. Without it the lock is taken here (and if another warm-up
+        of the layer holds it, there is nothing to do)."""
         spec = self.spec
         t0 = time.monotonic()
+        found = table_cache_of(spec)
+        if found is not None and lock_fd is None:
+            try:
+                lock_fd = found[0].lock_warm(found[1].layer)
+            except OSError as exc:
+                log.warning("warm-up of %s: cannot take its lock: %s", spec.layer, exc)
+            else:
+                if lock_fd is None:
+                    log.info("warm-up of %s: another warm-up runs", spec.layer)
+                    return 0
         try:
             source = make_source(spec)
         except IpfsnapError as exc:
             log.warning("warm-up of %s: %s", spec.layer, exc)
             return 1
         try:
-            # short-lived: no need to parse the TOC in a child
-            layer = open_lazy_layer(spec, source, isolated=False)
+            tables = found[0].load(found[1]) if found is not None else None
+            if tables is None:
+                # short-lived: no need to parse the TOC in a child
+                tables = load_tables(spec)
+                t1 = time.monotonic()
+                if found is not None:
+                    found[0].store(found[1], tables)
+                log.info("warm-up of %s: TOC opened and verified in %.2f s, tables stored in "
+                         "%.2f s", spec.layer, t1 - t0, time.monotonic() - t1)
+            layer = open_lazy_layer(spec, source, tables=tables)
+            del tables
             end = 0 if spec.noprefetch else (layer.prefetch_end or spec.prefetch_size)
             if end > 0:
                 trio.run(layer.prefetch, min(end, layer.blob_size), spec.prefetch_timeout_sec)
@@ -326,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="spare: import everything, then wait for the spec path on stdin")
     parser.add_argument("--warm", action="store_true",
                         help="open the layer and prefetch into the cache, do not mount")
+    parser.add_argument("--lock-fd", type=int, default=None,
+                        help="with --warm: inherited descriptor holding the warm-up lock")
     args = parser.parse_args(argv)
     spec_path: Path | None = args.spec
     if args.stdin:
@@ -345,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if args.warm:
-        return Worker(spec).warm()
+        return Worker(spec).warm(args.lock_fd)
     return Worker(spec).run()
 
 

@@ -1,0 +1,283 @@
+"""Parsed-TOC cache (fs/tablecache.py): a warm-up's tables adopted by the layer's worker.
+
+Real FUSE mounts (root, /dev/fuse) through LayerMounter; the refusal cases are also checked
+directly on TableCache (fast), and two of them through a real mount."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from ipfsnap.config import Config
+from ipfsnap.fs.mounter import NEXT_LAYERS_LABEL, LayerMounter
+from ipfsnap.fs.spec import WorkerSpec
+from ipfsnap.fs.tablecache import FORMAT_VERSION, TableCache, TableKey
+from ipfsnap.fs.worker import adopt_tables, load_tables, table_cache_of
+from tests.fs.layers import Blob, Item, build_blob, every_type_items, expected_tree, snapshot_tree
+from tests.fs.mounts import labels_for, make_mounter, mounted, wait_status
+from tests.support import require_fuse
+
+
+def tree_with_times(root: Path) -> dict[str, tuple[object, ...]]:
+    """:func:`snapshot_tree` plus every entry's mtime and size."""
+    out = snapshot_tree(root)
+    for rel in [k for k in out if not k.endswith("#xattrs")]:
+        st = os.lstat(root / rel if rel else root)
+        out[rel + "#times"] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+def worker_log(m: LayerMounter, mp: Path) -> str:
+    try:
+        return (m.worker_dir(mp) / "worker.log").read_text()
+    except FileNotFoundError:
+        return ""
+
+
+def plain_mounter(state: Path) -> LayerMounter:
+    """A mounter for specs only (no spare worker)."""
+    return LayerMounter(Config(state_dir=state), spare=False)
+
+
+def spec_of(m: LayerMounter, blob: Blob, mp: Path) -> WorkerSpec:
+    return m.spec_for(mp, labels_for(blob))
+
+
+def other_blob(tmp_path: Path) -> Blob:
+    return build_blob([Item("other", "file", b"another layer\n")], tmp_path / "other.blob")
+
+
+def warm_next(m: LayerMounter, first: Blob, nxt: Blob, mp: Path) -> None:
+    """Mount ``first`` with ``nxt`` as its next layer and wait for nxt's warm-up to end."""
+    labels = {**labels_for(first), NEXT_LAYERS_LABEL: json.dumps([labels_for(nxt)])}
+    with mounted(m, mp, labels):
+        assert m._warming[nxt.digest].wait(120) == 0
+
+
+def test_warm_up_tables_are_adopted_and_give_the_parsed_tree(every_type_blob: Blob,
+                                                             tmp_path: Path) -> None:
+    require_fuse()
+    # the reference: the same layer mounted from a fresh parse (cache off)
+    ref_m = make_mounter(tmp_path / "ref-state", background=False, toc_cache="off")
+    ref_mp = tmp_path / "ref"
+    try:
+        with mounted(ref_m, ref_mp, labels_for(every_type_blob)):
+            fresh = tree_with_times(ref_mp)
+        assert "adopted" not in worker_log(ref_m, ref_mp)
+        assert not (ref_m.cache_root / ".tables").exists()  # off: nothing stored
+    finally:
+        ref_m.close()
+    assert {k: v for k, v in fresh.items() if "#times" not in k} == \
+        expected_tree(every_type_items())
+
+    m = make_mounter(tmp_path / "state", background=False)
+    try:
+        warm_next(m, other_blob(tmp_path), every_type_blob, tmp_path / "first")
+        path = m.tables.path(every_type_blob.digest, every_type_blob.toc_digest)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        # the unmount of the first layer removed its own tables (its worker stored them)
+        assert [p.name for p in path.parent.glob("*.tables")] == [path.name]
+        mp = tmp_path / "mp"
+        with mounted(m, mp, labels_for(every_type_blob)):
+            text = worker_log(m, mp)
+            assert "adopted from the parsed-TOC cache" in text
+            assert "opened and verified" not in text  # no parse in this worker
+            assert tree_with_times(mp) == fresh
+            assert path.exists()
+        # removed with the layer's mount (and its lock file, no warm-up holds it)
+        assert not path.exists()
+        assert not m.tables.lock_path(every_type_blob.digest).exists()
+    finally:
+        m.close()
+
+
+def test_adopted_tables_equal_a_fresh_parse(every_type_blob: Blob, tmp_path: Path) -> None:
+    m = plain_mounter(tmp_path / "state")
+    spec = spec_of(m, every_type_blob, tmp_path / "mp")
+    found = table_cache_of(spec)
+    assert found is not None
+    cache, key = found
+    parsed = load_tables(spec)
+    assert cache.store(key, parsed)
+    adopted = adopt_tables(spec)
+    assert adopted is not None and adopted is not parsed
+    assert adopted.table.__getstate__() == parsed.table.__getstate__()
+    assert list(adopted.chunk_table) == list(parsed.chunk_table)
+    assert (adopted.compression, adopted.blob_size, adopted.prefetch_end) == \
+        (parsed.compression, parsed.blob_size, parsed.prefetch_end)
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-50] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _header(path: Path, **changes: object) -> None:
+    data = path.read_bytes()
+    nl = data.index(b"\n")
+    header = json.loads(data[:nl])
+    header.update(changes)
+    path.write_bytes(json.dumps(header).encode() + data[nl:])
+
+
+def _mode(path: Path) -> None:
+    path.chmod(0o644)
+
+
+CORRUPTIONS = {
+    "truncated": (_truncate, "truncated"),
+    "flipped byte": (_flip, "does not match its sha256"),
+    "wrong version": (lambda p: _header(p, version=FORMAT_VERSION + 1), "version"),
+    "other code": (lambda p: _header(p, code="0" * 16), "code"),
+    "other limits": (lambda p: _header(p, limits="1/2/3/4"), "limits"),
+    "not ours": (_mode, "not ours and 0600"),
+    "garbage": (lambda p: p.write_bytes(b"\x80\x04garbage"), "no header line"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_bad_tables_files_are_refused(kind: str, every_type_blob: Blob, tmp_path: Path,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    m = plain_mounter(tmp_path / "state")
+    spec = spec_of(m, every_type_blob, tmp_path / "mp")
+    found = table_cache_of(spec)
+    assert found is not None
+    cache, key = found
+    assert cache.store(key, load_tables(spec))
+    path = cache.path(key.layer, key.toc_digest)
+    corrupt, why = CORRUPTIONS[kind]
+    corrupt(path)
+    caplog.set_level("WARNING", logger="ipfsnap.fs.tablecache")
+    assert adopt_tables(spec) is None
+    assert why in caplog.text and "refused" in caplog.text
+    assert not path.exists()  # dropped: the next store writes a good one
+
+
+def test_tables_of_another_toc_are_never_used(every_type_blob: Blob, tmp_path: Path) -> None:
+    m = plain_mounter(tmp_path / "state")
+    other = other_blob(tmp_path)
+    other_spec = spec_of(m, other, tmp_path / "o")
+    spec = spec_of(m, every_type_blob, tmp_path / "mp")
+    found, other_found = table_cache_of(spec), table_cache_of(other_spec)
+    assert found is not None and other_found is not None
+    cache, key = found
+    # valid tables of another layer/TOC, placed under this layer's name
+    assert cache.store(other_found[1], load_tables(other_spec))
+    cache.path(other_found[1].layer, other_found[1].toc_digest).rename(
+        cache.path(key.layer, key.toc_digest))
+    assert adopt_tables(spec) is None
+    # the same layer digest with another TOC digest: another file name, not found
+    assert cache.store(key, load_tables(spec))
+    moved = TableKey(key.layer, "sha256:" + "1" * 64, key.limits)
+    assert cache.load(moved) is None
+    assert cache.load(key) is not None
+
+
+@pytest.mark.parametrize("kind", ["flipped byte", "other toc"])
+def test_layer_mounts_from_a_fresh_parse_after_a_refused_file(
+        kind: str, every_type_blob: Blob, tmp_path: Path) -> None:
+    require_fuse()
+    m = make_mounter(tmp_path / "state", background=False)
+    try:
+        spec = spec_of(m, every_type_blob, tmp_path / "mp")
+        found = table_cache_of(spec)
+        assert found is not None
+        cache, key = found
+        path = cache.path(key.layer, key.toc_digest)
+        if kind == "other toc":
+            other = other_blob(tmp_path)
+            ospec = spec_of(m, other, tmp_path / "o")
+            ofound = table_cache_of(ospec)
+            assert ofound is not None
+            assert cache.store(ofound[1], load_tables(ospec))
+            cache.path(ofound[1].layer, ofound[1].toc_digest).rename(path)
+        else:
+            assert cache.store(key, load_tables(spec))
+            _flip(path)
+        mp = tmp_path / "mp"
+        with mounted(m, mp, labels_for(every_type_blob)):
+            text = worker_log(m, mp)
+            assert "refused" in text and "opened and verified" in text
+            assert snapshot_tree(mp) == expected_tree(every_type_items())
+            # the worker's own parse stored good tables in its place
+            assert cache.load(key) is not None
+    finally:
+        m.close()
+
+
+def test_worker_waits_for_a_running_warm_up(every_type_blob: Blob, tmp_path: Path) -> None:
+    require_fuse()
+    m = make_mounter(tmp_path / "state", background=False)
+    try:
+        spec = spec_of(m, every_type_blob, tmp_path / "mp")
+        found = table_cache_of(spec)
+        assert found is not None
+        cache, key = found
+        # this test plays the warm-up: it holds the lock while it parses
+        lock = cache.lock_warm(key.layer)
+        assert lock is not None
+        assert cache.lock_warm(key.layer) is None  # a second warm-up is refused
+        mp = tmp_path / "mp"
+        errors: list[BaseException] = []
+
+        def mount() -> None:
+            try:
+                m.mount(mp, labels_for(every_type_blob))
+            except BaseException as exc:  # reported by the test thread
+                errors.append(exc)
+
+        t = threading.Thread(target=mount, daemon=True)
+        t.start()
+        try:
+            # the worker saw the warm-up and waits (no parse of its own meanwhile)
+            wait_status(m, mp, lambda s: "waiting" in worker_log(m, mp), timeout=60)
+            assert "opened and verified" not in worker_log(m, mp)
+            assert t.is_alive()
+            assert cache.store(key, load_tables(spec))
+        finally:
+            os.close(lock)  # the warm-up ends
+        t.join(60)
+        assert not errors and not t.is_alive()
+        try:
+            text = worker_log(m, mp)
+            assert "adopted from the parsed-TOC cache" in text
+            assert "opened and verified" not in text
+            assert snapshot_tree(mp) == expected_tree(every_type_items())
+        finally:
+            m.unmount(mp)
+    finally:
+        m.close()
+
+
+def test_tables_are_bounded(every_type_blob: Blob, tmp_path: Path) -> None:
+    m = plain_mounter(tmp_path / "state")
+    spec = spec_of(m, every_type_blob, tmp_path / "mp")
+    tables = load_tables(spec)
+    cache = TableCache(tmp_path / "cache", max_files=3)
+    keys = [TableKey("sha256:" + f"{i:064x}", every_type_blob.toc_digest, "l")
+            for i in range(5)]
+    for i, key in enumerate(keys):
+        assert cache.store(key, tables)
+        os.utime(cache.path(key.layer, key.toc_digest), (1000.0 + i, 1000.0 + i))
+    kept = sorted(p.name for p in cache.dir.glob("*.tables"))
+    # the newest three stay
+    assert kept == sorted(cache.path(k.layer, k.toc_digest).name for k in keys[2:])
+    size = cache.path(keys[4].layer, keys[4].toc_digest).stat().st_size
+    small = TableCache(tmp_path / "small", max_bytes=size + size // 2)
+    assert small.store(keys[0], tables) and small.store(keys[1], tables)
+    assert [p.name for p in small.dir.glob("*.tables")] == \
+        [small.path(keys[1].layer, keys[1].toc_digest).name]
+    tiny = TableCache(tmp_path / "tiny", max_bytes=size // 2)
+    assert not tiny.store(keys[0], tables)  # bigger than the bound: not stored at all
