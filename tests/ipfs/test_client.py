@@ -6,6 +6,7 @@ same plans, so it also proves the faces behave alike.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import socket
@@ -138,6 +139,7 @@ def test_cat_into_streams_to_sink(serve: Any) -> None:
     _srv, c = serve(range_handler)
     pieces: list[bytes] = []
     assert c.cat_into(CID, 0, None, pieces.append) == len(DATA)
+    assert b"".join(pieces) == DATA
     assert b"".join(pieces) == DATA and len(pieces) > 1
 
 
@@ -507,8 +509,36 @@ def test_large_bodies_in_every_read_mode(serve: Any) -> None:
     assert b"".join(pieces) == BIG[7:] and all(type(p) is bytes for p in pieces)
 
 
+def test_cat_into_a_callers_buffer(serve: Any) -> None:
+    _srv, c = serve(big_handler)
+    n = len(BIG) - 1000
+    # a view of the middle of a bigger buffer: exactly that range is written, the bytes
+    # around it (where the framing of a 256 KiB-chunked reply could have landed) are not
+    buf = bytearray(b"\xee" * (n + 200))
+    assert c.cat_into(CID, 7, n, memoryview(buf)[100:100 + n]) == n
+    assert buf[100:100 + n] == BIG[7:7 + n]
+    assert buf[:100] == buf[100 + n:] == b"\xee" * 100
+    # no view of the buffer outlives the call: its owner may resize it
+    buf.extend(b"x")
+    # length None fills the whole buffer, whatever its item type
+    words = array.array("I", bytes(4096))
+    assert c.cat_into(CID, 3, None, words) == 4096 and words.tobytes() == BIG[3:4099]
+    # the same buffer, reused
+    small = bytearray(65536)
+    for off in (0, 262144 - 10, len(BIG) - 65536):
+        assert c.cat_into(CID, off, None, small) == 65536 and small == BIG[off:off + 65536]
+    with pytest.raises(ShortRead, match=r"length=100 does not fit the 10-byte buffer"):
+        c.cat_into(CID, 0, 100, bytearray(10))
+    with pytest.raises(TypeError, match="read-only"):
+        c.cat_into(CID, 0, 10, bytes(10))
+    # a range that ends beyond the content: the daemon's short reply is an error
+    with pytest.raises(ShortRead):
+        c.cat_into(CID, len(BIG) - 10, None, bytearray(20))
+
+
+@pytest.mark.parametrize("into", ["result", "buffer"])
 @pytest.mark.parametrize("where", [100, 262144 + 3, 262144 + 8])
-def test_connection_dropped_mid_body_is_resumed(serve: Any, where: int) -> None:
+def test_connection_dropped_mid_body_is_resumed(serve: Any, where: int, into: str) -> None:
     calls: list[Seen] = []
 
     def handler(seen: Seen) -> bytes:
@@ -521,7 +551,11 @@ def test_connection_dropped_mid_body_is_resumed(serve: Any, where: int) -> None:
         return full
 
     _srv, c = serve(handler)
-    assert c.cat(CID, 0, len(BIG)) == BIG
+    if into == "result":
+        assert c.cat(CID, 0, len(BIG)) == BIG
+    else:
+        buf = bytearray(len(BIG))
+        assert c.cat_into(CID, 0, None, buf) == len(BIG) and buf == BIG
     assert len(calls) == 2
     resumed = int(dict(calls[1].params)["offset"])
     # everything received before the cut was kept, nothing more

@@ -32,6 +32,7 @@ from ipfsnap.ipfs.http import (
     Request,
     Response,
     Send,
+    ViewSink,
     exchange,
     reusable,
 )
@@ -216,11 +217,18 @@ def _callback(size: int) -> tuple[BodySink, Callable[[], bytes]]:
     return CallbackSink(pieces.append), lambda: b"".join(pieces)
 
 
+def _caller_buffer(size: int) -> tuple[BodySink, Callable[[], bytes]]:
+    buf = bytearray(size)
+    sink = ViewSink(memoryview(buf))
+    return sink, lambda: bytes(buf[:sink.size])
+
+
 #: each kind of sink, made for a body of a given size: (sink, what it received)
 SINKS: dict[str, Callable[[int], tuple[BodySink, Callable[[], bytes]]]] = {
     "in-place": _buffer,
     "growing": _growing,
     "callback": _callback,
+    "caller-buffer": _caller_buffer,
 }
 
 

@@ -47,6 +47,7 @@ from ipfsnap.ipfs.http import (
     Request,
     Response,
     Sleep,
+    ViewSink,
     exchange,
     open_connection,
     reusable,
@@ -393,18 +394,43 @@ class RPC:
         cid: str,
         offset: int,
         length: int | None,
-        sink: Callable[[bytes], object],
+        sink: Callable[[bytes], object] | bytearray | memoryview,
         *,
         timeout: float | None = None,
     ) -> Plan[int]:
-        """Plan -> bytes written to ``sink``: ``length`` bytes at ``offset`` (None: to the end).
+        """Plan -> bytes delivered: ``length`` bytes at ``offset`` (None: to the end), either
+        to a callback ``sink`` (each piece a new ``bytes`` it may keep) or straight into a
+        writable buffer ``sink`` (a ``bytearray``, or a ``memoryview`` of one, of an ``mmap``
+        or of any writable memory), filled from its start with no copy and no allocation.
+        With a buffer, ``length`` None means ``len(sink)``.
 
         Exactly ``length`` bytes or an error: a short body is retried from where it stopped
-        (the bytes already given to ``sink`` stay valid: content is addressed by its hash).
+        (the bytes already delivered stay valid: content is addressed by its hash).
         """
-        got: int = yield from self.read(cid, offset, length, CallbackSink(sink),
-                                        timeout=timeout)
-        return got
+        if callable(sink):
+            got: int = yield from self.read(cid, offset, length, CallbackSink(sink),
+                                            timeout=timeout)
+            return got
+        with memoryview(sink) as outer:
+            if outer.readonly:
+                raise TypeError(f"ipfs cat {cid}: the buffer to read into is read-only "
+                                f"({type(sink).__name__})")
+            view = outer.cast("B")  # bytes, whatever the buffer's item format
+            if length is None:
+                length = len(view)
+            elif length > len(view):
+                size = len(view)
+                view.release()
+                raise ShortRead("cat", self.api, f"range offset={offset} length={length} "
+                                f"does not fit the {size}-byte buffer", self._cid("cat", cid),
+                                final=True)
+            body = ViewSink(view)
+            try:
+                got = yield from self.read(cid, offset, length, body, timeout=timeout)
+            finally:
+                # no view of the caller's buffer outlives the call (it may be resized)
+                body.release()
+            return got
 
     def cat(
         self, cid: str, offset: int = 0, length: int | None = None, *,

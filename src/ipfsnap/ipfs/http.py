@@ -187,6 +187,48 @@ class CallbackSink:
         raise AssertionError("CallbackSink has no memory to commit to")
 
 
+class ViewSink:
+    """Receives a body straight into a caller's writable buffer: no allocation, no copy.
+
+    The exchange receives into the unfilled rest of the buffer, so framing bytes that arrive
+    with the body may land there before they are squeezed out: give it a view as long as the
+    body (:class:`~ipfsnap.ipfs.core._RangeSink` lends no more than the length asked for).
+    :meth:`release` drops every view of the buffer, so its owner may resize it afterwards.
+    """
+
+    direct = True
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self._lent: memoryview | None = None
+        self.size = 0
+
+    def write(self, piece: memoryview) -> None:
+        n = len(piece)
+        if self.size + n > len(self._view):
+            raise ValueError(f"body overflows the {len(self._view)}-byte buffer")
+        self._view[self.size:self.size + n] = piece
+        self.size += n
+
+    def reserve(self, n: int) -> memoryview | None:
+        if self._lent is not None:
+            self._lent.release()
+            self._lent = None
+        if self.size >= len(self._view):
+            return None
+        self._lent = self._view[self.size:self.size + n]
+        return self._lent
+
+    def commit(self, n: int) -> None:
+        self.size += n
+
+    def release(self) -> None:
+        if self._lent is not None:
+            self._lent.release()
+            self._lent = None
+        self._view.release()
+
+
 class BufferSink:
     """Collects a body into one ``bytes`` built in place: :meth:`getvalue` does not copy.
 
