@@ -15,9 +15,10 @@ import types
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import MappingProxyType
 
+import msgspec
 import zstandard
 
 from ipfsnap.estargz.errors import (
@@ -43,7 +44,7 @@ from ipfsnap.estargz.footer import (
     parse_zstd_footer,
 )
 from ipfsnap.estargz.tario import BLOCK, iter_headers
-from ipfsnap.estargz.toc import decode_entries
+from ipfsnap.estargz.toc import decode_entries, decode_entries_fast
 from ipfsnap.estargz.types import (
     DEFAULT_LIMITS,
     LANDMARKS,
@@ -154,7 +155,8 @@ class LayerIndex:
         self._toc_entries: list[TOCEntry] | None = None
         if raw_toc is None:
             self._toc_entries = toc_entries
-            toc_entries = [replace(e, xattrs=dict(e.xattrs)) for e in toc_entries]
+            toc_entries = [msgspec.structs.replace(e, xattrs=dict(e.xattrs))
+                           for e in toc_entries]
         self._entries: dict[str, TOCEntry] = {}
         self._links: dict[str, str] = {}  # hardlink path -> final target path
         self._link_count: dict[str, int] = {}  # target path -> hardlinks resolving to it
@@ -492,7 +494,8 @@ def _unzstd_into(data: bytes, limit: int, what: str) -> bytearray:
     return out
 
 
-def _toc_from_tar(plain: bytearray, blob: str, limits: Limits) -> memoryview:
+def _toc_from_tar(plain: bytearray, blob: str, limits: Limits) -> tuple[int, int]:
+    """Where the TOC JSON lies in the inflated TOC member (start, end)."""
     # the headers lie within the slack; do not copy the whole TOC into a BytesIO
     src = io.BytesIO(bytes(memoryview(plain)[:_TOC_TAR_SLACK]))
     try:
@@ -505,10 +508,10 @@ def _toc_from_tar(plain: bytearray, blob: str, limits: Limits) -> memoryview:
     if hdr.size > limits.max_toc_size:
         raise TOCTooLarge(f"{blob}: TOC JSON is {hdr.size} bytes, limit is {limits.max_toc_size}")
     start = len(hdr.raw)
-    data = memoryview(plain)[start : start + hdr.size]
-    if len(data) != hdr.size:
-        raise TruncatedBlob(f"{blob}: TOC JSON ends after {len(data)} of {hdr.size} bytes")
-    return data
+    have = max(0, min(len(plain), start + hdr.size) - start)
+    if have != hdr.size:
+        raise TruncatedBlob(f"{blob}: TOC JSON ends after {have} of {hdr.size} bytes")
+    return start, start + hdr.size
 
 
 def open_layer(
@@ -564,14 +567,17 @@ def open_layer(
             f"{name}: compressed TOC is {toc_end - toc_off} bytes, limit is {limits.max_toc_size}"
         )
     comp = reader.read_at(toc_off, toc_end - toc_off)
-    text, digest = _toc_text(comp, zf.toc_size if zf is not None else None, name, limits)
+    zstd_size = zf.toc_size if zf is not None else None
+    plain, start, end, digest = _toc_json(comp, zstd_size, name, limits)
     if toc_digest is not None and digest != toc_digest:
+        # a TOC that is not text at all was reported as such before its digest was checked
+        _toc_text(plain, start, end, name)
         raise TOCDigestMismatch(f"{name}: TOC digest is {digest}, expected {toc_digest}")
 
     def raw_toc() -> list[TOCEntry]:
         # the compressed TOC was verified above; parse it again for `toc_entries`
-        again, _ = _toc_text(comp, zf.toc_size if zf is not None else None, name, limits)
-        return decode_entries(again, name, limits.max_entries)
+        again, a, b, _ = _toc_json(comp, zstd_size, name, limits)
+        return _parse_toc(again, a, b, name, limits)
 
     # Parsing allocates several objects per entry and keeps nearly all of them: the
     # cyclic GC would scan the growing heap again and again for nothing (~20% of the CPU
@@ -579,8 +585,8 @@ def open_layer(
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        entries = decode_entries(text, name, limits.max_entries)
-        del text
+        entries = _parse_toc(plain, start, end, name, limits)
+        del plain
         index = LayerIndex(
             compression=compression,
             toc_digest=digest,
@@ -599,10 +605,10 @@ def open_layer(
     return index
 
 
-def _toc_text(comp: bytes, zstd_toc_size: int | None, name: str, limits: Limits
-              ) -> tuple[str, str]:
-    """The TOC JSON as text and its digest, from the compressed TOC (one copy of the JSON
-    bytes at a time: a 100k-entry TOC is ~37 MB)."""
+def _toc_json(comp: bytes, zstd_toc_size: int | None, name: str, limits: Limits
+              ) -> tuple[bytearray, int, int, str]:
+    """The inflated TOC member, where its JSON lies in it (start, end), and the JSON's
+    digest (the JSON bytes are held once: a 100k-entry TOC is ~37 MB)."""
     if zstd_toc_size is not None:
         if zstd_toc_size > limits.max_toc_size:
             raise TOCTooLarge(
@@ -613,18 +619,32 @@ def _toc_text(comp: bytes, zstd_toc_size: int | None, name: str, limits: Limits
             raise InvalidTOC(
                 f"{name}: TOC decompresses to {len(plain)} bytes, footer says {zstd_toc_size}"
             )
-        data = memoryview(plain)
+        start, end = 0, len(plain)
     else:
         plain = _gunzip_into(comp, limits.max_toc_size + _TOC_TAR_SLACK, f"{name} TOC")
-        data = _toc_from_tar(plain, name, limits)
-    with data:
+        start, end = _toc_from_tar(plain, name, limits)
+    with memoryview(plain)[start:end] as data:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    return plain, start, end, digest
+
+
+def _parse_toc(plain: bytearray, start: int, end: int, name: str, limits: Limits
+               ) -> list[TOCEntry]:
+    """The entries of the TOC JSON ``plain[start:end]``: msgspec's decoder for the usual
+    document, the stdlib path (exact messages, other encodings) for anything else."""
+    entries = decode_entries_fast(plain, limits.max_entries, start, end)
+    if entries is not None:
+        return entries
+    return decode_entries(_toc_text(plain, start, end, name), name, limits.max_entries)
+
+
+def _toc_text(plain: bytearray, start: int, end: int, name: str) -> str:
+    with memoryview(plain)[start:end] as data:
         try:
             # as json.loads does with bytes: UTF-8, or UTF-16/32 by detection
-            text = str(data, json.detect_encoding(bytes(data[:4])), "surrogatepass")
+            return str(data, json.detect_encoding(bytes(data[:4])), "surrogatepass")
         except (UnicodeDecodeError, LookupError) as exc:
             raise InvalidTOC(f"{name}: TOC is not valid JSON: {exc}") from None
-    return text, digest
 
 
 # -- chunks ------------------------------------------------------------------------------

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import BinaryIO, Protocol
+from dataclasses import dataclass
+from typing import Annotated, BinaryIO, Protocol
+
+import msgspec
 
 from ipfsnap.estargz.errors import TruncatedBlob
 
@@ -52,36 +54,47 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-@dataclass(slots=True)
-class TOCEntry:
+#: the largest integer a TOC field may hold (Go's int64)
+INT_MAX = (1 << 63) - 1
+#: a TOC integer: non-negative int64 (enforced when decoding; see ``estargz.toc``)
+_TOCInt = Annotated[int, msgspec.Meta(ge=0, le=INT_MAX)]
+
+
+class TOCEntry(msgspec.Struct, rename="camel", gc=False, forbid_unknown_fields=True):
     """One TOC entry, field for field (snake_case of the JSON names).
 
-    Slotted: an index of a 100k-entry layer holds 100k of these."""
+    A ``msgspec.Struct`` (slotted, not tracked by the cyclic GC: an entry cannot be part of a
+    cycle) so that ``estargz.toc`` decodes a whole TOC into entries in C: the JSON names
+    are the camelCase of the field names, and the integer bounds below are checked while
+    decoding. ``type`` and the digests are checked after decoding (``estargz.toc``). A
+    100k-entry index holds 100k of these."""
 
     name: str
     type: str
-    size: int = 0
+    size: _TOCInt = 0
     modtime: str = ""
     link_name: str = ""
-    mode: int = 0
-    uid: int = 0
-    gid: int = 0
+    mode: _TOCInt = 0
+    uid: _TOCInt = 0
+    gid: _TOCInt = 0
     user_name: str = ""
     group_name: str = ""
-    dev_major: int = 0
-    dev_minor: int = 0
-    xattrs: dict[str, bytes] = field(default_factory=dict)
+    dev_major: _TOCInt = 0
+    dev_minor: _TOCInt = 0
+    xattrs: dict[str, bytes] = msgspec.field(default_factory=dict)
     digest: str = ""
-    offset: int = 0
-    chunk_offset: int = 0
-    chunk_size: int = 0
+    offset: _TOCInt = 0
+    chunk_offset: _TOCInt = 0
+    chunk_size: _TOCInt = 0
     chunk_digest: str = ""
-    inner_offset: int = 0
+    inner_offset: _TOCInt = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """One chunk of a regular file, with its compressed extent in the blob."""
+class Chunk(msgspec.Struct, frozen=True, gc=False):
+    """One chunk of a regular file, with its compressed extent in the blob.
+
+    A frozen ``msgspec.Struct`` (hashable, compared by value like a frozen dataclass): made in
+    C, about 10x faster than a frozen dataclass, and a big layer makes 100k of them."""
 
     offset: int
     end: int

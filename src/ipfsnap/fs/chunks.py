@@ -41,16 +41,10 @@ class ChunkTable:
             self._coff.append(c.chunk_offset)
             self._size.append(c.chunk_size)
             self._inner.append(c.inner_offset)
-            raw: bytes | None = None
-            if c.chunk_digest.startswith(_PREFIX) and len(c.chunk_digest) == 71:
-                try:
-                    raw = bytes.fromhex(c.chunk_digest[7:])
-                except ValueError:
-                    raw = None
-            if raw is None:
-                self._odd[i] = c.chunk_digest
-                raw = bytes(32)
-            self._digest += raw
+            odd: dict[int, str] = {}
+            self._digest += _digest_bytes([c.chunk_digest], odd)
+            if odd:
+                self._odd[i] = odd[0]
         count = len(self._offset) - first
         if count:
             if ino >= len(self._first):
@@ -59,6 +53,71 @@ class ChunkTable:
                 self._count.extend([0] * grow)
             self._first[ino] = first
             self._count[ino] = count
+
+    @classmethod
+    def from_files(cls, files: Iterable[tuple[int, Sequence[Chunk]]]) -> ChunkTable:
+        """A table of the chunks of each ``(inode number, chunks)``, built column by column
+        (one pass of C-level comprehensions per field instead of five ``array.append`` and a
+        hex conversion per chunk: ~4x faster than :meth:`add` for 100k files)."""
+        table = cls()
+        chunks: list[Chunk] = []
+        inos: list[int] = []
+        counts: list[int] = []
+        for ino, cs in files:
+            if cs:
+                inos.append(ino)
+                counts.append(len(cs))
+                chunks.extend(cs)
+        if not chunks:
+            return table
+        table._offset = array("q", [c.offset for c in chunks])
+        table._end = array("q", [c.end for c in chunks])
+        table._coff = array("q", [c.chunk_offset for c in chunks])
+        table._size = array("q", [c.chunk_size for c in chunks])
+        table._inner = array("q", [c.inner_offset for c in chunks])
+        table._digest = _digest_bytes([c.chunk_digest for c in chunks], table._odd)
+        size = max(inos) + 1
+        first = [0] * size
+        count = [0] * size
+        k = 0
+        for ino, n in zip(inos, counts, strict=True):
+            first[ino] = k
+            count[ino] = n
+            k += n
+        table._first = array("q", first)
+        table._count = array("q", count)
+        return table
+
+    def offsets(self) -> array[int]:
+        """Each row's blob offset (a copy)."""
+        return array("q", self._offset)
+
+    def ends(self) -> array[int]:
+        """Each row's end in the blob (a copy)."""
+        return array("q", self._end)
+
+    def digest_list(self) -> list[str]:
+        """The digest of every row, in row order."""
+        hexes = self._digest.hex()
+        out = [_PREFIX + hexes[i : i + 64] for i in range(0, len(hexes), 64)]
+        for i, d in self._odd.items():
+            out[i] = d
+        return out
+
+    def rows(self, rows: Sequence[int]) -> ChunkTable:
+        """A table of the given rows of this one, row ``k`` of it as the one chunk of
+        "inode" ``k`` (a compact, ordered list of chunks: ``table.of(k)[0]``)."""
+        table = ChunkTable()
+        for name in ("_offset", "_end", "_coff", "_size", "_inner"):
+            col: array[int] = getattr(self, name)
+            setattr(table, name, array("q", map(col.__getitem__, rows)))
+        digest = bytes(self._digest)
+        table._digest = bytearray(b"".join([digest[32 * i : 32 * i + 32] for i in rows]))
+        if self._odd:
+            table._odd = {k: self._odd[i] for k, i in enumerate(rows) if i in self._odd}
+        table._first = array("q", range(len(rows)))
+        table._count = array("q", [1]) * len(rows)
+        return table
 
     def _chunk(self, i: int) -> Chunk:
         digest = self._odd.get(i) or _PREFIX + self._digest[32 * i : 32 * i + 32].hex()
@@ -80,5 +139,36 @@ class ChunkTable:
         rows = zip(self._offset, self._end, self._coff, self._size, self._inner, strict=True)
         for i, (offset, end, coff, size, inner) in enumerate(rows):
             digest = odd.get(i) or _PREFIX + hexes[64 * i : 64 * i + 64]
-            yield Chunk(offset=offset, end=end, chunk_offset=coff, chunk_size=size,
-                        chunk_digest=digest, inner_offset=inner)
+            yield Chunk(offset, end, coff, size, digest, inner)
+
+
+def _digest_bytes(digests: list[str], odd: dict[int, str]) -> bytearray:
+    """The 32-byte sha256 of each digest, concatenated, as :meth:`ChunkTable.add` stores
+    them one at a time; digests that are not ``sha256:`` + hex go to ``odd`` (zeros here).
+
+    All at once when every digest is 71 characters with the prefix: their hex parts joined
+    are then 64 characters per digest, and ``bytes.fromhex`` yields 32 bytes per digest
+    exactly when all of them are hex digits (it skips whitespace, which would shorten the
+    result), so each digest's bytes land in its own 32-byte slot."""
+    n = len(digests)
+    if all(len(d) == 71 for d in digests) and \
+            sum(1 for d in digests if d.startswith(_PREFIX)) == n:
+        try:
+            raw = bytes.fromhex("".join([d[7:] for d in digests]))
+        except ValueError:
+            raw = b""
+        if len(raw) == 32 * n:
+            return bytearray(raw)
+    out = bytearray()
+    for i, d in enumerate(digests):
+        one: bytes | None = None
+        if d.startswith(_PREFIX) and len(d) == 71:
+            try:
+                one = bytes.fromhex(d[7:])
+            except ValueError:
+                one = None
+        if one is None:
+            odd[i] = d
+            one = bytes(32)
+        out += one
+    return out

@@ -96,7 +96,30 @@ def parse_modtime(text: str) -> int:
     return ns
 
 
+#: seconds since the epoch of a day ("YYYY-MM-DD"), for :func:`_parse_modtime`; bounded
+_DAY_MEMO: dict[str, int] = {}
+
+
 def _parse_modtime(text: str) -> int:
+    # the form writers use ("2023-11-14T22:13:20Z", Go's RFC 3339 in UTC): the day's start
+    # (memoized: a layer's files share few days) plus the time of day, ~4x faster than
+    # fromisoformat; anything else (or a field out of range) takes the general path
+    if (len(text) == 20 and text[10] == "T" and text[13] == ":" and text[16] == ":"
+            and text[19] == "Z" and text[11:13].isdigit() and text[14:16].isdigit()
+            and text[17:19].isdigit() and text.isascii()):
+        h, m, sec = int(text[11:13]), int(text[14:16]), int(text[17:19])
+        day = _DAY_MEMO.get(text[:10])
+        if day is None:
+            try:
+                day = int(datetime.fromisoformat(text[:10] + "T00:00:00Z").timestamp())
+            except (ValueError, OverflowError):
+                day = None
+            if day is not None:
+                if len(_DAY_MEMO) >= _MODTIME_MEMO_MAX:
+                    _DAY_MEMO.clear()
+                _DAY_MEMO[text[:10]] = day
+        if day is not None and h < 24 and m < 60 and sec < 60:
+            return (day + 3600 * h + 60 * m + sec) * 1_000_000_000
     try:
         if "." not in text:
             # Python 3.11's fromisoformat reads RFC 3339 with "Z" itself; only a fraction
@@ -223,13 +246,89 @@ class InodeTable:
 
     @classmethod
     def build(cls, index: IndexView) -> InodeTable:
+        """The table of every entry ``index.walk()`` yields.
+
+        The entries nearly every layer consists of (a directory, regular file or symlink
+        without xattrs, whose parent directory is already in the table, not a whiteout nor
+        a hidden name) are added inline here; everything else goes through :meth:`_add`.
+        Both give the same inode (``tests/fs/test_inodes.py`` compares them): inline saves
+        four calls per entry, about half of the time for a 100k-entry layer."""
+        table = cls()
+        inodes = table.inodes
+        by_path = table.by_path
+        seen: dict[int, int] = {}
+        memo = _MODTIME_MEMO
+        new = Inode
+        S_IFDIR, S_IFREG, S_IFLNK = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
+        for raw_path, entry in index.walk():
+            path = raw_path.strip("/")
+            typ = entry.type
+            first = False
+            if typ == "reg":
+                # an index may yield a hardlink as its resolved target entry: same object
+                ino = seen.get(id(entry))
+                if ino is not None:
+                    target = inodes[ino]
+                    assert target is not None
+                    entry = TOCEntry(name=path, type="hardlink", link_name=target.path)
+                    typ = "hardlink"
+                else:
+                    first = True
+            if typ == "reg" or typ == "dir" or typ == "symlink":
+                parent_path, _, name = path.rpartition("/")
+                pino = by_path.get(parent_path)
+                parent = inodes[pino] if pino is not None else None
+                kids = parent.children if parent is not None else None
+                if (kids is not None and name and not entry.xattrs
+                        and not name.startswith(WHITEOUT_PREFIX)
+                        and (parent_path or (name != TOC_TAR_NAME and name not in LANDMARKS))
+                        and (typ != "dir" or path not in by_path)):
+                    assert parent is not None
+                    mt = entry.modtime
+                    ns = memo.get(mt) if mt else 0
+                    if ns is None:
+                        ns = parse_modtime(mt)
+                    perm = entry.mode & 0o7777
+                    ino = len(inodes)
+                    if typ == "dir":
+                        node = new(ino, path, S_IFDIR | perm)
+                        node.children = {}
+                        node.nlink = 2
+                        parent.nlink += 1
+                    elif typ == "reg":
+                        node = new(ino, path, S_IFREG | perm)
+                        node.size = entry.size
+                    else:
+                        node = new(ino, path, S_IFLNK | perm)
+                        node.target = entry.link_name.encode("utf-8", "surrogateescape")
+                        node.size = len(node.target)
+                    node.uid = entry.uid
+                    node.gid = entry.gid
+                    node.mtime_ns = ns
+                    inodes.append(node)
+                    by_path[path] = ino
+                    kids[name.encode("utf-8", "surrogateescape")] = ino
+                    if first:
+                        seen[id(entry)] = ino
+                    continue
+            try:
+                table._add(path, entry)
+            except ValueError as exc:
+                log.warning("layer entry %r ignored: %s", path, exc)
+                continue
+            if first and path in by_path:
+                seen[id(entry)] = by_path[path]
+        return table
+
+    @classmethod
+    def build_general(cls, index: IndexView) -> InodeTable:
+        """:meth:`build` with every entry through :meth:`_add` (the reference for tests)."""
         table = cls()
         seen: dict[int, int] = {}
         for raw_path, entry in index.walk():
             path = _clean(raw_path)
             first = False
             if entry.type == "reg":
-                # an index may yield a hardlink as its resolved target entry: same object
                 ino = seen.get(id(entry))
                 if ino is not None:
                     target = table.inodes[ino]
