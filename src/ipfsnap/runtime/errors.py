@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from ipfsnap.errors import AlreadyExistsError, NotFoundError, RuntimeFailure, UsageError
+from ipfsnap.errors import (
+    AlreadyExistsError,
+    FormatError,
+    NotFoundError,
+    RuntimeFailure,
+    UsageError,
+)
 
 
 class BadRunOption(UsageError):
@@ -43,3 +49,8 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(f"interrupted by signal {signum}")
         self.signum = signum
+
+
+class ImageConfigError(FormatError):
+    """An image's config (or a file the runtime reads from its rootfs, as /etc/passwd) holds
+    a value that cannot be run safely; the message names the image and the field."""

@@ -22,6 +22,17 @@ expect from ``docker run`` / ``ctr run``:
   tty, random, urandom, ptmx, pts) itself.
 * No seccomp profile: Debian's runc supports one, but writing docker's profile is out of this
   module's scope; namespaces, capabilities and no_new_privileges are the isolation here.
+
+An image's config is untrusted input (it comes off a peer-to-peer network), so every value it
+feeds into the spec is checked here, and a refusal names the image and the field
+(:class:`ImageConfigError`); the same checks on command-line values raise :class:`BadRunOption`.
+Paths are resolved inside the rootfs as the container would see them (symlinks of the image
+never lead out of it) and the resolved path is what the spec carries, so runc never follows an
+image symlink itself; the working directory may not resolve into /proc or /dev (their
+``fd/N`` magic links lead to the runtime's open files: CVE-2024-21626), nor a mount destination
+to ``/`` or into /proc. Files the host reads from the rootfs (/etc/passwd, /etc/group) are read
+only when they are regular files: a device node or fifo of the image is never opened by the
+host. docs/reliability.md ("Hostile image configs") lists each case and why.
 """
 
 from __future__ import annotations
@@ -29,15 +40,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NoReturn, Protocol
 
-from ipfsnap.runtime.errors import BadRunOption, BundleError, UserNotFound
+from ipfsnap.errors import IpfsnapError
+from ipfsnap.runtime.errors import BadRunOption, BundleError, ImageConfigError, UserNotFound
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +115,39 @@ MAX_ACCOUNT_FILE = 8 << 20
 
 NET_MODES = ("none", "host")
 
+#: largest uid/gid: uid_t is 32 bits and (uid_t)-1 means "no change" to setuid(2)
+MAX_ID = 0xFFFFFFFE
+
+#: the kernel's NGROUPS_MAX: setgroups(2) takes at most this many supplementary groups
+NGROUPS_MAX = 65536
+
+#: the kernel's MAX_ARG_STRLEN: execve(2) fails with E2BIG for any one argument or
+#: environment string (with its NUL) longer than 32 pages
+MAX_ARG_STRLEN = 32 * 4096
+
+#: container trees holding the kernel's and the runtime's magic links (/proc/self/fd/N,
+#: /proc/<pid>/cwd, and /dev/fd -> /proc/self/fd that runc creates): a working directory or
+#: an image's program path resolving into them could reach the runtime's open files
+#: (CVE-2024-21626)
+MAGIC_TREES = ("/proc", "/dev")
+
+#: top-level directories the spec mounts kernel filesystems on; runc refuses (CVE-2019-19921)
+#: to mount over a symlink there, so an image where one is not a directory cannot run
+KERNEL_MOUNTPOINTS = ("/proc", "/sys", "/dev")
+
+#: a hostname as sethostname(2) and /etc/hosts take it: RFC 1123 letters, digits, '-' and
+#: '.', plus '_' (common in container names); anything else (a newline, a space) would also
+#: corrupt the /etc/hosts and /etc/hostname ipfsnap writes
+_HOSTNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
+
+#: hostile values are quoted in messages cut to this many characters (one short line)
+_SHOW_MAX = 80
+
+#: ContainerConfig field -> the image config field it came from
+_IMAGE_FIELDS = {"args": "Entrypoint/Cmd", "env": "Env", "cwd": "WorkingDir", "user": "User"}
+#: ContainerConfig field -> the command-line option that sets it
+_OPTIONS = {"args": "command", "env": "--env", "cwd": "--cwd", "user": "--user"}
+
 # 64 MiB tmpfs for /dev and /dev/shm, as docker/containerd (65536k)
 _TMPFS_SIZE = "size=65536k"
 
@@ -131,6 +177,30 @@ class ContainerConfig:
     #: "none" (own netns with only lo) or "host"
     net: str = "none"
     rlimit_nofile: int = DEFAULT_NOFILE
+    #: the image the values come from ("" for a plain rootfs), named in errors
+    image: str = ""
+    #: the fields above ("args", "env", "cwd", "user") taken from the image's config: a bad
+    #: value there is the image's fault (ImageConfigError), not the user's (BadRunOption)
+    from_image: frozenset[str] = frozenset()
+
+
+class ImageConfigView(Protocol):
+    """What the runtime reads from an image config (``ipfsnap.oci.ImageConfig`` has it)."""
+
+    @property
+    def entrypoint(self) -> list[str] | None: ...
+
+    @property
+    def cmd(self) -> list[str] | None: ...
+
+    @property
+    def env(self) -> list[str]: ...
+
+    @property
+    def working_dir(self) -> str: ...
+
+    @property
+    def user(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -230,6 +300,103 @@ def image_args(
 
 
 # ---------------------------------------------------------------------------------------------
+# values from an image (untrusted) or the command line
+
+
+def show(value: str) -> str:
+    """``value`` quoted for a one-line message: escapes (newline, NUL) visible, cut short."""
+    text = repr(value)
+    return text if len(text) <= _SHOW_MAX else text[: _SHOW_MAX - 4] + "...'"
+
+
+def _what(cfg: ContainerConfig, name: str) -> str:
+    if name in cfg.from_image:
+        return f"image {cfg.image}: config.{_IMAGE_FIELDS[name]}"
+    return _OPTIONS[name]
+
+
+def _refuse(cfg: ContainerConfig, name: str, problem: str) -> NoReturn:
+    """Raise the error for a bad ``name`` value: the image's fault or the user's."""
+    if name in cfg.from_image:
+        raise ImageConfigError(f"{_what(cfg, name)} {problem}")
+    raise BadRunOption(f"{_what(cfg, name)} {problem}")
+
+
+def _text_problem(value: str) -> str | None:
+    """Why ``value`` cannot be passed to the kernel as a C string, or None."""
+    if "\0" in value:
+        return "contains a NUL byte"
+    try:
+        # surrogateescape: undecodable bytes of a command line (argv) round-trip; a lone
+        # surrogate from JSON ("\\ud800") has no byte form at all
+        value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (a lone surrogate)"
+    return None
+
+
+def _check_env_item(item: str) -> str | None:
+    """Why ``item`` is not a ``KEY=VALUE`` runc accepts, or None."""
+    problem = _text_problem(item)
+    if problem:
+        return problem
+    key, sep, _ = item.partition("=")
+    if not sep:
+        return "has no '=' (expected KEY=VALUE; runc refuses it)"
+    if not key:
+        return "has an empty name (expected KEY=VALUE)"
+    return None
+
+
+def image_container_config(
+    image: str,
+    config: ImageConfigView,
+    *,
+    command: Sequence[str] = (),
+    env: Sequence[str] = (),
+    cwd: str | None = None,
+    user: str | None = None,
+    hostname: str = "",
+    tty: bool = False,
+    mounts: Sequence[BindMount] = (),
+    net: str = "none",
+) -> ContainerConfig:
+    """The container config of ``image`` (its name, for errors) under command-line overrides.
+
+    ``command`` replaces Entrypoint and Cmd (as ``ctr run``); ``env`` (already ``K=V``) is
+    merged over the image's Env key by key; ``cwd`` and ``user`` replace WorkingDir and User.
+    The image's Env entries are checked here (their index is known here only); everything
+    else is checked when the spec is built against the mounted rootfs.
+    """
+    from_image = set()
+    if not command:
+        from_image.add("args")
+    image_env = list(config.env)
+    for i, item in enumerate(image_env):
+        problem = _check_env_item(item)
+        if problem:
+            raise ImageConfigError(f"image {image}: config.Env[{i}] {show(item)} {problem}")
+    if image_env:
+        from_image.add("env")
+    if not cwd and config.working_dir:
+        from_image.add("cwd")
+    if user is None and config.user:
+        from_image.add("user")
+    return ContainerConfig(
+        args=image_args(config.entrypoint, config.cmd, command),
+        env=merge_env(image_env, env),
+        cwd=cwd or config.working_dir or "/",
+        user=user if user is not None else config.user,
+        hostname=hostname,
+        tty=tty,
+        mounts=list(mounts),
+        net=net,
+        image=image,
+        from_image=frozenset(from_image),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # files inside the rootfs
 
 
@@ -269,17 +436,97 @@ def resolve_in_root(root: Path, path: str) -> Path:
     return root.joinpath(*resolved)
 
 
-def _read_account_file(rootfs: Path, path: str) -> list[list[str]]:
+def resolve_container_path(root: Path, path: str) -> str:
+    """The absolute container path ``path`` names once the image's symlinks are resolved
+    (inside ``root``); components that do not exist are kept as given."""
+    rel = resolve_in_root(root, path).relative_to(root)
+    return "/" if str(rel) == "." else "/" + str(rel)
+
+
+def clean_cwd(path: str) -> str:
+    """An absolute working directory, ``.`` and ``..`` folded lexically (as docker does:
+    ``..`` of ``/`` is ``/``, so this never climbs out of the container's root)."""
+    parts: list[str] = []
+    for p in PurePosixPath(path).parts[1:]:
+        if p == "..":
+            if parts:
+                parts.pop()
+        elif p != ".":
+            parts.append(p)
+    return "/" + "/".join(parts)
+
+
+def _under(path: str, tree: str) -> bool:
+    return path == tree or path.startswith(tree + "/")
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISLNK, "symlink"),
+        (stat.S_ISREG, "regular file"),
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISFIFO, "fifo"),
+        (stat.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _non_directory_on_path(root: Path, path: str, *, include_last: bool) -> str | None:
+    """The first existing component of the (resolved) container ``path`` that is not a
+    directory, or None; components after a missing one do not exist either."""
+    parts = [p for p in PurePosixPath(path).parts[1:]]
+    if not include_last:
+        parts = parts[:-1]
+    current = root
+    for i, name in enumerate(parts):
+        current = current / name
+        try:
+            st = current.lstat()
+        except OSError:
+            return None
+        if not stat.S_ISDIR(st.st_mode):
+            return "/" + "/".join(parts[: i + 1]) + f" (a {_kind(st.st_mode)})"
+    return None
+
+
+def _read_account_file(rootfs: Path, path: str, source: str) -> list[list[str]]:
+    """The rows of the rootfs's ``path`` (/etc/passwd, /etc/group); [] when it is missing.
+
+    Only a regular file is opened: the host process runs as root, and opening a device node
+    of the image (/etc/passwd as char 1:1 = /dev/mem, a disk, a watchdog) would act on the
+    host's device, a fifo would block forever.
+    """
     real = resolve_in_root(rootfs, path)
     try:
-        with real.open("rb") as f:
-            data = f.read(MAX_ACCOUNT_FILE + 1)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        st = real.lstat()
+    except (FileNotFoundError, NotADirectoryError):
         return []
     except OSError as exc:
-        raise BundleError(f"{rootfs}{path}: cannot read: {exc}") from exc
+        raise BundleError(f"{source}: {path}: cannot read: {exc}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageConfigError(
+            f"{source}: {path} is a {_kind(st.st_mode)}, not a regular file; not read"
+        )
+    if st.st_size > MAX_ACCOUNT_FILE:
+        raise ImageConfigError(
+            f"{source}: {path} has {st.st_size} bytes, over the {MAX_ACCOUNT_FILE}-byte limit"
+        )
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(real, flags)
+        with os.fdopen(fd, "rb") as f:
+            # checked again on the open file: the path was only looked at before
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ImageConfigError(f"{source}: {path} is not a regular file; not read")
+            data = f.read(MAX_ACCOUNT_FILE + 1)
+    except OSError as exc:
+        raise BundleError(f"{source}: {path}: cannot read: {exc}") from exc
     if len(data) > MAX_ACCOUNT_FILE:
-        raise BundleError(f"{rootfs}{path}: larger than {MAX_ACCOUNT_FILE} bytes")
+        raise ImageConfigError(f"{source}: {path} is over the {MAX_ACCOUNT_FILE}-byte limit")
     rows = []
     for line in data.decode("utf-8", "replace").splitlines():
         line = line.strip()
@@ -288,28 +535,64 @@ def _read_account_file(rootfs: Path, path: str) -> list[list[str]]:
     return rows
 
 
+def _is_number(text: str) -> bool:
+    # ASCII only: str.isdigit() accepts '²' and '٣', which int() rejects or reads as 3
+    return text.isascii() and text.isdigit()
+
+
 def _int_id(text: str) -> int | None:
-    if text.isdigit():
+    """A uid/gid field of /etc/passwd or /etc/group; None when not a valid id."""
+    if _is_number(text) and len(text) <= len(str(MAX_ID)):
         value = int(text)
-        # uid_t is 32 bits; (uid_t)-1 is "no change"
-        if value < 0xFFFFFFFF:
+        if value <= MAX_ID:
             return value
     return None
 
 
-def resolve_user(rootfs: Path, user: str) -> ResolvedUser:
+def _spec_id(text: str, what: str, fail: type[IpfsnapError]) -> int | None:
+    """A numeric uid/gid of a user spec; None for a name; out of range is an error."""
+    if not _is_number(text):
+        return None
+    value = _int_id(text)
+    if value is None:
+        raise fail(f"{what}: id {show(text)} is out of range (0 to {MAX_ID})")
+    return value
+
+
+def resolve_user(
+    rootfs: Path,
+    user: str,
+    *,
+    what: str = "",
+    source: str = "",
+    from_image: bool = False,
+) -> ResolvedUser:
     """Resolve ``uid[:gid]`` / ``name[:group]`` against the rootfs's /etc/passwd and /etc/group.
 
     A numeric uid absent from /etc/passwd is fine (gid 0, home /), as docker; a name that is
     absent is an error. Supplementary groups are the /etc/group entries listing the user.
+    ``what`` names the value in errors (``--user 'x'``, ``image I: config.User 'x'``),
+    ``source`` the rootfs (``image I``); ``from_image`` makes a malformed value the image's
+    fault (:class:`ImageConfigError`) rather than the user's (:class:`BadRunOption`).
     """
+    what = f"{what or '--user'} {show(user)}"
+    source = source or f"rootfs {rootfs}"
+    # a refusal to read /etc/passwd names the value that needed it, and the image
+    where = what if from_image else f"{what}: {source}" if user else source
+    fail: type[IpfsnapError] = ImageConfigError if from_image else BadRunOption
+    problem = _text_problem(user)
+    if problem:
+        raise fail(f"{what} {problem}")
     spec = user.strip() or "0"
     uname, _, gname = spec.partition(":")
     if not uname:
-        raise BadRunOption(f"--user {user!r}: empty user")
-    passwd = _read_account_file(rootfs, "/etc/passwd")
+        raise fail(f"{what}: empty user (expected uid[:gid] or name[:group])")
+    if ":" in gname:
+        raise fail(f"{what}: more than one ':' (expected uid[:gid] or name[:group])")
+    uid = _spec_id(uname, what, fail)
+    g = _spec_id(gname, what, fail) if gname else None
+    passwd = _read_account_file(rootfs, "/etc/passwd", where)
     entry: list[str] | None = None
-    uid = _int_id(uname)
     for row in passwd:
         if len(row) < 4:
             continue
@@ -317,36 +600,50 @@ def resolve_user(rootfs: Path, user: str) -> ResolvedUser:
             entry = row
             break
     if entry is None and uid is None:
-        raise UserNotFound(f"user {uname!r}: not found in the image's /etc/passwd")
+        raise UserNotFound(f"{what}: user {show(uname)} not found in the image's /etc/passwd")
     if entry is not None:
         uid_found = _int_id(entry[2])
         gid_found = _int_id(entry[3])
         if uid_found is None or gid_found is None:
-            raise UserNotFound(f"user {uname!r}: malformed /etc/passwd entry in the image")
+            raise UserNotFound(
+                f"{what}: {source}: malformed /etc/passwd entry for {show(entry[0])}"
+            )
         uid, gid = uid_found, gid_found
         home = entry[5] if len(entry) > 5 and entry[5] else "/"
         login = entry[0]
     else:
         assert uid is not None
         gid, home, login = 0, "/", ""
-    groups = _read_account_file(rootfs, "/etc/group")
+    if _text_problem(home) or not home.startswith("/"):
+        # HOME of a hostile passwd goes into the environment: keep it a plain absolute path
+        log.warning("%s: home %s of %s is unusable, using /", source, show(home), show(login))
+        home = "/"
+    groups = _read_account_file(rootfs, "/etc/group", where)
     if gname:
-        g = _int_id(gname)
         if g is None:
             for row in groups:
                 if len(row) >= 3 and row[0] == gname and _int_id(row[2]) is not None:
                     g = _int_id(row[2])
                     break
             if g is None:
-                raise UserNotFound(f"group {gname!r}: not found in the image's /etc/group")
+                raise UserNotFound(
+                    f"{what}: group {show(gname)} not found in the image's /etc/group"
+                )
         gid = g
-    extra: list[int] = []
+    # a dict keeps /etc/group's order and makes each duplicate check O(1): with a list, an
+    # image listing the user in 65537 groups took minutes (quadratic)
+    extra: dict[int, None] = {}
     if login:
         for row in groups:
             if len(row) >= 4 and login in row[3].split(","):
-                g = _int_id(row[2])
-                if g is not None and g != gid and g not in extra:
-                    extra.append(g)
+                g2 = _int_id(row[2])
+                if g2 is not None and g2 != gid:
+                    extra[g2] = None
+    if len(extra) > NGROUPS_MAX:
+        raise ImageConfigError(
+            f"{what}: {source}: /etc/group lists the user in {len(extra)} groups, over the "
+            f"kernel's {NGROUPS_MAX}"
+        )
     return ResolvedUser(uid, gid, tuple(extra), home)
 
 
@@ -362,19 +659,147 @@ def default_hostname(cfg: ContainerConfig, container_id: str) -> str:
     return container_id[: HOST_NAME_MAX - 1]
 
 
+def _arg_max() -> int:
+    """What execve(2) takes in all (strings + NULs + pointers): a quarter of the stack limit
+    (which runc and the container inherit from us), as glibc's sysconf reports it."""
+    try:
+        value = os.sysconf("SC_ARG_MAX")
+    except (OSError, ValueError):
+        value = -1
+    # 2 MiB = a quarter of the usual 8 MiB stack limit
+    return value if value > 0 else 2 << 20
+
+
 def _validate(cfg: ContainerConfig, container_id: str) -> None:
+    """Checks that need no rootfs; raises BadRunOption / ImageConfigError naming the value."""
     if not cfg.args:
         raise BadRunOption(
             f"container {container_id}: no command (the image has no Entrypoint/Cmd and none given)"
         )
+    if not cfg.args[0]:
+        _refuse(cfg, "args", f"{show(cfg.args[0])}: the program name (first item) is empty")
+    for i, arg in enumerate(cfg.args):
+        problem = _text_problem(arg)
+        if problem:
+            _refuse(cfg, "args", f"[{i}] {show(arg)} {problem}")
     if cfg.net not in NET_MODES:
         raise BadRunOption(f"--net {cfg.net!r}: expected one of {', '.join(NET_MODES)}")
-    if cfg.hostname and (len(cfg.hostname) >= HOST_NAME_MAX or "\0" in cfg.hostname):
-        raise BadRunOption(f"--hostname {cfg.hostname!r}: at most {HOST_NAME_MAX - 1} bytes")
-    clean_container_path(cfg.cwd, "--cwd")
+    if cfg.hostname and (
+        len(cfg.hostname) >= HOST_NAME_MAX or not _HOSTNAME.match(cfg.hostname)
+    ):
+        raise BadRunOption(
+            f"--hostname {show(cfg.hostname)}: expected at most {HOST_NAME_MAX - 1} letters, "
+            "digits, '-', '.' or '_'"
+        )
+    problem = _text_problem(cfg.cwd)
+    if problem:
+        _refuse(cfg, "cwd", f"{show(cfg.cwd)} {problem}")
+    if not cfg.cwd.startswith("/"):
+        _refuse(cfg, "cwd", f"{show(cfg.cwd)}: the working directory must be an absolute path")
     for item in cfg.env:
-        if "=" not in item or item.startswith("="):
-            raise BadRunOption(f"env {item!r}: expected KEY=VALUE")
+        problem = _check_env_item(item)
+        if problem:
+            raise BadRunOption(f"env {show(item)} {problem}")
+    # execve(2) limits, checked here so the error names the culprit instead of runc's E2BIG
+    totals = {"args": 0, "env": 0}
+    for name, values in (("args", cfg.args), ("env", cfg.env)):
+        for value in values:
+            size = len(value.encode("utf-8", "surrogateescape")) + 1
+            if size > MAX_ARG_STRLEN:
+                _refuse(cfg, name, f"{show(value)}: {size} bytes, over the kernel's "
+                        f"{MAX_ARG_STRLEN}-byte limit per string")
+            totals[name] += size + 8  # and one pointer
+    total = totals["args"] + totals["env"]
+    arg_max = _arg_max()
+    if total > arg_max:
+        # blame the bigger part
+        culprit = "env" if totals["env"] > totals["args"] else "args"
+        _refuse(
+            cfg,
+            culprit,
+            f"is too big: command and environment take {total} bytes ({len(cfg.args)} args, "
+            f"{len(cfg.env)} variables), over execve's {arg_max} (E2BIG)",
+        )
+
+
+def _source(cfg: ContainerConfig, rootfs: Path) -> str:
+    return f"image {cfg.image}" if cfg.image else f"rootfs {rootfs}"
+
+
+def _check_kernel_mountpoints(cfg: ContainerConfig, rootfs: Path) -> None:
+    """/proc, /sys and /dev of the rootfs must be directories (or missing: runc makes them)."""
+    for path in KERNEL_MOUNTPOINTS:
+        try:
+            st = (rootfs / path[1:]).lstat()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise BundleError(f"{_source(cfg, rootfs)}: {path}: {exc}") from exc
+        if not stat.S_ISDIR(st.st_mode):
+            raise ImageConfigError(
+                f"{_source(cfg, rootfs)}: {path} is a {_kind(st.st_mode)}, not a directory "
+                "(the kernel's filesystem is mounted there)"
+            )
+
+
+def _resolve_cwd(cfg: ContainerConfig, rootfs: Path) -> str:
+    """The working directory with the image's symlinks resolved inside the rootfs."""
+    cwd = clean_cwd(cfg.cwd)
+    resolved = resolve_container_path(rootfs, cwd)
+    via = f"{show(cfg.cwd)}" + (f" (resolves to {show(resolved)})" if resolved != cwd else "")
+    for tree in MAGIC_TREES:
+        if _under(resolved, tree):
+            _refuse(
+                cfg,
+                "cwd",
+                f"{via}: a working directory inside {tree} is refused (its fd/N links lead "
+                "to the runtime's open files, CVE-2024-21626)",
+            )
+    bad = _non_directory_on_path(rootfs, resolved, include_last=True)
+    if bad:
+        _refuse(cfg, "cwd", f"{via}: {bad} in the rootfs is not a directory")
+    if resolved != cfg.cwd:
+        log.info("%s %s: using %s", _what(cfg, "cwd"), show(cfg.cwd), resolved)
+    return resolved
+
+
+def _check_program(cfg: ContainerConfig, rootfs: Path) -> None:
+    """An image's program given by path must not lead into /proc or /dev (as the cwd)."""
+    if "args" not in cfg.from_image or "/" not in cfg.args[0]:
+        return  # a bare name is looked up in PATH by the container; the user's own command
+    program = cfg.args[0] if cfg.args[0].startswith("/") else cfg.cwd + "/" + cfg.args[0]
+    resolved = resolve_container_path(rootfs, clean_cwd(program))
+    for tree in MAGIC_TREES:
+        if _under(resolved, tree):
+            _refuse(
+                cfg,
+                "args",
+                f"{show(cfg.args[0])} resolves to {show(resolved)}: a program inside {tree} "
+                "is refused (/proc/self/exe is the runtime itself, CVE-2019-5736)",
+            )
+
+
+def _mount_destination(rootfs: Path, dest: str, what: str, fail: type[IpfsnapError]) -> str:
+    """A bind mount's destination with the image's symlinks resolved inside the rootfs.
+
+    The resolved path goes into the spec, so runc never follows a symlink of the image
+    (securejoin races, CVE-2021-30465), and the checks below see where the mount lands.
+    """
+    resolved = resolve_container_path(rootfs, dest)
+    via = show(dest) + (f" (resolves to {show(resolved)})" if resolved != dest else "")
+    if resolved == "/":
+        raise fail(f"{what}: destination {via} would cover the container's root")
+    if _under(resolved, "/proc"):
+        raise fail(f"{what}: destination {via} lies inside /proc (refused, as runc does)")
+    for tree in KERNEL_MOUNTPOINTS:
+        if resolved != dest and _under(resolved, tree):
+            raise fail(f"{what}: destination {via}: a symlink of the image leads into {tree}")
+    bad = _non_directory_on_path(rootfs, resolved, include_last=False)
+    if bad:
+        raise fail(f"{what}: destination {via}: {bad} in the rootfs is not a directory")
+    if resolved != dest:
+        log.info("%s: mount destination %s resolves to %s", what, dest, resolved)
+    return resolved
 
 
 def _default_mounts() -> list[dict[str, Any]]:
@@ -446,7 +871,17 @@ def build_spec(
     ``etc_files`` maps container paths (``/etc/resolv.conf``...) to files to bind mount there.
     """
     _validate(cfg, container_id)
-    user = resolve_user(rootfs, cfg.user)
+    source = _source(cfg, rootfs)
+    _check_kernel_mountpoints(cfg, rootfs)
+    cwd = _resolve_cwd(cfg, rootfs)
+    _check_program(cfg, rootfs)
+    user = resolve_user(
+        rootfs,
+        cfg.user,
+        what=_what(cfg, "user"),
+        source=source,
+        from_image="user" in cfg.from_image,
+    )
     env = merge_env(
         [f"PATH={DEFAULT_PATH}", f"HOME={user.home}"] + (["TERM=xterm"] if cfg.tty else []),
         cfg.env,
@@ -458,11 +893,15 @@ def build_spec(
         user_doc["additionalGids"] = list(user.additional_gids)
     mounts = _default_mounts()
     for dest, src in etc_files.items():
-        mounts.append(_bind(src, dest, readonly=False))
+        # ipfsnap's own files: where the image's /etc leads is the image's doing
+        where = _mount_destination(rootfs, dest, source, ImageConfigError)
+        mounts.append(_bind(src, where, readonly=False))
     for m in cfg.mounts:
         if not m.source.exists():
             raise BadRunOption(f"--mount src={m.source}: no such file or directory")
-        mounts.append(_bind(m.source, m.destination, m.readonly))
+        where = _mount_destination(rootfs, m.destination, f"--mount dst={m.destination}",
+                                   BadRunOption)
+        mounts.append(_bind(m.source, where, m.readonly))
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
     if cfg.net != "host":
         namespaces.append({"type": "network"})
@@ -473,7 +912,7 @@ def build_spec(
             "user": user_doc,
             "args": list(cfg.args),
             "env": env,
-            "cwd": clean_container_path(cfg.cwd, "--cwd"),
+            "cwd": cwd,
             "capabilities": {
                 "bounding": caps,
                 "effective": list(privileged_sets),
