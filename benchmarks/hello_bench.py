@@ -55,6 +55,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -390,6 +391,10 @@ class Run:
     #: lazy modes: fetched bytes the layer filesystem reports (snapshot status), else -1
     layer_fetched: int = -1
     workload: str = "hello"
+    #: seconds from launching ``ipfsnap snapshotter`` until it served and its spare layer
+    #: worker waited for a mount (before the timed pull); -1: started on demand inside the
+    #: pull (``--cold-snapshotter``)
+    ready: float = -1.0
 
     @property
     def total(self) -> float:
@@ -404,18 +409,40 @@ class Bench:
     #: "full", "lazy", or "lazy-opt:<workload>" -> CID
     cids: dict[str, str] = field(default_factory=dict)
     keep_logs: Path | None = None
+    #: the old method: no snapshotter before the timed pull, rpull starts it on demand
+    cold_snapshotter: bool = False
+
+
+def ipfsnap_env() -> dict[str, str]:
+    """The environment of every ipfsnap command (and so of the snapshotter and its workers
+    they start): as on an installed node, Python keeps the compiled modules
+    (PYTHONDONTWRITEBYTECODE, which a development shell may set, would make every ipfsnap
+    process compile its modules again: ~0.2-0.3 s per command measured under load)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["IPFSNAP_TEST_NO_TTY"] = "1"
+    return env
+
+
+def precompile() -> None:
+    """Compile ipfsnap's modules once (pip does it at install time for a deployed node), so
+    the first run does not pay for it either."""
+    import compileall
+
+    compileall.compile_dir(str(ROOT / "src" / "ipfsnap"), quiet=1)
 
 
 def ipfsnap(state: Path, *args: str, api: str | None = None, timeout: float = 3600,
-            capture: bool = True) -> subprocess.CompletedProcess[str]:
+            capture: bool = True, verbose: bool = False) -> subprocess.CompletedProcess[str]:
     cmd = [str(IPFSNAP), "--state-dir", str(state)]
     config = state.with_name(state.name + ".toml")
     if config.is_file():
         cmd += ["--config", str(config)]
     if api:
         cmd += ["--ipfs-api", api]
+    if verbose:
+        cmd.append("-v")
     proc = subprocess.run([*cmd, *args], capture_output=capture, text=True, timeout=timeout,
-                          env={**os.environ, "IPFSNAP_TEST_NO_TTY": "1"})
+                          env=ipfsnap_env())
     if proc.returncode != 0:
         err = (proc.stderr or "").strip().splitlines()[-3:]
         raise BenchError(f"ipfsnap {' '.join(args[:3])} exited {proc.returncode}: "
@@ -454,7 +481,7 @@ def layer_fetched(state: Path, api: str) -> int:
 def cleanup_state(state: Path) -> None:
     """Stop what a run left (snapshotter, lazy mounts) and delete its state dir."""
     subprocess.run([str(IPFSNAP), "--state-dir", str(state), "snapshotter", "stop"],
-                   capture_output=True, timeout=120)
+                   capture_output=True, timeout=120, env=ipfsnap_env())
     out = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True)
     for m in sorted(out.stdout.split("\n"), reverse=True):
         if m.startswith(str(state) + "/"):
@@ -462,10 +489,14 @@ def cleanup_state(state: Path) -> None:
     shutil.rmtree(state, ignore_errors=True)
 
 
-def keep_logs(state: Path, dest: Path, times: dict[str, float]) -> None:
-    """Copy the snapshotter's and the layer workers' logs and statuses to ``dest``."""
+def keep_logs(state: Path, dest: Path, times: dict[str, float],
+              cli_logs: dict[str, str] | None = None) -> None:
+    """Copy the snapshotter's and the layer workers' logs and statuses to ``dest``, with the
+    timed commands' own (``-v``) logs in ``cli_logs`` (name -> text)."""
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "times.json").write_text(json.dumps(times, indent=1))
+    for name, text in (cli_logs or {}).items():
+        (dest / f"{name}.log").write_text(text)
     with contextlib.suppress(OSError):
         shutil.copy(state / "snapshotter.log", dest / "snapshotter.log")
     workers = state / "fs" / "workers"
@@ -474,6 +505,59 @@ def keep_logs(state: Path, dest: Path, times: dict[str, float]) -> None:
             for name in ("worker.log", "status.json"):
                 with contextlib.suppress(OSError):
                     shutil.copy(wdir / name, dest / f"layer{n}-{name}")
+
+
+#: x86_64 syscall numbers of select(2) and pselect6(2): the spare layer worker waits in one
+#: of them for its spec (``fs.worker.wait_for_spec``) once its imports are done
+_SELECT_SYSCALLS = {"x86_64": ("23", "270"), "aarch64": ("72",)}
+#: seconds the snapshotter's spare worker may take to finish its imports (~1 s idle; a
+#: heavily loaded 2-core machine took ~6 s, docs/benchmarks.md)
+SPARE_TIMEOUT = 60.0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+def spare_waiting(snapshotter_pid: int) -> bool:
+    """Whether a spare layer worker of the snapshotter waits for a spec: a child
+    ``python -m ipfsnap.fs.worker --stdin`` blocked in select (imports done)."""
+    calls = _SELECT_SYSCALLS.get(os.uname().machine, ())
+    for child in _children(snapshotter_pid):
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            syscall = Path(f"/proc/{child}/syscall").read_text().split()
+        except OSError:
+            continue
+        if b"ipfsnap.fs.worker" in argv and b"--stdin" in argv and syscall[:1] and \
+                syscall[0] in calls:
+            return True
+    return False
+
+
+def start_snapshotter(state: Path, api: str) -> float:
+    """Start the state dir's snapshotter (``ipfsnap snapshotter``, which returns once it
+    answers) and wait until its spare layer worker is ready too, as on a node where the
+    snapshotter runs as a service; the seconds it took."""
+    from ipfsnap.service.paths import lock_holder
+
+    t0 = time.perf_counter()
+    ipfsnap(state, "snapshotter", api=api, timeout=300)
+    pid = lock_holder(state)
+    if pid is None:
+        raise BenchError(f"snapshotter of {state}: not running after 'ipfsnap snapshotter'")
+    deadline = time.monotonic() + SPARE_TIMEOUT
+    while not spare_waiting(pid):
+        if time.monotonic() > deadline:
+            log.warning("snapshotter %d: no spare layer worker ready after %.0f s; timing "
+                        "the pull anyway", pid, SPARE_TIMEOUT)
+            break
+        time.sleep(0.02)
+    return time.perf_counter() - t0
 
 
 def one_run(bench: Bench, mode: str, n: int, workload: str = "hello") -> Run:
@@ -491,14 +575,20 @@ def one_run(bench: Bench, mode: str, n: int, workload: str = "hello") -> Run:
         snapshotter = "overlayfs" if base == "full" else "stargz"
         cid = bench.cids[f"lazy-opt:{workload}" if base == "lazy-opt" else base]
         argv, expect = WORKLOADS[workload]
+        ready = -1.0
+        w_ready = time.time()
+        if not bench.cold_snapshotter:
+            ready = start_snapshotter(state, api)
+        verbose = bench.keep_logs is not None
         drop_caches()
         before = bitswap_received(node_b.api_url)
         w0 = time.time()
         t0 = time.perf_counter()
-        ipfsnap(state, "image", "rpull", "--ipfs", "--snapshotter", snapshotter, cid, api=api)
+        pulled = ipfsnap(state, "image", "rpull", "--ipfs", "--snapshotter", snapshotter, cid,
+                         api=api, verbose=verbose)
         t1 = time.perf_counter()
         proc = ipfsnap(state, "run", f"--snapshotter={snapshotter}", "--rm", cid, "hello",
-                       *argv, api=api)
+                       *argv, api=api, verbose=verbose)
         t2 = time.perf_counter()
         if expect not in proc.stdout:
             raise BenchError(f"{workload}/{mode} run {n}: unexpected output: "
@@ -506,10 +596,14 @@ def one_run(bench: Bench, mode: str, n: int, workload: str = "hello") -> Run:
         bitswap = bitswap_received(node_b.api_url) - before
         fetched = blockstore_bytes(repo)
         if bench.keep_logs is not None:
-            keep_logs(state, bench.keep_logs / f"{workload}-{mode}-{n}",
-                      {"start": w0, "pulled": w0 + t1 - t0, "ran": w0 + t2 - t0})
+            times = {"start": w0, "pulled": w0 + t1 - t0, "ran": w0 + t2 - t0}
+            if ready >= 0:
+                times["snapshotter_launched"] = w_ready
+                times["snapshotter_ready"] = w_ready + ready
+            keep_logs(state, bench.keep_logs / f"{workload}-{mode}-{n}", times,
+                      {"rpull": pulled.stderr, "run": proc.stderr})
         lf = layer_fetched(state, api) if base != "full" else -1
-        return Run(mode, t1 - t0, t2 - t1, fetched, bitswap, lf, workload)
+        return Run(mode, t1 - t0, t2 - t1, fetched, bitswap, lf, workload, ready)
     finally:
         cleanup_state(state)
         state.with_name(state.name + ".toml").unlink(missing_ok=True)
@@ -606,11 +700,101 @@ def report(runs: Sequence[Run], image_bytes: tuple[int, int, int]) -> str:
                 gain = 100 * (1 - medians[mode] / medians[plain])
                 notes.append(f"{w}: {mode} total is {gain:.0f}% below {plain} "
                              f"({medians[plain]:.2f} s -> {medians[mode]:.2f} s, medians)")
+    warm = [r.ready for r in runs if r.ready >= 0]
+    cold = sum(1 for r in runs if r.ready < 0)
+    if warm:
+        notes.append(f"snapshotter: started before each timed pull in {len(warm)} runs (as the "
+                     "reference's reboot_containerd.sh), serving with its spare layer worker "
+                     f"ready after {_fmt_s(warm)} s, not in the pull")
+    if cold:
+        notes.append(f"snapshotter: started on demand by rpull, inside the timed pull, in "
+                     f"{cold} runs (--cold-snapshotter)")
     lines += ["", *notes]
     lines.append("seconds: median (min-max); fetched from IPFS = bytes of the blocks node B "
                  "holds after the run (its repo starts empty); fetched / image = of the "
                  "compressed layer bytes; lazy layers' fetched = sum of `snapshot status` "
                  "fetched (medians)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# phases of one kept run (--keep-logs), from its logs
+
+
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+_LAYER_DONE = re.compile(r"layer (sha256:[0-9a-f]{64}): (mounted lazily|unpacked) as snapshot")
+_TOC = re.compile(r"TOC (.*?) in ([\d.]+) s(?:: (\d+) entries)?")
+
+
+def _stamped(path: Path) -> list[tuple[float, str]]:
+    """(wall-clock time, line) of a log's lines that carry a logging timestamp."""
+    import datetime
+
+    out = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            m = _STAMP.match(line)
+            if m:
+                t = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
+                out.append((t.timestamp(), line))  # naive = local time, as logging writes
+    return out
+
+
+def phases(run_dir: Path) -> list[tuple[str, float, str]]:
+    """Where one kept run spent its time: (phase, seconds, detail) rows, from its
+    ``times.json``, the rpull command's ``-v`` log and the layer workers' logs/statuses."""
+    times = json.loads((run_dir / "times.json").read_text())
+    rows: list[tuple[str, float, str]] = []
+    if "snapshotter_ready" in times:
+        rows.append(("snapshotter start-up, before the timed pull (not timed)",
+                     times["snapshotter_ready"] - times["snapshotter_launched"],
+                     "`ipfsnap snapshotter` until it serves and its spare worker waits"))
+    rpull = _stamped(run_dir / "rpull.log")
+    if not rpull:
+        return rows
+    start = times["start"]
+    rows.append(("rpull CLI start-up (to its first log line)", rpull[0][0] - start,
+                 "interpreter, imports, IPFS API"))
+    t = rpull[0][0]
+    tocs: dict[str, str] = {}
+    for status in sorted(run_dir.glob("layer*-status.json")):
+        st = json.loads(status.read_text())
+        wlog = status.with_name(status.name.replace("-status.json", "-worker.log"))
+        for _, line in _stamped(wlog):
+            m = _TOC.search(line)
+            if m:
+                tocs[st.get("layer", "")] = (f"TOC {m.group(1)} in {m.group(2)} s"
+                                             + (f", {m.group(3)} entries" if m.group(3) else ""))
+    n = 0
+    for when, line in rpull[1:]:
+        m = re.search(r"resolved in ([\d.]+) s", line)
+        if m:
+            rows.append(("resolve (root descriptor, index/manifest, config; verified)",
+                         when - t, line.split("resolved in", 1)[1].strip()))
+            t = when
+            continue
+        m = _LAYER_DONE.search(line)
+        if m:
+            n += 1
+            rows.append((f"layer {n} {m.group(2)} (from the previous step)", when - t,
+                         tocs.get(m.group(1), "")))
+            t = when
+    rows.append(("rest of rpull (store the name, exit)", times["pulled"] - start - (t - start),
+                 ""))
+    rows.append(("pull total (timed)", times["pulled"] - start, ""))
+    fg = [json.loads(s.read_text()) for s in run_dir.glob("layer*-status.json")]
+    detail = ""
+    if fg:
+        detail = (f"{sum(int(x.get('foreground_calls', 0)) for x in fg)} IPFS requests from "
+                  f"the layers, {sum(float(x.get('foreground_seconds', 0)) for x in fg):.2f} s "
+                  "summed")
+    rows.append(("run (timed)", times["ran"] - times["pulled"], detail))
+    return rows
+
+
+def phases_table(run_dir: Path) -> str:
+    lines = [f"{run_dir.name}:", "", "| phase | seconds | detail |", "|---|---:|---|"]
+    lines += [f"| {name} | {sec:.2f} | {detail} |" for name, sec, detail in phases(run_dir)]
     return "\n".join(lines)
 
 
@@ -638,9 +822,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{','.join(DEFAULT_MODES)}; see the module docstring for suffixes)")
     parser.add_argument("--keep-logs", metavar="DIR", type=Path,
                         help="keep each run's snapshotter/worker logs and statuses here")
+    parser.add_argument("--cold-snapshotter", action="store_true",
+                        help="the old method: no snapshotter runs before the timed pull, "
+                        "rpull starts it on demand (its start-up is then in the pull)")
     parser.add_argument("--report", metavar="FILE",
                         help="print the table for the runs saved by --json FILE, then exit")
+    parser.add_argument("--phases", metavar="RUN_DIR", type=Path, nargs="+",
+                        help="print where each run kept by --keep-logs spent its time, exit")
     args = parser.parse_args(argv)
+    if args.phases:
+        print("\n\n".join(phases_table(d) for d in args.phases))
+        return 0
     if args.report:
         which = args.image or ("small" if args.quick else "big")
         archive = build_big_image() if which == "big" else small_image()
@@ -670,6 +862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         archive = build_big_image() if which == "big" else small_image()
         print(f"# image {archive} ready ({time.monotonic() - t0:.0f} s)", file=sys.stderr)
         sizes = image_sizes(archive)
+        precompile()
         if args.build_only:
             print(f"{archive} layers={sizes[0]} compressed={sizes[1]} uncompressed={sizes[2]}")
             return 0
@@ -677,6 +870,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="hello-bench-", dir="/var/tmp") as tmp, \
                 setup(archive, Path(tmp), workloads, optimized, "full" in modes) as bench:
             bench.keep_logs = args.keep_logs
+            bench.cold_snapshotter = args.cold_snapshotter
             # full fetches the whole image whatever the workload: it runs for the first
             # workload only; the other workloads get --runs-other rounds
             other = args.runs_other if args.runs_other is not None else runs_per_mode
@@ -692,7 +886,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"total {r.total:.2f} s, fetched {_mb(r.fetched)} (bitswap "
                       f"{_mb(r.bitswap)}, layers "
                       f"{_mb(r.layer_fetched) if r.layer_fetched >= 0 else '-'}), "
-                      f"load {loads[-1]:.1f}", file=sys.stderr, flush=True)
+                      + (f"snapshotter ready in {r.ready:.2f} s, " if r.ready >= 0 else "")
+                      + f"load {loads[-1]:.1f}", file=sys.stderr, flush=True)
                 runs.append(r)
                 if args.json:  # as we go: a long run interrupted still leaves its data
                     _write_json(Path(args.json), runs)
@@ -709,7 +904,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _write_json(path: Path, runs: Sequence[Run]) -> None:
     path.write_text(json.dumps(
         [{"mode": r.mode, "pull": r.pull, "run": r.run, "fetched": r.fetched,
-          "bitswap": r.bitswap, "layer_fetched": r.layer_fetched, "workload": r.workload}
+          "bitswap": r.bitswap, "layer_fetched": r.layer_fetched, "workload": r.workload,
+          "ready": r.ready}
          for r in runs],
         indent=1))
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import logging
 import sys
 from collections.abc import Sequence
@@ -54,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # When the process exits, the interpreter's final garbage collections walk every object
+    # the command's imports made (trio, the IPFS client, ...): 0.1-0.5 s per command on a
+    # loaded 2-core machine (measured 2026-11-28, vs 0.02-0.08 s frozen). Frozen objects are
+    # skipped; what must run at exit runs explicitly (with-blocks, atexit), not from the GC.
+    atexit.unregister(gc.freeze)  # once, however often main() runs in one process
+    atexit.register(gc.freeze)
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)

@@ -8,6 +8,11 @@ the overlayfs one is opened in-process: see :func:`open_snapshotter`.
 
 Output: rpull prints one ``fetching sha256:<8 hex>... <mediaType>`` line per blob fetched on
 stdout, as the reference's ``ctr-remote image rpull`` does, and nothing else.
+
+rpull's critical path is CLI start -> documents resolved through IPFS (3-4 sequential round
+trips, each through the local node to a peer) -> one prepare per layer. Connecting to the
+snapshotter service (or starting it, ~1 s) does not depend on the documents, so :func:`pull`
+does it in a background thread while the main thread resolves.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ import argparse
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ipfsnap.cli.common import Context, print_line
 from ipfsnap.errors import NotFoundError, UsageError
@@ -35,6 +43,8 @@ if TYPE_CHECKING:
     from ipfsnap.snapshot import Snapshotter
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: key prefix of the view snapshots ``image mount`` creates (the target path follows)
 MOUNT_KEY_PREFIX = "ipfsnap-mount "
@@ -83,16 +93,71 @@ def request_api(config: Config) -> str | None:
     return found.url if found is not None else None
 
 
+def resolve_api(config: Config) -> str:
+    """The configured IPFS API (URL), or a discovered one, or a managed node's started now;
+    recorded in ``config`` so the snapshotter and the lazy layer workers use the same one."""
+    from ipfsnap.cli.ipfs_node import ensure_api, find_api
+
+    # an explicit address is used unchecked (as ensure_api does); asking find_api directly
+    # skips ensure_api's import of the managed-node code (~0.1 s of rpull's critical path)
+    found = find_api(config) if config.ipfs_api else None
+    api = found.url if found is not None else ensure_api(config)
+    config.ipfs_api = api
+    return api
+
+
 def ipfs_client(config: Config) -> IPFSClient:
     """A client of the configured IPFS API, or of a managed node started now (and the API
     recorded in ``config`` so the lazy layer workers use the same one)."""
-    from ipfsnap.cli.ipfs_node import ensure_api
     from ipfsnap.ipfs.client import IPFSClient
     from ipfsnap.ipfs.core import RetryPolicy
 
-    api = ensure_api(config)
-    config.ipfs_api = api
+    api = resolve_api(config)
     return IPFSClient(api, auth=config.ipfs_auth, retry=RetryPolicy.from_config(config.blob))
+
+
+class EnteredInBackground(Generic[T]):
+    """A context manager entered in a thread started now: :meth:`get` waits for its value
+    (raising what entering raised), :meth:`close` waits and exits it. For work a command
+    needs later that does not depend on what it does first."""
+
+    def __init__(self, cm: AbstractContextManager[T], name: str) -> None:
+        self._cm = cm
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._entered = False
+        self._thread = threading.Thread(target=self._enter, name=name, daemon=True)
+        self._thread.start()
+
+    def _enter(self) -> None:
+        try:
+            self._value = self._cm.__enter__()
+            self._entered = True
+        except BaseException as exc:  # handed to the caller by get()
+            self._error = exc
+
+    def get(self) -> T:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._entered
+        return self._value  # type: ignore[return-value]  # set when entered
+
+    def close(self) -> None:
+        self._thread.join()
+        if self._entered:
+            self._entered = False
+            self._cm.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def _snapshotter_for_pull(config: Config, name: str) -> Iterator[Snapshotter]:
+    """:func:`open_snapshotter`, its time logged (debug)."""
+    t0 = time.monotonic()
+    with open_snapshotter(config, name) as snaps:
+        log.debug("snapshotter %s ready for the pull after %.3f s", name,
+                  time.monotonic() - t0)
+        yield snaps
 
 
 
@@ -103,16 +168,23 @@ def _prefetch(config: Config) -> int | None:
 def pull(ctx: Context, ref: str, snapshotter: str | None,
          platform: Platform | None = None) -> PulledImage:
     """rpull ``ref`` into the local store, unpacking into ``snapshotter`` (None: documents
-    only)."""
-    from ipfsnap.content.store import ImageStore
-    from ipfsnap.image.rpull import rpull
-    from ipfsnap.progress import progress_for
+    only). The snapshotter is opened in the background while the documents are resolved."""
+    # the API first: a snapshotter started now must be given the same one
+    resolve_api(ctx.config)
+    log.info("rpull %s: resolving through IPFS", ref)
+    with contextlib.ExitStack() as stack:
+        snaps: Callable[[], Snapshotter] | None = None
+        if snapshotter:
+            opening = EnteredInBackground(_snapshotter_for_pull(ctx.config, snapshotter),
+                                          f"open snapshotter {snapshotter}")
+            stack.callback(opening.close)
+            snaps = opening.get
+        from ipfsnap.content.store import ImageStore
+        from ipfsnap.image.rpull import rpull
+        from ipfsnap.progress import progress_for
 
-    images = ImageStore(ctx.config.state_dir)
-    client = ipfs_client(ctx.config)
-    with client, contextlib.ExitStack() as stack:
-        snaps = (stack.enter_context(open_snapshotter(ctx.config, snapshotter))
-                 if snapshotter else None)
+        images = ImageStore(ctx.config.state_dir)
+        client = stack.enter_context(ipfs_client(ctx.config))
         return rpull(ref, snaps, client=client, images=images, platform=platform,
                      lazy=snapshotter is not None and is_lazy(snapshotter),
                      prefetch_size=_prefetch(ctx.config), report=print_line,

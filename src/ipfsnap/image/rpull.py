@@ -3,11 +3,16 @@
 Resolve the CID (root descriptor -> index -> manifest for the platform -> config, each blob
 verified and stored), prepare one snapshot per layer (lazily mounted eStargz layers, or
 fetched whole), and only then name the image ``ipfs://<CID>``: a failure leaves no name.
+
+The snapshotter may be given as a factory (a :data:`SnapshotterSource`) that is called only
+once the documents are resolved: the CLI connects to (or starts) the snapshotter service in
+the background while the documents cross IPFS, so neither waits for the other.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +30,9 @@ from ipfsnap.progress import Progress
 from ipfsnap.snapshot import Snapshotter
 
 log = logging.getLogger(__name__)
+
+#: a snapshotter, or a factory giving one when it is first needed (after resolution)
+SnapshotterSource = Snapshotter | Callable[[], Snapshotter]
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,7 @@ class PulledImage:
 
 def rpull(
     ref: str,
-    snapshotter: Snapshotter | None,
+    snapshotter: SnapshotterSource | None,
     *,
     client: ClientSource,
     images: ImageStore,
@@ -59,7 +67,8 @@ def rpull(
 
     With a ``snapshotter``, its layers become committed snapshots named by chain ID (lazily
     mounted when ``lazy`` and the snapshotter supports it); without one only the documents
-    are stored (``run`` unpacks later with the snapshotter it uses). ``report`` gets one
+    are stored (``run`` unpacks later with the snapshotter it uses). A factory is called
+    once, after the documents are resolved and verified. ``report`` gets one
     ``fetching sha256:<8 hex>... <mediaType>`` line per blob fetched.
     """
     cid = parse_ipfs_ref(ref)
@@ -67,10 +76,14 @@ def rpull(
     fetcher = BlobFetcher(client, images.blobs, report=report, progress=progress)
     # the lease keeps gc from sweeping blobs stored before the name exists
     with images.lease():
+        t0 = time.monotonic()
         remote = resolve_remote(fetcher, cid, platform)
+        log.info("image %s resolved in %.3f s (root descriptor and %d documents fetched)",
+                 name, time.monotonic() - t0, len(fetcher.fetched))
         result: UnpackResult | None = None
         if snapshotter is not None:
-            result = unpack(name, remote.manifest, remote.config, snapshotter,
+            snaps = snapshotter() if callable(snapshotter) else snapshotter
+            result = unpack(name, remote.manifest, remote.config, snaps,
                             blobs=images.blobs, fetcher=fetcher, lazy=lazy,
                             prefetch_size=prefetch_size)
             chains = result.chain_ids
