@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import hashlib
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -111,16 +113,29 @@ def _bind_rootfs(source: Path) -> MountRootfs:
     return mount
 
 
-def release_for(ctx: Context) -> Release:
-    """The callback that frees what a container's record says it holds (its snapshot)."""
+def release_for(ctx: Context, shared: SnapshotSession | None = None) -> Release:
+    """The callback that frees what a container's record says it holds (its snapshot);
+    through ``shared`` when it is the record's snapshotter (the run's own connection)."""
 
     def release(record: ContainerRecord) -> None:
         if not record.snapshot_key:
             return
+        from ipfsnap.service.errors import ServiceUnavailable
         from ipfsnap.snapshot.errors import SnapshotNotFound
 
-        with open_snapshots(ctx, record.snapshotter or OVERLAYFS) as snaps, \
-                contextlib.suppress(SnapshotNotFound):
+        name = record.snapshotter or OVERLAYFS
+        if shared is not None and shared.name == name:
+            try:
+                with contextlib.suppress(SnapshotNotFound):
+                    shared.get().remove(record.snapshot_key)
+                return
+            except ServiceUnavailable as exc:
+                # the connection held since the mount was lost (the service restarted while
+                # the container ran): once more on a new one; already removed is fine
+                log.debug("run %s: snapshotter connection lost (%s); reconnecting",
+                          record.id, exc)
+                shared.close()
+        with open_snapshots(ctx, name) as snaps, contextlib.suppress(SnapshotNotFound):
             snaps.remove(record.snapshot_key)
 
     return release
@@ -154,6 +169,40 @@ def open_snapshots(ctx: Context, snapshotter: str = OVERLAYFS) -> Iterator[Snaps
 
     with open_snapshotter(ctx.config, snapshotter) as store:
         yield store
+
+
+class SnapshotSession:
+    """One open snapshotter for the whole of a run, opened on first use: the rootfs mount and
+    the ``--rm`` release share it (one connection to the snapshotter service, or one open
+    store, instead of one each)."""
+
+    def __init__(self, ctx: Context, name: str) -> None:
+        self.ctx = ctx
+        self.name = name
+        self._stack = contextlib.ExitStack()
+        self._snaps: Snapshotter | None = None
+
+    def get(self) -> Snapshotter:
+        if self._snaps is None:
+            self._snaps = self._stack.enter_context(open_snapshots(self.ctx, self.name))
+        return self._snaps
+
+    def close(self) -> None:
+        self._snaps = None
+        self._stack.close()
+
+
+def top_chain_id(diff_ids: Sequence[str]) -> str:
+    """The chain ID of an image's top layer, the name its committed layer snapshot has
+    (ipfsnap.image.unpack names them so; a test checks both agree): ChainID(L0) = DiffID(L0),
+    ChainID(Ln) = sha256 of ChainID(Ln-1) + " " + DiffID(Ln), as the OCI image spec says."""
+    if not diff_ids:
+        return ""
+    return functools.reduce(
+        lambda below, diff: "sha256:" + hashlib.sha256(f"{below} {diff}".encode()).hexdigest(),
+        diff_ids[1:],
+        diff_ids[0],
+    )
 
 
 def _overlayfs_layers(ctx: Context, snaps: Snapshotter, image: ResolvedImage) -> str:
@@ -221,15 +270,17 @@ def container_config(
     env: list[str],
     mounts: list[BindMount],
 ) -> ContainerConfig:
-    """The image's Entrypoint/Cmd/Env/WorkingDir/User under the command line's overrides."""
-    from ipfsnap.runtime import ContainerConfig, image_args, merge_env
+    """The image's Entrypoint/Cmd/Env/WorkingDir/User under the command line's overrides
+    (the image's values are untrusted: errors name the image and the field)."""
+    from ipfsnap.runtime.spec import image_container_config
 
-    cfg = image.config
-    return ContainerConfig(
-        args=image_args(cfg.entrypoint, cfg.cmd, cmd),
-        env=merge_env(cfg.env, env),
-        cwd=args.cwd or cfg.working_dir or "/",
-        user=args.user if args.user is not None else cfg.user,
+    return image_container_config(
+        image.record.name,
+        image.config,
+        command=cmd,
+        env=env,
+        cwd=args.cwd,
+        user=args.user,
         hostname=args.hostname or "",
         tty=args.tty,
         mounts=mounts,
@@ -237,20 +288,50 @@ def container_config(
     )
 
 
-def image_rootfs(ctx: Context, image: ResolvedImage, snapshotter: str, key: str) -> MountRootfs:
+def image_rootfs(
+    ctx: Context,
+    image: ResolvedImage,
+    snapshotter: str,
+    key: str,
+    *,
+    session: SnapshotSession | None = None,
+    volatile: bool = False,
+) -> MountRootfs:
     """The mount_rootfs callback: layer snapshots, the container's active snapshot on top,
-    mounted at the target."""
+    mounted at the target.
+
+    When the image's top layer snapshot already exists (every run after the first), the
+    active snapshot is prepared on it at once: one request, none of the unpack machinery
+    (and its imports); only a missing parent goes through the layer provider. ``session``:
+    the snapshotter to use (kept open for the caller; default: opened for the mount only).
+    ``volatile``: the container's snapshot is thrown away after the run (``--rm``), so its
+    overlay is mounted without syncing at unmount (snapshot/mount.py)."""
 
     def mount(target: Path) -> None:
+        from ipfsnap.errors import NotFoundError
         from ipfsnap.snapshot import mount_all
 
         provider = LAYER_PROVIDERS.get(snapshotter)
         if provider is None:
             raise UsageError(f"unknown snapshotter {snapshotter!r}")
-        with open_snapshots(ctx, snapshotter) as snaps:
-            top = provider(ctx, snaps, image)
-            mounts = snaps.prepare(key, top)
-        mount_all(mounts, target)
+        own = session is None
+        snaps_of = session if session is not None else SnapshotSession(ctx, snapshotter)
+        try:
+            snaps = snaps_of.get()
+            mounts = None
+            diff_ids = image.config.diff_ids
+            top = top_chain_id(diff_ids)
+            if top and len(diff_ids) == len(image.manifest.layers):
+                try:
+                    mounts = snaps.prepare(key, top)
+                except NotFoundError:  # a layer snapshot is missing: unpack
+                    log.debug("run: layer snapshot %s missing; unpacking", top)
+            if mounts is None:
+                mounts = snaps.prepare(key, provider(ctx, snaps, image))
+        finally:
+            if own:
+                snaps_of.close()
+        mount_all(mounts, target, volatile=volatile)
 
     return mount
 
@@ -295,6 +376,8 @@ def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
     mounts = [parse_mount(m) for m in args.mount]
     env = parse_env(args.env)
     store = ContainerStore(ctx.config.state_dir)
+    # one snapshotter connection for the mount and the --rm release
+    session = SnapshotSession(ctx, args.snapshotter)
 
     if args.rootfs:
         cfg = ContainerConfig(
@@ -328,12 +411,16 @@ def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
             rm=args.rm,
             args=cfg.args,
         )
-        mount_rootfs = image_rootfs(ctx, image, args.snapshotter, key)
+        mount_rootfs = image_rootfs(ctx, image, args.snapshotter, key, session=session,
+                                    volatile=args.rm)
     try:
-        code = store.run(record, cfg, mount_rootfs=mount_rootfs, release=release_for(ctx))
+        code = store.run(record, cfg, mount_rootfs=mount_rootfs,
+                         release=release_for(ctx, session))
     except Interrupted as exc:
         sys.stderr.write(f"ipfsnap: run {cid}: {exc}\n")
         return 128 + exc.signum
+    finally:
+        session.close()
     if args.detach:
         sys.stdout.write(cid + "\n")
     return code

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import hashlib
@@ -121,7 +120,7 @@ def is_mountpoint(path: Path) -> bool:
 
 def unmount_all(path: Path) -> None:
     """Unmount every mount stacked on ``path`` (lazily if it is busy)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)  # libc; find_library would run ldconfig
     target = str(path.absolute()).encode()
     for _ in range(64):  # bounded: a mountpoint never carries more than a few stacked mounts
         if not is_mountpoint(path):

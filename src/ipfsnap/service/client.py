@@ -40,6 +40,13 @@ from ipfsnap.service.protocol import (
 )
 from ipfsnap.snapshot.types import Info, Mount, Usage
 
+# The label names of ipfsnap.fs.mounter (a test checks they agree), not imported from there:
+# that module loads trio and the IPFS client (0.1-0.2 s), which a client never needs.
+#: the remote layer's urls (a lazy prepare carries it)
+URLS_LABEL = "containerd.io/snapshot/remote/urls"
+#: the IPFS API the layer worker fetches from
+IPFS_API_LABEL = "ipfsnap.io/ipfs.api"
+
 log = logging.getLogger(__name__)
 
 #: seconds a ping (or status) may take: the daemon answers it without touching a mount
@@ -177,8 +184,6 @@ class SnapshotterClient:
 
     def _request_labels(self, labels: Mapping[str, str] | None) -> dict[str, str]:
         """``labels``, plus the caller's IPFS API when they ask for a lazy (remote) layer."""
-        from ipfsnap.fs.mounter import IPFS_API_LABEL, URLS_LABEL
-
         out = dict(labels or {})
         if self.ipfs_api is None or URLS_LABEL not in out or IPFS_API_LABEL in out:
             return out
