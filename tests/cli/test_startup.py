@@ -18,7 +18,7 @@ from ipfsnap._lazy import parse_exports
 
 #: third-party modules (and the slow stdlib parts they drag in) that only the commands which
 #: use them may load: async I/O, the containerd gRPC API, FUSE, zstd, the HTTP parser
-HEAVY = ("trio", "grpc", "pyfuse3", "zstandard", "h11")
+HEAVY = ("trio", "grpc", "pyfuse3", "zstandard", "h11", "msgspec")
 
 #: packages whose namespaces load their submodules on first use (ipfsnap._lazy)
 LAZY_PACKAGES = (
@@ -106,9 +106,11 @@ def test_from_import_of_lazy_names_in_fresh_interpreter() -> None:
 
 def test_cli_defaults_match_the_library() -> None:
     """Defaults the CLI states without importing the library (to start fast) agree with it."""
-    from ipfsnap.cli import image_optimize, image_push
+    from ipfsnap.cli import estargz, image_optimize, image_push
+    from ipfsnap.estargz.types import DEFAULT_CHUNK_SIZE
     from ipfsnap.image.convert import DEFAULT_LEVEL
     from ipfsnap.image.record import DEFAULT_PERIOD
 
     assert image_push.DEFAULT_LEVEL == DEFAULT_LEVEL
     assert image_optimize.DEFAULT_PERIOD == DEFAULT_PERIOD
+    assert estargz.DEFAULT_CHUNK_SIZE == DEFAULT_CHUNK_SIZE

@@ -14,7 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from ipfsnap.cli.common import Context, parse_size, print_json
 from ipfsnap.errors import NotFoundError, StoreError, UsageError
-from ipfsnap.estargz.types import DEFAULT_CHUNK_SIZE
+
+#: the builder's default chunk size (``ipfsnap.estargz.types.DEFAULT_CHUNK_SIZE``; a test
+#: checks they agree), stated here because that module loads msgspec, which parsing any
+#: command line must not (tests/cli/test_startup.py)
+DEFAULT_CHUNK_SIZE = 4 << 20
 
 # The format code (zstandard, tarfile...) loads in the handlers, not at start-up.
 if TYPE_CHECKING:
