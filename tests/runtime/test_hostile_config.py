@@ -2,23 +2,35 @@
 
 An image pulled from IPFS is untrusted. Unit tests drive the real config parser
 (``ipfsnap.oci.parse_config``) and the spec builder against rootfs trees holding the hostile
-files; ``test_hostile_config_runc.py`` runs the same images under runc through the CLI.
-Each refusal must be one line naming the image and the field.
+files; the integration tests at the end import hostile images (the busybox sample's lower
+layer, a top layer of hostile files, a hostile config) and run them under runc through the CLI,
+as root. Each refusal must be one line naming the image and the field; nothing outside the
+rootfs may be read or written (a host canary directory is compared before and after).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import hashlib
+import io
 import json
 import os
 import signal
+import subprocess
+import sys
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ipfsnap.content import ImageStore
+from ipfsnap.content.archive import import_image
+from ipfsnap.content.sample import write_layout_index
 from ipfsnap.errors import IpfsnapError
-from ipfsnap.oci import parse_config
+from ipfsnap.oci import Descriptor, Manifest, mediatypes, parse_config
 from ipfsnap.runtime import (
     BadRunOption,
     BindMount,
@@ -27,13 +39,14 @@ from ipfsnap.runtime import (
     build_spec,
     parse_mount,
 )
+from ipfsnap.runtime.containers import ContainerStore, mountinfo_targets, unmount_all
 from ipfsnap.runtime.errors import ImageConfigError
 from ipfsnap.runtime.spec import (
     MAX_ACCOUNT_FILE,
     MAX_ARG_STRLEN,
     image_container_config,
 )
-from tests.support import require_root
+from tests.support import require_root, require_tool
 
 IMAGE = "ipfs://bafyhostile"
 PASSWD = "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n"
@@ -466,3 +479,201 @@ def test_bad_hostname(root: Path, hostname: str) -> None:
 def test_good_hostnames(root: Path) -> None:
     for h in ("box", "web-1.example.org", "my_container", "h" * 63, "0"):
         assert spec_of(root, image_cfg({}, hostname=h))["hostname"] == h
+
+
+# =============================================================================================
+# Real containers: hostile images imported into a state dir and run under runc by the CLI
+# (overlayfs snapshotter: layers unpacked, so device nodes and fifos of a layer are real).
+
+
+def _tar(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            info.mtime, info.uid, info.gid = 0, 0, 0
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return buf.getvalue()
+
+
+def _entry(name: str, kind: bytes, link: str = "", data: bytes = b"", mode: int = 0o644,
+           dev: tuple[int, int] = (0, 0)) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode, info.size = kind, link, mode, len(data)
+    info.devmajor, info.devminor = dev
+    return info, data
+
+
+def hostile_layers(canary: Path) -> dict[str, bytes]:
+    """Top layers over the busybox base, each holding one kind of hostile file."""
+    sym, c = tarfile.SYMTYPE, str(canary)
+    return {
+        "links": _tar([
+            _entry("work", sym, "/proc/self/fd/7"),
+            _entry("escape", sym, "../../../../../../../.." + c),
+            _entry("data-proc", sym, "/proc/self"),
+            _entry("data-etc", sym, "/etc"),
+            _entry("bin/evil", sym, "/proc/self/exe"),
+        ]),
+        "passwd-host": _tar([_entry("etc/passwd", sym, c + "/passwd")]),
+        "passwd-fifo": _tar([_entry("etc/passwd", tarfile.FIFOTYPE)]),
+        # char 1:1 is /dev/mem: the host must never open it
+        "passwd-mem": _tar([_entry("etc/passwd", tarfile.CHRTYPE, dev=(1, 1))]),
+        "hosts-proc": _tar([_entry("etc/hosts", sym, "/proc/sys/kernel/hostname")]),
+    }
+
+
+#: case: (image config, top layer, extra run options, what the one-line error must name)
+REFUSED: dict[str, tuple[dict[str, Any], str, tuple[str, ...], tuple[str, ...]]] = {
+    "workdir-proc-fd": ({"WorkingDir": "/proc/self/fd/7"}, "links", (),
+                        ("config.WorkingDir", "'/proc/self/fd/7'", "CVE-2024-21626")),
+    "workdir-symlink-proc": ({"WorkingDir": "/work"}, "links", (),
+                             ("config.WorkingDir", "'/work'", "resolves to '/proc/self/fd/7'")),
+    "user-passwd-to-host": ({"User": "evil"}, "passwd-host", (),
+                            ("config.User 'evil'", "not found in the image's /etc/passwd")),
+    "user-passwd-fifo": ({"User": "root"}, "passwd-fifo", (),
+                         ("config.User 'root'", "/etc/passwd is a fifo")),
+    "user-passwd-dev-mem": ({"User": "root"}, "passwd-mem", (),
+                            ("config.User 'root'", "/etc/passwd is a character device")),
+    "env-no-equals": ({"Env": ["A=1", "NOEQ"]}, "links", (), ("config.Env[1] 'NOEQ'", "'='")),
+    "program-proc-self-exe": ({"Entrypoint": ["/bin/evil"]}, "links", (),
+                              ("config.Entrypoint/Cmd", "'/proc/self/exe'")),
+    "etc-hosts-into-proc": ({}, "hosts-proc", (), ("/etc/hosts", "inside /proc")),
+    "mount-via-symlink-into-proc": ({}, "links", ("--mount", "src={src},dst=/data-proc/x"),
+                                    ("--mount", "resolves to '/proc/self/x'")),
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_world(tmp_path_factory: pytest.TempPathFactory, busybox_image: Any) -> Iterator[
+        tuple[Path, Path, dict[str, str]]]:
+    """(state dir, host canary, case -> image name): every hostile image imported once."""
+    require_root()
+    require_tool("runc")
+    base = tmp_path_factory.mktemp("hostile-config")
+    state = base / "state"
+    state.mkdir()
+    canary = base / "canary"
+    canary.mkdir()
+    (canary / "passwd").write_text("evil:x:4242:4242::/evil:/bin/sh\n")
+    (canary / "src").mkdir()
+    (canary / "src" / "marker").write_text("host marker\n")
+    layers = hostile_layers(canary)
+    cases: dict[str, tuple[dict[str, Any], str]] = {
+        k: (cfg, layer) for k, (cfg, layer, _, _) in REFUSED.items()}
+    cases["workdir-escape"] = ({"WorkingDir": "/escape"}, "links")
+    cases["unused-fields"] = ({
+        "Env": ["A=1", "B=2", "A=3"],
+        "Volumes": {"/proc/self/fd/7": {}, "../../../etc": {}},
+        "ExposedPorts": {"99999999/tcp": {}, "garbage": {}},
+        "StopSignal": "SIGKILL; rm -rf /",
+        "Labels": {f"l{i}": "v" * 1000 for i in range(1000)},
+    }, "links")
+    store = ImageStore(state)
+    names = {}
+    for case, (container, layer) in cases.items():
+        layout = build_image(base / "layouts" / case, busybox_image, layers[layer],
+                             {"Cmd": ["sh"], **container}, f"ipfsnap-test/hostile-{case}:1")
+        names[case] = import_image(store, layout)[0].name
+    yield state, canary, names
+    containers = ContainerStore(state)
+    for cid in containers.ids():
+        with contextlib.suppress(Exception):
+            containers.destroy(cid, force=True)
+    for target in reversed(mountinfo_targets()):
+        if target.startswith(f"{state}/"):
+            unmount_all(Path(target))
+
+
+def build_image(out: Path, busybox: Any, top: bytes, container: dict[str, Any],
+                name: str) -> Path:
+    """An OCI layout: the busybox sample's lower layer, ``top``, and a config holding
+    ``container``."""
+    blobs = out / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def blob(data: bytes, media_type: str) -> Descriptor:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        (blobs / digest[7:]).write_bytes(data)
+        return Descriptor(media_type, digest, len(data))
+
+    lower = (busybox.blobs / busybox.layer_digests[0][7:]).read_bytes()
+    layers = (blob(lower, mediatypes.OCI_LAYER_GZIP),
+              blob(gzip.compress(top, mtime=0), mediatypes.OCI_LAYER_GZIP))
+    config = json.loads((busybox.blobs / busybox.config_digest[7:]).read_bytes())
+    config["config"] = container
+    top_id = "sha256:" + hashlib.sha256(top).hexdigest()
+    config["rootfs"]["diff_ids"] = [busybox.diff_ids[0], top_id]
+    cdesc = blob(json.dumps(config).encode(), mediatypes.OCI_CONFIG)
+    manifest = Manifest(mediatypes.OCI_MANIFEST, cdesc, layers).to_bytes()
+    write_layout_index(out, name, blob(manifest, mediatypes.OCI_MANIFEST))
+    return out
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else b"<dir>"
+            for p in sorted(path.rglob("*"))}
+
+
+def cli(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ipfsnap.cli.main", "--state-dir", str(state), *args],
+        capture_output=True, text=True, timeout=120,  # guards against a hang only
+    )
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_hostile_image_is_refused_under_runc(
+    hostile_world: tuple[Path, Path, dict[str, str]], case: str
+) -> None:
+    state, canary, names = hostile_world
+    before = tree(canary)
+    _, _, options, expected = REFUSED[case]
+    opts = [o.format(src=canary / "src") for o in options]
+    # a command given on the command line would replace the image's Entrypoint and Cmd
+    command = [] if "Entrypoint" in REFUSED[case][0] else ["sh", "-c", "echo ran"]
+    p = cli(state, "run", "--rm", *opts, names[case], "c-" + case[:20], *command)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode != 0 and "ran" not in p.stdout, (p.stdout, p.stderr)
+    assert len(lines) == 1 and lines[0].startswith("ipfsnap: "), p.stderr
+    print(f"{case}: {lines[0]}")  # shown with -s: the table in docs/reliability.md
+    who = "--mount" if "--mount" in expected else f"image {names[case]}"
+    for name in (who, *expected):
+        assert name in lines[0], (name, lines[0])
+    assert tree(canary) == before
+    assert ContainerStore(state).ids() == []
+    assert not [m for m in mountinfo_targets() if m.startswith(f"{state}/containers/")]
+
+
+@pytest.mark.integration
+def test_hostile_workdir_and_mount_stay_inside_the_rootfs(
+    hostile_world: tuple[Path, Path, dict[str, str]]
+) -> None:
+    state, canary, names = hostile_world
+    before = tree(canary)
+    # WorkingDir is a symlink to the host canary's path: the container gets the same path
+    # inside its own rootfs (made by runc), writes land there
+    script = "pwd; echo pwned > planted; ls; cat /etc/passwd | head -1"
+    p = cli(state, "run", "--rm", names["workdir-escape"], "c-escape", "sh", "-c", script)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == [str(canary), "planted", "root:x:0:0:root:/root:/bin/sh"]
+    # a --mount destination through the image's symlink /data-etc -> /etc lands on the
+    # container's /etc, not the host's
+    p = cli(state, "run", "--rm", "--mount", f"type=bind,src={canary / 'src'},dst=/data-etc/sub,ro",
+            names["workdir-escape"], "c-mount", "sh", "-c", "cat /etc/sub/marker; ls /data-etc/sub")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "host marker\nmarker\n"
+    assert not Path("/etc/sub").exists()
+    assert tree(canary) == before
+
+
+@pytest.mark.integration
+def test_unused_hostile_fields_run_and_env_duplicates(
+    hostile_world: tuple[Path, Path, dict[str, str]]
+) -> None:
+    state, _, names = hostile_world
+    p = cli(state, "run", "--rm", names["unused-fields"], "c-unused", "sh", "-c",
+            'echo "A=$A B=$B"; ls /proc/self/fd/7 /etc/../../../etc 2>&1 | head -1')
+    assert p.returncode == 0, p.stderr
+    # the later duplicate wins (as docker); Volumes / ExposedPorts / StopSignal are not used
+    assert p.stdout.splitlines()[0] == "A=3 B=2"
