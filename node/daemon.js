@@ -63,11 +63,24 @@ if (fs.existsSync(keyPath)) {
     'refusing to start outside a private network')
 }
 
-/** libp2p factory: ipfs-core's options plus the PSK protector when the repo has a key */
+const offline = args.includes('--offline')
+
+/** libp2p factory: ipfs-core's options plus the PSK protector when the repo has a key; with
+ * --offline the swarm listens nowhere and a gate refuses every dial (js-ipfs 0.66 takes an
+ * `offline` option but still starts its swarm; libp2p wants at least one transport), so the
+ * node serves local content only, as Kubo's `daemon --offline` */
 async function libp2p ({ libp2pOptions }) {
   const options = { ...libp2pOptions }
   if (psk != null) {
     options.connectionProtector = preSharedKey({ psk })
+  }
+  if (offline) {
+    const deny = async () => true
+    options.connectionGater = {
+      ...options.connectionGater, denyDialPeer: deny, denyDialMultiaddr: deny
+    }
+    options.peerDiscovery = []
+    options.addresses = { ...options.addresses, listen: [], announce: [] }
   }
   return createLibp2p(options)
 }
@@ -78,7 +91,7 @@ const isNew = !fs.existsSync(path.join(repo, 'config'))
 const daemon = new Daemon({
   repo,
   ...(isNew ? { init, config: initConfig } : {}),
-  offline: args.includes('--offline'),
+  offline,
   silent: true,
   preload: { enabled: false },
   libp2p

@@ -105,6 +105,13 @@ def test_cat_ranges(client: IPFSClient) -> None:
     pieces: list[bytes] = []
     assert client.cat_into(cid, 10, 500000, pieces.append) == 500000
     assert b"".join(pieces) == data[10:500010]
+    # into a caller's buffer, reused: a range across a block boundary, then the whole blob
+    buf = bytearray(len(data))
+    assert client.cat_into(cid, CHUNK_SIZE - 7, 100000, buf) == 100000
+    assert buf[:100000] == data[CHUNK_SIZE - 7:CHUNK_SIZE + 99993]
+    assert client.cat_into(cid, 0, None, buf) == len(data) and buf == data
+    with pytest.raises(ShortRead):
+        client.cat_into(cid, 1, None, buf)  # one byte beyond the end
     with pytest.raises(ShortRead):
         client.cat(cid, len(data) - 10, 20)
     with pytest.raises(ShortRead):
@@ -166,6 +173,8 @@ def test_async_face(ipfs_node: ManagedNode) -> None:
             assert isinstance((await c.version())["Version"], str)
             assert isinstance(await c.swarm_peers(), list)
             assert isinstance(await c.bootstrap_list(), list)
+            buf = bytearray(len(data))
+            assert await c.cat_into(result.cid, 0, None, buf) == len(data) and buf == data
             with pytest.raises(ShortRead):
                 await c.cat(result.cid, len(data) - 5, 10)
 

@@ -27,6 +27,7 @@ from ipfsnap.ipfs.node import (
 )
 from ipfsnap.ipfs.pnet import SwarmKeyError, generate_swarm_key
 from tests.fixtures.ipfs import NodeFactory, NodePair, require_ipfs_implementation
+from tests.images.registry import free_port
 from tests.support import require_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -158,9 +159,26 @@ def test_api_and_swarm_listen_on_loopback_only(ipfs_node: ManagedNode) -> None:
     assert all(a.startswith("/ip4/127.0.0.1/") for a in ipfs_node.swarm_addrs)
 
 
+def test_offline_node_serves_local_content_only(
+    ipfs_node_factory: NodeFactory, ipfs_node: ManagedNode
+) -> None:
+    off = ipfs_node_factory(offline=True, name="offline")
+    # no swarm address to dial, and it dials nobody
+    assert off.swarm_addrs == []
+    with IPFSClient(off.api_url, retry=NO_RETRY) as c:
+        cid = c.add(DATA).cid
+        assert c.cat(cid, BLOCK - 5, 10) == DATA[BLOCK - 5 : BLOCK + 5]
+        with pytest.raises(IPFSError):
+            c.swarm_connect(ipfs_node.swarm_addrs[0], timeout=UNREACHABLE_TIMEOUT)
+        assert c.swarm_peers() == []
+    with IPFSClient(ipfs_node.api_url) as other:
+        assert off.peer_id not in {p.peer_id for p in other.swarm_peers()}
+
+
 def test_cli_daemon_foreground_stops_on_sigterm(tmp_path: Path) -> None:
     require_ipfs_implementation()
     repo = tmp_path / "repo"
+    api_port, swarm_port = free_port(), free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -172,6 +190,10 @@ def test_cli_daemon_foreground_stops_on_sigterm(tmp_path: Path) -> None:
             "daemon",
             "--repo",
             str(repo),
+            "--api",
+            f"/ip4/127.0.0.1/tcp/{api_port}",
+            "--swarm",
+            f"/ip4/127.0.0.1/tcp/{swarm_port}",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -186,8 +208,11 @@ def test_cli_daemon_foreground_stops_on_sigterm(tmp_path: Path) -> None:
         api = line.split()[4]
         assert read_api_file(repo) == api
         daemon_pid = int((repo / PID_FILE).read_text())
-        ident = node_identity(f"http://127.0.0.1:{api.split('/')[4]}")
+        # the addresses asked for on the command line
+        assert api.split("/")[4] == str(api_port)
+        ident = node_identity(f"http://127.0.0.1:{api_port}")
         assert ident.peer_id in line
+        assert any(f"/ip4/127.0.0.1/tcp/{swarm_port}" in a for a in ident.addresses)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
