@@ -233,30 +233,25 @@ class BufferSink:
     """Collects a body into one ``bytes`` built in place: :meth:`getvalue` does not copy.
 
     With ``capacity`` (the body's expected size) the buffer is allocated once and bodies are
-    received straight into it; without, it grows as pieces arrive. ``BytesIO`` rather than
-    ``bytearray``: its ``getvalue`` hands over its internal ``bytes`` when the sizes match
-    (CPython), where ``bytes(bytearray)`` would copy the whole body into fresh pages.
+    received straight into it (a :class:`ViewSink` over it); without, or past it, the buffer
+    grows as pieces arrive. ``BytesIO`` rather than ``bytearray``: its ``getvalue`` hands over
+    its internal ``bytes`` when the sizes match (CPython), where ``bytes(bytearray)`` would
+    copy the whole body into fresh pages.
     """
 
     def __init__(self, capacity: int | None = None) -> None:
-        self._bio = io.BytesIO()
-        self._view: memoryview | None = None
-        #: the last view handed out by reserve: released before the buffer is resized
-        self._lent: memoryview | None = None
-        self._cap = 0
+        # bytes(n) is calloc'd: fresh zero pages the kernel maps on first write, instead of a
+        # zero-fill pass; BytesIO holds the only reference, so it writes in place
+        self._bio = io.BytesIO(bytes(capacity)) if capacity else io.BytesIO()
+        self._fixed = ViewSink(self._bio.getbuffer()) if capacity else None
+        self._cap = capacity or 0
         self.size = 0
-        self.direct = capacity is not None and capacity > 0
-        if capacity:
-            # bytes(n) is calloc'd: fresh zero pages the kernel maps on first write, instead of
-            # a zero-fill pass; BytesIO holds the only reference, so it writes in place
-            self._bio = io.BytesIO(bytes(capacity))
-            self._cap = capacity
-            self._view = self._bio.getbuffer()
+        self.direct = self._fixed is not None
 
     def write(self, piece: memoryview) -> None:
         n = len(piece)
-        if self._view is not None and self.size + n <= self._cap:
-            self._view[self.size:self.size + n] = piece
+        if self._fixed is not None and self.size + n <= self._cap:
+            self._fixed.write(piece)
         else:
             self._release()
             self._bio.seek(self.size)
@@ -264,26 +259,18 @@ class BufferSink:
         self.size += n
 
     def reserve(self, n: int) -> memoryview | None:
-        if self._lent is not None:
-            self._lent.release()
-            self._lent = None
-        if self._view is None or self.size >= self._cap:
-            return None
-        self._lent = self._view[self.size:min(self._cap, self.size + n)]
-        return self._lent
+        return self._fixed.reserve(n) if self._fixed is not None else None
 
     def commit(self, n: int) -> None:
+        assert self._fixed is not None, "commit without reserve"
+        self._fixed.commit(n)
         self.size += n
 
     def _release(self) -> None:
         # every view must go, or BytesIO refuses to resize and getvalue copies
-        if self._lent is not None:
-            self._lent.release()
-            self._lent = None
-        if self._view is not None:
-            self._view.release()
-            self._view = None
-            self._cap = 0
+        if self._fixed is not None:
+            self._fixed.release()
+            self._fixed = None
 
     def getvalue(self) -> bytes:
         """The bytes written so far; the sink must not be used afterwards."""
