@@ -81,8 +81,9 @@ class IPFSClient(ClientBase):
     """Blocking Kubo RPC client; thread-safe, with a keep-alive connection pool.
 
     ``cat(cid, offset=0, length=None)`` gives exactly ``length`` bytes at ``offset`` (None: to
-    the end) or raises; ``cat_into`` streams them to a callback. See :class:`RPC` for each
-    call's parameters.
+    the end) or raises; ``cat_into`` streams them to a callback, or receives them straight
+    into a writable buffer the caller owns (no allocation, no copy: reuse it for large or
+    repeated reads). See :class:`RPC` for each call's parameters.
     """
 
     def close(self) -> None:
