@@ -797,6 +797,12 @@ def phases(run_dir: Path) -> list[tuple[str, float, str]]:
                          when - t, line.split("resolved in", 1)[1].strip()))
             t = when
             continue
+        if "ready for the pull after" in line:  # the CLI's background snapshotter opening
+            if any(r[0].startswith("resolve") for r in rows):  # it made the pull wait
+                rows.append(("waiting for the snapshotter after resolve", when - t,
+                             line.split("ready for the pull", 1)[1].strip()))
+                t = when
+            continue
         m = _LAYER_DONE.search(line)
         if m:
             n += 1

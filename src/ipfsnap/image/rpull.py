@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ipfsnap.content import ImageStore
 from ipfsnap.image.resolve import (
@@ -24,10 +25,14 @@ from ipfsnap.image.resolve import (
     parse_ipfs_ref,
     resolve_remote,
 )
-from ipfsnap.image.unpack import UnpackResult, chain_ids, unpack
 from ipfsnap.oci import Descriptor, ImageConfig, Manifest, Platform
 from ipfsnap.progress import Progress
 from ipfsnap.snapshot import Snapshotter
+
+# image.unpack is needed only once the documents are resolved: imported then (the CLI loads
+# it in its background thread meanwhile, off the critical path; cli/rpull.py)
+if TYPE_CHECKING:
+    from ipfsnap.image.unpack import UnpackResult
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +85,8 @@ def rpull(
         remote = resolve_remote(fetcher, cid, platform)
         log.info("image %s resolved in %.3f s (root descriptor and %d documents fetched)",
                  name, time.monotonic() - t0, len(fetcher.fetched))
+        from ipfsnap.image.unpack import chain_ids, unpack
+
         result: UnpackResult | None = None
         if snapshotter is not None:
             snaps = snapshotter() if callable(snapshotter) else snapshotter
