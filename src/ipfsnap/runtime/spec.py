@@ -121,6 +121,10 @@ MAX_ID = 0xFFFFFFFE
 #: the kernel's NGROUPS_MAX: setgroups(2) takes at most this many supplementary groups
 NGROUPS_MAX = 65536
 
+#: the kernel's PATH_MAX (with the NUL): chdir(2) and execve(2) fail with ENAMETOOLONG on
+#: longer paths; refusing them first also bounds the work of resolving them in the rootfs
+PATH_MAX = 4096
+
 #: the kernel's MAX_ARG_STRLEN: execve(2) fails with E2BIG for any one argument or
 #: environment string (with its NUL) longer than 32 pages
 MAX_ARG_STRLEN = 32 * 4096
@@ -696,6 +700,8 @@ def _validate(cfg: ContainerConfig, container_id: str) -> None:
         _refuse(cfg, "cwd", f"{show(cfg.cwd)} {problem}")
     if not cfg.cwd.startswith("/"):
         _refuse(cfg, "cwd", f"{show(cfg.cwd)}: the working directory must be an absolute path")
+    if len(cfg.cwd.encode("utf-8", "surrogateescape")) >= PATH_MAX:
+        _refuse(cfg, "cwd", f"{show(cfg.cwd)}: longer than the kernel's PATH_MAX ({PATH_MAX})")
     for item in cfg.env:
         problem = _check_env_item(item)
         if problem:
@@ -768,6 +774,8 @@ def _check_program(cfg: ContainerConfig, rootfs: Path) -> None:
     if "args" not in cfg.from_image or "/" not in cfg.args[0]:
         return  # a bare name is looked up in PATH by the container; the user's own command
     program = cfg.args[0] if cfg.args[0].startswith("/") else cfg.cwd + "/" + cfg.args[0]
+    if len(program.encode("utf-8", "surrogateescape")) >= PATH_MAX:
+        _refuse(cfg, "args", f"{show(cfg.args[0])}: longer than the kernel's PATH_MAX ({PATH_MAX})")
     resolved = resolve_container_path(rootfs, clean_cwd(program))
     for tree in MAGIC_TREES:
         if _under(resolved, tree):
