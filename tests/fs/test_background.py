@@ -403,7 +403,9 @@ def test_mount_warms_the_next_layers_into_the_cache(tmp_path: Path) -> None:
         with mounted(m, tmp_path / "a", labels):
             assert len(m._warming) == 1  # listed twice, warmed once
             proc = next(iter(m._warming.values()))
-            assert proc.wait(120) == 0
+            # done warming (it releases the layer's warm-up lock), then it waits to serve
+            assert m.tables.wait_warm(nxt.digest, 120)
+            assert proc.poll() is None
             cache = m.cache_root / nxt.digest.partition(":")[2]
             cached = {p.name for p in cache.iterdir() if len(p.name) == 64}
             with open(nxt.path, "rb") as f:
@@ -415,6 +417,7 @@ def test_mount_warms_the_next_layers_into_the_cache(tmp_path: Path) -> None:
             assert not cold & cached  # and nothing else
             with mounted(m, tmp_path / "b", labels_for(nxt)):
                 st = wait_status(m, tmp_path / "b", lambda s: s["updated"] > 0)
+                assert st["pid"] == proc.pid  # the warm-up took its layer's mount
                 assert st["prefetch_bytes"] == 0  # its own prefetch found it all cached
                 assert (tmp_path / "b" / "hot1").read_bytes() == files[1].data
         # a bad label never fails a mount

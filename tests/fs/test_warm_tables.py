@@ -53,14 +53,17 @@ def other_blob(tmp_path: Path) -> Blob:
 
 
 def warm_next(m: LayerMounter, first: Blob, nxt: Blob, mp: Path) -> None:
-    """Mount ``first`` with ``nxt`` as its next layer and wait for nxt's warm-up to end."""
+    """Mount ``first`` with ``nxt`` as its next layer and wait for nxt's warm-up to be done."""
     labels = {**labels_for(first), NEXT_LAYERS_LABEL: json.dumps([labels_for(nxt)])}
     with mounted(m, mp, labels):
-        assert m._warming[nxt.digest].wait(120) == 0
+        assert m.tables.wait_warm(nxt.digest, 120)
 
 
-def test_warm_up_tables_are_adopted_and_give_the_parsed_tree(every_type_blob: Blob,
+@pytest.mark.parametrize("serve", [True, False], ids=["warm-up serves", "worker adopts"])
+def test_warm_up_tables_are_adopted_and_give_the_parsed_tree(serve: bool, every_type_blob: Blob,
                                                              tmp_path: Path) -> None:
+    """The layer's mount gets the tables its warm-up parsed: handed over in memory when the
+    warm-up itself serves the layer, else adopted from the stored file by a spare worker."""
     require_fuse()
     # the reference: the same layer mounted from a fresh parse (cache off)
     ref_m = make_mounter(tmp_path / "ref-state", background=False, toc_cache="off")
@@ -76,8 +79,11 @@ def test_warm_up_tables_are_adopted_and_give_the_parsed_tree(every_type_blob: Bl
         expected_tree(every_type_items())
 
     m = make_mounter(tmp_path / "state", background=False)
+    m.warm_serve = serve
     try:
         warm_next(m, other_blob(tmp_path), every_type_blob, tmp_path / "first")
+        warm_proc = m._warming[every_type_blob.digest]
+        assert (warm_proc.poll() is None) == serve  # done warming: waits to serve, or exits
         path = m.tables.path(every_type_blob.digest, every_type_blob.toc_digest)
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
@@ -86,7 +92,14 @@ def test_warm_up_tables_are_adopted_and_give_the_parsed_tree(every_type_blob: Bl
         mp = tmp_path / "mp"
         with mounted(m, mp, labels_for(every_type_blob)):
             text = worker_log(m, mp)
-            assert "adopted from the parsed-TOC cache" in text
+            st = m.status(mp)
+            assert st is not None
+            if serve:
+                assert st["pid"] == warm_proc.pid
+                assert "handed over by its warm-up" in text
+            else:
+                assert st["pid"] != warm_proc.pid
+                assert "adopted from the parsed-TOC cache" in text
             assert "opened and verified" not in text  # no parse in this worker
             assert tree_with_times(mp) == fresh
             assert path.exists()

@@ -22,15 +22,21 @@ Per mountpoint a run directory ``<state>/fs/workers/<sha256(mountpoint)[:16]>`` 
 ``spec.json``, ``status.json`` and ``worker.log``; chunks are cached in
 ``<state>/fs/cache/<layer digest hex>/``. Workers run in their own session, so they outlive
 a restart of the snapshotter; a new ``LayerMounter`` finds them again by their status file.
-A warm-up of a next layer runs ``worker --warm`` in ``<state>/fs/workers/warm-<digest
+A warm-up of a next layer runs ``worker --warm --serve`` in ``<state>/fs/workers/warm-<digest
 prefix>/``, holding the layer's warm-up lock, and leaves the layer's parsed TOC in
-``<state>/fs/cache/.tables/`` for the layer's worker to adopt (fs/tablecache.py: one TOC
-parse per layer, off the mount path; a worker whose layer is still warming waits for it). A
-layer's stored tables are removed when it is unmounted. One spare worker (``worker
---stdin``, imports done) waits for the next mount.
+``<state>/fs/cache/.tables/`` (fs/tablecache.py). Once done it waits, like a spare, for its
+layer's mount: the mounter hands that mount's spec to it, and it serves the layer with the
+tables it holds (no process start, no TOC parse, no cache read on the mount path; a mount
+that comes while the warm-up still runs is taken when it is done). Otherwise (no warm-up, or
+one too old to be handed the mount, or one that exited) the mount goes to the spare worker
+(``worker --stdin``, imports done) or a new worker, which adopts the stored tables, waiting
+for a warm-up of the layer still running rather than parsing the same TOC a second time. A
+layer's stored tables are removed when it is unmounted.
 
-``IPFSNAP_TOC_CACHE`` (environment of the snapshotter; benchmarks only) sets the workers'
-``toc_cache`` mode: ``wait`` (default), ``adopt`` or ``off`` (see ``WorkerSpec``).
+Benchmark switches (environment of the snapshotter): ``IPFSNAP_TOC_CACHE`` sets the workers'
+``toc_cache`` mode (``wait``, the default; ``adopt``; ``off`` = the behaviour before the
+cache: every worker parses, warm-ups exit when done), ``IPFSNAP_WARM_SERVE=0`` makes warm-ups
+exit when done, ``IPFSNAP_WARM_NICE=N`` runs them N nicer.
 """
 
 from __future__ import annotations
@@ -82,6 +88,17 @@ CHECK_TIMEOUT = 5.0
 EXIT_TIMEOUT = 10.0
 #: environment variable naming the workers' parsed-TOC cache mode (benchmarks)
 TOC_CACHE_ENV = "IPFSNAP_TOC_CACHE"
+#: environment variable: niceness increment of warm-up processes (benchmarks)
+WARM_NICE_ENV = "IPFSNAP_WARM_NICE"
+#: warm-ups run this much nicer than the workers: the layer being mounted is waited for
+#: now, the next layers' warm-ups only later
+WARM_NICE = 0
+#: environment variable: "0" = warm-ups exit when done instead of waiting to serve their
+#: layer (benchmarks)
+WARM_SERVE_ENV = "IPFSNAP_WARM_SERVE"
+#: a warm-up waits worker.SPARE_IDLE (60 s) for its layer's mount once done; it is handed
+#: the mount only within this many seconds of its start, so it cannot be about to exit
+WARM_HANDOFF_WINDOW = 50.0
 
 
 def _is_digest(value: str) -> bool:
@@ -176,6 +193,10 @@ class LayerMounter:
         #: parsed TOCs handed from warm-ups to workers (fs/tablecache.py)
         self.tables = TableCache(self.cache_root)
         self.toc_cache = os.environ.get(TOC_CACHE_ENV, "") or "wait"
+        try:
+            self.warm_nice = int(os.environ.get(WARM_NICE_ENV, "") or WARM_NICE)
+        except ValueError:
+            self.warm_nice = WARM_NICE
         self.python = python
         # opening the TOC and prefetching are each bounded; allow both plus start-up
         self.ready_timeout = ready_timeout if ready_timeout is not None else (
@@ -195,8 +216,12 @@ class LayerMounter:
         self.spare = spare
         self._spare: subprocess.Popen[bytes] | None = None
         self._start_spare()
-        #: warm-up processes (``worker --warm``) by layer digest: one per layer
+        #: warm-up processes (``worker --warm``) by layer digest: one per layer, with the
+        #: time they started; layers whose warm-up became their worker (not warmed again)
         self._warming: dict[str, subprocess.Popen[bytes]] = {}
+        self._warm_started: dict[str, float] = {}
+        self._handed: set[str] = set()
+        self.warm_serve = os.environ.get(WARM_SERVE_ENV, "") != "0"
 
     # -- paths ----------------------------------------------------------------------------
     def worker_dir(self, mountpoint: Path) -> Path:
@@ -326,18 +351,10 @@ class LayerMounter:
         fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(spec.to_json())
-        proc = self._hand_to_spare(spec_path)
+        proc = self._hand_to_warm(spec.layer, spec_path)
+        from_warm = proc is not None
         if proc is None:
-            logfile = open(wdir / "worker.log", "ab")  # noqa: SIM115 - handed to the child
-            try:
-                proc = subprocess.Popen(
-                    [self.python, "-m", "ipfsnap.fs.worker", str(spec_path)],
-                    stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
-                    start_new_session=True, close_fds=True, cwd="/",
-                )
-            finally:
-                logfile.close()
-        self._start_spare()
+            proc = self._launch(spec_path, wdir)
         with self._lock:
             self._procs[str(mountpoint)] = proc
         deadline = time.monotonic() + self.ready_timeout
@@ -352,6 +369,17 @@ class LayerMounter:
                          mountpoint, time.monotonic() - t0, proc.pid)
                 return
             code = proc.poll()
+            if code is not None and from_warm and not st:
+                # the warm-up failed (or ended) before it took the spec: a worker of its own
+                # tries again (it parses the TOC itself, as without a warm-up)
+                proc.wait()
+                log.info("layer %s: its warm-up exited (%d) before serving it: starting a "
+                         "worker", spec.layer, code)
+                from_warm = False
+                proc = self._launch(spec_path, wdir)
+                with self._lock:
+                    self._procs[str(mountpoint)] = proc
+                continue
             if state == "failed" or code is not None:
                 proc.wait()
                 reason = st.get("last_error") or self._log_tail(wdir)
@@ -424,6 +452,22 @@ class LayerMounter:
                 return
         self._wait_exit(proc, pid, mountpoint)
 
+    def _launch(self, spec_path: Path, wdir: Path) -> subprocess.Popen[bytes]:
+        """A worker for the spec: the spare if one is alive, else a new process."""
+        proc = self._hand_to_spare(spec_path)
+        if proc is None:
+            logfile = open(wdir / "worker.log", "ab")  # noqa: SIM115 - handed to the child
+            try:
+                proc = subprocess.Popen(
+                    [self.python, "-m", "ipfsnap.fs.worker", str(spec_path)],
+                    stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
+                    start_new_session=True, close_fds=True, cwd="/",
+                )
+            finally:
+                logfile.close()
+        self._start_spare()
+        return proc
+
     # -- warm-up of the next layers -------------------------------------------------------
     def warm(self, next_layers: str, labels: Mapping[str, str]) -> None:
         """Start a warm-up process for each next layer (JSON list of label objects) that is
@@ -449,7 +493,7 @@ class LayerMounter:
                 lbls[IPFS_API_LABEL] = labels[IPFS_API_LABEL]
             digest = lbls.get(LAYER_DIGEST_LABEL, "")
             with self._lock:
-                if digest in self._warming:
+                if digest in self._warming or digest in self._handed:
                     continue
             try:
                 self._start_warm(lbls)
@@ -487,8 +531,14 @@ class LayerMounter:
             argv = [self.python, "-m", "ipfsnap.fs.worker", "--warm", str(spec_path)]
             if lock_fd is not None:
                 argv += ["--lock-fd", str(lock_fd)]
+            if self.warm_nice > 0:
+                argv += ["--nice", str(self.warm_nice)]
+            serve = self.warm_serve and spec.toc_cache != "off"
+            if serve:
+                argv.append("--serve")
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
+                argv, stdin=subprocess.PIPE if serve else subprocess.DEVNULL,
+                stdout=logfile, stderr=logfile,
                 start_new_session=True, close_fds=True, cwd="/",
                 pass_fds=() if lock_fd is None else (lock_fd,),
             )
@@ -498,6 +548,7 @@ class LayerMounter:
                 os.close(lock_fd)  # the warm-up holds the lock now (or nobody, if it failed)
         with self._lock:
             self._warming[digest] = proc
+            self._warm_started[digest] = time.monotonic()
         log.info("warming up layer %s (pid %d)", digest, proc.pid)
 
     # -- spare worker ---------------------------------------------------------------------
@@ -517,6 +568,32 @@ class LayerMounter:
             except OSError as exc:
                 log.warning("cannot start a spare layer worker: %s", exc)
                 self._spare = None
+
+    def _hand_to_warm(self, layer: str, spec_path: Path) -> subprocess.Popen[bytes] | None:
+        """Give the spec to the layer's own warm-up (``--serve``), which serves the layer with
+        the tables it holds in memory once its warm-up is done; None if there is no such
+        warm-up alive and young enough (see :data:`WARM_HANDOFF_WINDOW`)."""
+        with self._lock:
+            proc = self._warming.get(layer)
+            started = self._warm_started.get(layer, 0.0)
+            if proc is None or proc.stdin is None or proc.poll() is not None or \
+                    time.monotonic() - started > WARM_HANDOFF_WINDOW:
+                return None
+            del self._warming[layer]
+            self._handed.add(layer)
+        try:
+            proc.stdin.write(os.fsencode(spec_path) + b"\n")
+            proc.stdin.close()
+        except OSError as exc:
+            log.debug("warm-up of layer %s unusable as its worker (%s)", layer, exc)
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait()
+            return None
+        log.info("layer %s: handed to its warm-up (pid %d)", layer, proc.pid)
+        return proc
 
     def _hand_to_spare(self, spec_path: Path) -> subprocess.Popen[bytes] | None:
         """Give the spec to the spare worker; None if there is none alive."""
@@ -545,6 +622,9 @@ class LayerMounter:
             warming = list(self._warming.values())
             proc, self._spare = self._spare, None
         for w in warming:
+            if w.stdin is not None:
+                with contextlib.suppress(OSError):
+                    w.stdin.close()  # EOF: a warm-up waiting to serve exits
             if w.poll() is None:
                 w.terminate()
             w.wait()

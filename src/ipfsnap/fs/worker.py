@@ -21,6 +21,7 @@ Mount options, and why:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import pickle
@@ -210,6 +211,8 @@ class Worker:
         self.status = LayerStatus(mountpoint=spec.mountpoint, layer=spec.layer, pid=os.getpid())
         self.layer: LazyLayer | None = None
         self._terminated = False
+        #: ``warm(serve=True)``: the tables it parsed or adopted, for serving the layer next
+        self.warm_tables: LayerTables | None = None
 
     def write_status(self) -> None:
         if self.layer is not None:
@@ -233,16 +236,21 @@ class Worker:
         self.write_status()
         return 1
 
-    def run(self) -> int:
+    def run(self, tables: LayerTables | None = None) -> int:
+        """Serve the layer; ``tables``: its parsed TOC, handed over by this process's own
+        warm-up of the layer (else adopted from the parsed-TOC cache, or parsed)."""
         spec = self.spec
         self.write_status()
         t0 = time.monotonic()
         try:
             source = make_source(spec)
             self.status.source = source.name
-            tables = adopt_tables(spec)
-            how = "adopted from the parsed-TOC cache" if tables is not None else \
-                "opened and verified"
+            if tables is not None:
+                how = "handed over by its warm-up"
+            else:
+                tables = adopt_tables(spec)
+                how = "adopted from the parsed-TOC cache" if tables is not None else \
+                    "opened and verified"
             self.layer = open_lazy_layer(spec, source, tables=tables)
         except IpfsnapError as exc:
             return self.fail(f"layer {spec.layer or spec.mountpoint}: cannot open: {exc}")
@@ -301,46 +309,58 @@ class Worker:
                      st.neighbour_chunks, st.background_calls, st.background_bytes)
         return 0
 
-    def warm(self, lock_fd: int | None = None) -> int:
+    def warm(self, lock_fd: int | None = None, *, serve: bool = False) -> int:
         """``--warm``: open the layer and prefetch its prioritized range into the chunk
-        cache, without mounting, then exit. The mounter runs this for the next layers of a
-        pull while the current one mounts: their TOC blocks and prioritized chunks are then
-        local when their own worker starts (one layer's mount no longer waits for the
-        previous layers' network round trips), and the parsed TOC is left in the parsed-TOC
-        cache for the worker to adopt (fs/tablecache.py).
+        cache, without mounting. The mounter runs this for the next layers of a pull while
+        the current one mounts: their TOC blocks and prioritized chunks are then local when
+        their own worker starts (one layer's mount no longer waits for the previous layers'
+        network round trips), and the parsed TOC is left in the parsed-TOC cache for the
+        worker to adopt (fs/tablecache.py).
 
-        ``lock_fd``: the layer's warm-up lock, taken by the mounter and inherited; held
-        until this process exits. Without it the lock is taken here (and if another warm-up
-        of the layer holds it, there is nothing to do)."""
+        ``lock_fd``: the layer's warm-up lock, taken by the mounter and inherited. Without
+        it the lock is taken here (and if another warm-up of the layer holds it, there is
+        nothing to do). Released when the warm-up is done.
+
+        ``serve``: this process may become the layer's worker afterwards (``main``), so the
+        TOC is parsed in a child (as a worker does, to keep its heap small) and the tables
+        are kept in :attr:`warm_tables`."""
         spec = self.spec
         t0 = time.monotonic()
         found = table_cache_of(spec)
-        if found is not None and lock_fd is None:
-            try:
-                lock_fd = found[0].lock_warm(found[1].layer)
-            except OSError as exc:
-                log.warning("warm-up of %s: cannot take its lock: %s", spec.layer, exc)
-            else:
-                if lock_fd is None:
-                    log.info("warm-up of %s: another warm-up runs", spec.layer)
-                    return 0
         try:
+            if found is not None and lock_fd is None:
+                try:
+                    lock_fd = found[0].lock_warm(found[1].layer)
+                except OSError as exc:
+                    log.warning("warm-up of %s: cannot take its lock: %s", spec.layer, exc)
+                else:
+                    if lock_fd is None:
+                        log.info("warm-up of %s: another warm-up runs", spec.layer)
+                        return 0
+            return self._warm(found, t0, serve)
+        finally:
+            if lock_fd is not None:
+                os.close(lock_fd)  # warm-up done: a worker waiting for it goes on
+
+    def _warm(self, found: tuple[TableCache, TableKey] | None, t0: float, serve: bool) -> int:
+        spec = self.spec
+        try:
+            tables = found[0].load(found[1]) if found is not None else None
+            if tables is None:
+                if serve:
+                    tables = load_tables_isolated(spec)  # the child stores them too
+                else:
+                    tables = load_tables(spec)
+                    if found is not None:
+                        found[0].store(found[1], tables)
+                log.info("warm-up of %s: TOC opened and verified, tables stored in %.2f s",
+                         spec.layer, time.monotonic() - t0)
             source = make_source(spec)
         except IpfsnapError as exc:
             log.warning("warm-up of %s: %s", spec.layer, exc)
             return 1
         try:
-            tables = found[0].load(found[1]) if found is not None else None
-            if tables is None:
-                # short-lived: no need to parse the TOC in a child
-                tables = load_tables(spec)
-                t1 = time.monotonic()
-                if found is not None:
-                    found[0].store(found[1], tables)
-                log.info("warm-up of %s: TOC opened and verified in %.2f s, tables stored in "
-                         "%.2f s", spec.layer, t1 - t0, time.monotonic() - t1)
             layer = open_lazy_layer(spec, source, tables=tables)
-            del tables
             end = 0 if spec.noprefetch else (layer.prefetch_end or spec.prefetch_size)
             if end > 0:
                 trio.run(layer.prefetch, min(end, layer.blob_size), spec.prefetch_timeout_sec)
@@ -349,6 +369,8 @@ class Worker:
             return 1
         finally:
             source.close()
+        if serve:
+            self.warm_tables = tables
         log.info("warm-up of %s done in %.2f s", spec.layer, time.monotonic() - t0)
         return 0
 
@@ -395,6 +417,38 @@ def wait_for_spec(idle: float = SPARE_IDLE) -> Path | None:
     return spec_path
 
 
+def read_spec(spec_path: Path) -> WorkerSpec | None:
+    try:
+        return WorkerSpec.from_json(spec_path.read_text(encoding="utf-8"))
+    except (OSError, IpfsnapError) as exc:
+        sys.stderr.write(f"ipfsnap layer worker: {spec_path}: {exc}\n")
+        return None
+
+
+def same_layer(a: WorkerSpec, b: WorkerSpec) -> bool:
+    """Whether tables built for ``a`` serve ``b`` (same layer, TOC, limits and size)."""
+    return (a.layer, a.toc_digest, limits_of(a), a.blob_size) == \
+        (b.layer, b.toc_digest, limits_of(b), b.blob_size)
+
+
+def serve_after_warm(warm_spec: WorkerSpec, warmer: Worker, priority: int) -> int:
+    """``--warm --serve``, after the warm-up: wait as a spare for the layer's mount (the
+    mounter hands its spec on stdin), then serve it with the tables already in memory: the
+    mount then costs neither a process start nor a TOC parse nor reading the parsed-TOC
+    cache. Exits after ``SPARE_IDLE`` seconds without a spec."""
+    spec_path = wait_for_spec()
+    if spec_path is None:
+        return 0
+    spec = read_spec(spec_path)
+    if spec is None:
+        return 2
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, priority)  # a worker, no longer a warm-up
+    tables = warmer.warm_tables if same_layer(warm_spec, spec) else None
+    warmer.warm_tables = None
+    return Worker(spec).run(tables)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ipfsnap.fs.worker")
     parser.add_argument("spec", type=Path, nargs="?", help="JSON worker spec")
@@ -404,6 +458,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="open the layer and prefetch into the cache, do not mount")
     parser.add_argument("--lock-fd", type=int, default=None,
                         help="with --warm: inherited descriptor holding the warm-up lock")
+    parser.add_argument("--nice", type=int, default=0,
+                        help="with --warm: run this much nicer (os.nice increment)")
+    parser.add_argument("--serve", action="store_true",
+                        help="with --warm: then wait for the layer's mount spec on stdin and "
+                             "serve it")
     args = parser.parse_args(argv)
     spec_path: Path | None = args.spec
     if args.stdin:
@@ -412,10 +471,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     if spec_path is None:
         parser.error("a spec path (or --stdin) is required")
-    try:
-        spec = WorkerSpec.from_json(spec_path.read_text(encoding="utf-8"))
-    except (OSError, IpfsnapError) as exc:
-        sys.stderr.write(f"ipfsnap layer worker: {spec_path}: {exc}\n")
+    spec = read_spec(spec_path)
+    if spec is None:
         return 2
     logging.basicConfig(
         level=getattr(logging, spec.log_level.upper(), logging.INFO),
@@ -423,7 +480,14 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if args.warm:
-        return Worker(spec).warm(args.lock_fd)
+        priority = os.getpriority(os.PRIO_PROCESS, 0)
+        if args.nice > 0:
+            os.nice(args.nice)
+        worker = Worker(spec)
+        code = worker.warm(args.lock_fd, serve=args.serve)
+        if code != 0 or not args.serve:
+            return code
+        return serve_after_warm(spec, worker, priority)
     return Worker(spec).run()
 
 
