@@ -416,6 +416,18 @@ class LayerIndex:
         p = clean_path(path)
         return self._chunks.get(self._links.get(p, p), ())
 
+    def chunk_lookup(self) -> Callable[[str], Sequence[Chunk]]:
+        """:meth:`chunks` for paths already in the index's form (as :meth:`walk` yields
+        them), without cleaning each: for building tables over every file."""
+        table = self._chunks
+        links = self._links
+        none: tuple[Chunk, ...] = ()
+
+        def lookup(path: str) -> Sequence[Chunk]:
+            return table.get(links.get(path, path), none)
+
+        return lookup
+
     def walk(self) -> Iterator[tuple[str, TOCEntry]]:
         stack = [""]
         entries = self._entries

@@ -17,7 +17,11 @@ import logging
 import stat
 from collections.abc import Iterable
 from datetime import datetime
+from itertools import starmap
+from operator import attrgetter
 from typing import Protocol
+
+import msgspec
 
 from ipfsnap.estargz.types import LANDMARKS, TOC_TAR_NAME, TOCEntry
 
@@ -46,27 +50,25 @@ class IndexView(Protocol):
     def walk(self) -> Iterable[tuple[str, TOCEntry]]: ...
 
 
-class Inode:
-    __slots__ = (
-        "children", "gid", "ino", "mode", "mtime_ns", "nlink", "path", "rdev", "size",
-        "target", "uid", "xattrs",
-    )
+class Inode(msgspec.Struct, eq=False, gc=False):
+    """One inode. A ``msgspec.Struct`` (made in C: the unpickling of a 100k-entry table
+    builds all of them with one ``starmap``), compared by identity like a plain object,
+    not tracked by the cyclic GC (it refers to strings, bytes, and dicts of those only)."""
 
-    def __init__(self, ino: int, path: str, mode: int) -> None:
-        self.ino = ino
-        #: path in the layer of the entry holding the content (hardlink target for links)
-        self.path = path
-        self.mode = mode
-        self.uid = 0
-        self.gid = 0
-        self.size = 0
-        self.mtime_ns = 0
-        self.nlink = 1
-        self.rdev = 0
-        self.target = b""
-        self.xattrs: dict[str, bytes] | None = None
-        #: name -> inode number, directories only (insertion order = readdir order)
-        self.children: dict[bytes, int] | None = None
+    ino: int
+    #: path in the layer of the entry holding the content (hardlink target for links)
+    path: str
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+    nlink: int = 1
+    rdev: int = 0
+    target: bytes = b""
+    xattrs: dict[str, bytes] | None = None
+    #: name -> inode number, directories only (insertion order = readdir order)
+    children: dict[bytes, int] | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -96,30 +98,42 @@ def parse_modtime(text: str) -> int:
     return ns
 
 
-#: seconds since the epoch of a day ("YYYY-MM-DD"), for :func:`_parse_modtime`; bounded
-_DAY_MEMO: dict[str, int] = {}
+#: seconds since the epoch of a minute ("YYYY-MM-DDTHH:MM:"), or -1 when that text is not
+#: one (a minute's start is a multiple of 60, never -1), for :func:`_parse_modtime`;
+#: bounded as the memo above
+_MINUTE_MEMO: dict[str, int] = {}
+
+
+def _minute(prefix: str) -> int:
+    if not (prefix.isascii() and prefix[10] == "T" and prefix[13] == ":"
+            and prefix[16] == ":" and prefix[11:13].isdigit() and prefix[14:16].isdigit()):
+        return -1
+    h, m = int(prefix[11:13]), int(prefix[14:16])
+    if h > 23 or m > 59:
+        return -1
+    try:
+        day = int(datetime.fromisoformat(prefix[:10] + "T00:00:00Z").timestamp())
+    except (ValueError, OverflowError):
+        return -1
+    return day + 3600 * h + 60 * m
 
 
 def _parse_modtime(text: str) -> int:
-    # the form writers use ("2023-11-14T22:13:20Z", Go's RFC 3339 in UTC): the day's start
-    # (memoized: a layer's files share few days) plus the time of day, ~4x faster than
-    # fromisoformat; anything else (or a field out of range) takes the general path
-    if (len(text) == 20 and text[10] == "T" and text[13] == ":" and text[16] == ":"
-            and text[19] == "Z" and text[11:13].isdigit() and text[14:16].isdigit()
-            and text[17:19].isdigit() and text.isascii()):
-        h, m, sec = int(text[11:13]), int(text[14:16]), int(text[17:19])
-        day = _DAY_MEMO.get(text[:10])
-        if day is None:
-            try:
-                day = int(datetime.fromisoformat(text[:10] + "T00:00:00Z").timestamp())
-            except (ValueError, OverflowError):
-                day = None
-            if day is not None:
-                if len(_DAY_MEMO) >= _MODTIME_MEMO_MAX:
-                    _DAY_MEMO.clear()
-                _DAY_MEMO[text[:10]] = day
-        if day is not None and h < 24 and m < 60 and sec < 60:
-            return (day + 3600 * h + 60 * m + sec) * 1_000_000_000
+    # the form writers use ("2023-11-14T22:13:20Z", Go's RFC 3339 in UTC): the minute's
+    # start (memoized: a layer's files share few minutes) plus the seconds, several times
+    # faster than fromisoformat; anything else (or a field out of range) takes the general
+    # path, which gives the same value for this form
+    if len(text) == 20 and text[19] == "Z":
+        prefix = text[:17]
+        base = _MINUTE_MEMO.get(prefix)
+        if base is None:
+            base = _minute(prefix)
+            if len(_MINUTE_MEMO) >= _MODTIME_MEMO_MAX:
+                _MINUTE_MEMO.clear()
+            _MINUTE_MEMO[prefix] = base
+        sec = text[17:19]
+        if base != -1 and sec.isascii() and sec.isdigit() and sec < "60":
+            return (base + int(sec)) * 1_000_000_000
     try:
         if "." not in text:
             # Python 3.11's fromisoformat reads RFC 3339 with "Z" itself; only a fraction
@@ -177,37 +191,23 @@ class InodeTable:
                 "xattrs", "children")
 
     def __getstate__(self) -> dict[str, object]:
-        """Columns instead of one pickled object per inode: pickling 100k slotted objects
-        goes through Python code per object (copyreg) and took ~1.2 s for a 100k-entry
-        layer; lists of plain values are pickled by C code alone."""
+        """Columns instead of one pickled object per inode: pickling 100k objects goes
+        through Python code per object and took ~1.2 s for a 100k-entry layer; lists of
+        plain values are pickled by C code alone."""
         nodes = self.inodes[1:]
         if any(n is None for n in nodes):
             raise ValueError("inode table with holes cannot be pickled")
-        cols = [[getattr(n, name) for n in nodes] for name in self._COLUMNS]
+        cols = [list(map(attrgetter(name), nodes)) for name in self._COLUMNS]
         return {"columns": cols, "by_path": self.by_path}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         cols = state["columns"]
         by_path = state["by_path"]
         assert isinstance(cols, list) and isinstance(by_path, dict)
+        n = len(cols[0]) if cols else 0
         inodes: list[Inode | None] = [None]
-        new = Inode.__new__
-        for ino, (path, mode, uid, gid, size, mtime_ns, nlink, rdev, target, xattrs,
-                  children) in enumerate(zip(*cols, strict=True), start=1):
-            n = new(Inode)
-            n.ino = ino
-            n.path = path
-            n.mode = mode
-            n.uid = uid
-            n.gid = gid
-            n.size = size
-            n.mtime_ns = mtime_ns
-            n.nlink = nlink
-            n.rdev = rdev
-            n.target = target
-            n.xattrs = xattrs
-            n.children = children
-            inodes.append(n)
+        # Inode's fields are ino followed by the columns, in order: one C call per inode
+        inodes.extend(starmap(Inode, zip(range(1, n + 1), *cols, strict=True)))
         self.inodes = inodes
         self.by_path = by_path
 
@@ -291,20 +291,16 @@ class InodeTable:
                     perm = entry.mode & 0o7777
                     ino = len(inodes)
                     if typ == "dir":
-                        node = new(ino, path, S_IFDIR | perm)
-                        node.children = {}
-                        node.nlink = 2
+                        node = new(ino, path, S_IFDIR | perm, entry.uid, entry.gid, 0, ns, 2,
+                                   children={})
                         parent.nlink += 1
                     elif typ == "reg":
-                        node = new(ino, path, S_IFREG | perm)
-                        node.size = entry.size
+                        node = new(ino, path, S_IFREG | perm, entry.uid, entry.gid, entry.size,
+                                   ns)
                     else:
-                        node = new(ino, path, S_IFLNK | perm)
-                        node.target = entry.link_name.encode("utf-8", "surrogateescape")
-                        node.size = len(node.target)
-                    node.uid = entry.uid
-                    node.gid = entry.gid
-                    node.mtime_ns = ns
+                        link = entry.link_name.encode("utf-8", "surrogateescape")
+                        node = new(ino, path, S_IFLNK | perm, entry.uid, entry.gid, len(link),
+                                   ns, target=link)
                     inodes.append(node)
                     by_path[path] = ino
                     kids[name.encode("utf-8", "surrogateescape")] = ino

@@ -14,9 +14,10 @@ from typing import Protocol
 import trio
 
 from ipfsnap.errors import FormatError, IpfsnapError
+from ipfsnap.estargz.reader import LayerIndex
 from ipfsnap.estargz.types import Chunk
 from ipfsnap.fs.cache import ChunkCache
-from ipfsnap.fs.chunks import ChunkTable
+from ipfsnap.fs.chunks import ChunkTable, digest_key
 from ipfsnap.fs.fetcher import (
     DEFAULT_MAX_SPAN,
     ActivityBoard,
@@ -125,7 +126,8 @@ class LayerTables:
         # cyclic GC would rescan the growing heap for nothing (nothing here makes cycles)
         with _gc_paused():
             table = InodeTable.build(index)
-            chunks = index.chunks
+            # inode paths are in the index's form: skip cleaning each
+            chunks = index.chunk_lookup() if isinstance(index, LayerIndex) else index.chunks
             chunk_table = ChunkTable.from_files(
                 (node.ino, chunks(node.path)) for node in table.inodes
                 if node is not None and node.size > 0 and node.path and node.is_reg
@@ -200,14 +202,22 @@ class LazyLayer:
         self.read_requests = 0
         # status accounting: compressed bytes of the distinct chunks, and of those cached
         on_disk = cache.digests()
+        table = self.chunk_table
         with _gc_paused():
-            self._order, sizes = _distinct_chunks(self.chunk_table)
-        self._order_offsets = self._order.offsets()
-        self.chunk_bytes = sum(sizes.values())
-        self._unique = len(sizes)
-        self._have = {d for d in on_disk if d in sizes}
-        self.cached_bytes = sum(sizes[d] for d in self._have)
-        del sizes
+            # the distinct chunks in blob order (their rows in the chunk table), for
+            # neighbour lookups and background planning; the first row of each digest
+            self._order, firsts = table.distinct()
+        self._order_offsets = table.offsets_of(self._order)
+        self.chunk_bytes = table.extents(self._order)
+        self._unique = len(self._order)
+        self._have: set[str] = set()
+        self.cached_bytes = 0
+        for d in on_disk:
+            row = firsts.get(digest_key(d))
+            if row is not None:
+                self._have.add(d)
+                self.cached_bytes += table.extent(row)
+        del firsts
         self.status = LayerStatus(
             size=tables.blob_size, source=source.name, entries=len(self.table),
             chunk_bytes=self.chunk_bytes,
@@ -289,7 +299,7 @@ class LazyLayer:
         j = bisect.bisect_left(self._order_offsets, lo) - 1
         edge = lo
         while j >= 0:
-            c = self._order.of(j)[0]
+            c = self.chunk_table.chunk(self._order[j])
             if c.offset < wlo or c.end < edge or not self._fetchable(c):
                 break
             if c.chunk_digest not in seen:
@@ -301,7 +311,7 @@ class LazyLayer:
         j = bisect.bisect_left(self._order_offsets, hi)
         edge = hi
         while j < len(self._order_offsets):
-            c = self._order.of(j)[0]
+            c = self.chunk_table.chunk(self._order[j])
             if c.offset > edge or c.end > whi or not self._fetchable(c):
                 break
             if c.chunk_digest not in seen:
@@ -370,7 +380,8 @@ class LazyLayer:
     def _chunks_in_blob_order(self, limit: int | None = None) -> list[Chunk]:
         n = len(self._order_offsets) if limit is None else \
             bisect.bisect_left(self._order_offsets, limit)
-        return [self._order.of(k)[0] for k in range(n)]
+        chunk = self.chunk_table.chunk
+        return [chunk(row) for row in self._order[:n]]
 
     def _todo(self, end: int, background: bool) -> list[Chunk]:
         todo = [c for c in self._chunks_in_blob_order(end) if c.chunk_digest not in self._have]
@@ -537,24 +548,6 @@ class LazyLayer:
             st.state = "complete"
         st.updated = time.time()
         return st
-
-
-def _distinct_chunks(table: ChunkTable) -> tuple[ChunkTable, dict[str, int]]:
-    """The distinct chunks (by digest, the first row of each) in blob order, compact (row k =
-    the k-th chunk), for neighbour lookups and background planning; and the compressed size
-    of each distinct chunk by digest. Column-wise, without a ``Chunk`` per row (those cost
-    ~1 s for 100k chunks)."""
-    digests = table.digest_list()
-    n = len(digests)
-    # a dict keeps the last value of a repeated key: reversed, that is each digest's first row
-    first = dict(zip(reversed(digests), range(n - 1, -1, -1), strict=True))
-    offsets, ends = table.offsets(), table.ends()
-    # stable sorts: ordered by (offset, end), then by row (chunks sharing one member)
-    rows = sorted(first.values())
-    rows.sort(key=ends.__getitem__)
-    rows.sort(key=offsets.__getitem__)
-    sizes = {d: ends[i] - offsets[i] for d, i in first.items()}
-    return table.rows(rows), sizes
 
 
 def chunks_for_range(chunks: Sequence[Chunk], start: int, end: int) -> list[Chunk]:
