@@ -187,6 +187,20 @@ def test_bad_workdir_is_refused(root: Path, wd: str, problem: str) -> None:
     refused(root, {"WorkingDir": wd}, "WorkingDir", problem)
 
 
+def test_symlink_loops(root: Path, tmp_path: Path) -> None:
+    os.symlink("loop2", root / "loop1")
+    os.symlink("/loop1", root / "loop2")
+    refused(root, {"WorkingDir": "/loop1/x"}, "WorkingDir", "'/loop1/x'", "too many symlinks")
+    refused(root, {"Entrypoint": ["/loop2"]}, "Entrypoint/Cmd", "'/loop2'", "too many symlinks")
+    (root / "etc" / "passwd").unlink()
+    os.symlink("/loop1", root / "etc" / "passwd")
+    refused(root, {"User": "alice"}, "User", "/etc/passwd", "too many symlinks")
+    (root / "etc" / "passwd").unlink()
+    with pytest.raises(BadRunOption) as exc:
+        spec_of(root, image_cfg({}, mounts=[BindMount(tmp_path, "/loop2/m")]))
+    one_line(exc.value, "--mount", "'/loop2/m'", "too many symlinks")
+
+
 def test_workdir_missing_is_left_to_runc(root: Path) -> None:
     # runc (and docker) create a missing working directory, inside the rootfs
     assert spec_of(root, image_cfg({"WorkingDir": "/srv/new"}))["process"]["cwd"] == "/srv/new"

@@ -430,7 +430,9 @@ def resolve_in_root(root: Path, path: str) -> Path:
         if stat.S_ISLNK(st.st_mode):
             links += 1
             if links > MAX_SYMLINKS:
-                raise BundleError(f"{root}: too many symlinks resolving {path}")
+                raise ImageConfigError(
+                    f"rootfs {root}: {path}: too many symlinks (over {MAX_SYMLINKS}; a loop?)"
+                )
             target = os.readlink(candidate)
             if target.startswith("/"):
                 resolved = []
@@ -504,7 +506,10 @@ def _read_account_file(rootfs: Path, path: str, source: str) -> list[list[str]]:
     of the image (/etc/passwd as char 1:1 = /dev/mem, a disk, a watchdog) would act on the
     host's device, a fifo would block forever.
     """
-    real = resolve_in_root(rootfs, path)
+    try:
+        real = resolve_in_root(rootfs, path)
+    except ImageConfigError as exc:
+        raise ImageConfigError(f"{source}: {path}: {str(exc).rpartition(': ')[2]}") from None
     try:
         st = real.lstat()
     except (FileNotFoundError, NotADirectoryError):
@@ -751,7 +756,10 @@ def _check_kernel_mountpoints(cfg: ContainerConfig, rootfs: Path) -> None:
 def _resolve_cwd(cfg: ContainerConfig, rootfs: Path) -> str:
     """The working directory with the image's symlinks resolved inside the rootfs."""
     cwd = clean_cwd(cfg.cwd)
-    resolved = resolve_container_path(rootfs, cwd)
+    try:
+        resolved = resolve_container_path(rootfs, cwd)
+    except ImageConfigError as exc:
+        _refuse(cfg, "cwd", f"{show(cfg.cwd)}: {str(exc).rpartition(': ')[2]}")
     via = f"{show(cfg.cwd)}" + (f" (resolves to {show(resolved)})" if resolved != cwd else "")
     for tree in MAGIC_TREES:
         if _under(resolved, tree):
@@ -776,7 +784,10 @@ def _check_program(cfg: ContainerConfig, rootfs: Path) -> None:
     program = cfg.args[0] if cfg.args[0].startswith("/") else cfg.cwd + "/" + cfg.args[0]
     if len(program.encode("utf-8", "surrogateescape")) >= PATH_MAX:
         _refuse(cfg, "args", f"{show(cfg.args[0])}: longer than the kernel's PATH_MAX ({PATH_MAX})")
-    resolved = resolve_container_path(rootfs, clean_cwd(program))
+    try:
+        resolved = resolve_container_path(rootfs, clean_cwd(program))
+    except ImageConfigError as exc:
+        _refuse(cfg, "args", f"{show(cfg.args[0])}: {str(exc).rpartition(': ')[2]}")
     for tree in MAGIC_TREES:
         if _under(resolved, tree):
             _refuse(
@@ -793,7 +804,10 @@ def _mount_destination(rootfs: Path, dest: str, what: str, fail: type[IpfsnapErr
     The resolved path goes into the spec, so runc never follows a symlink of the image
     (securejoin races, CVE-2021-30465), and the checks below see where the mount lands.
     """
-    resolved = resolve_container_path(rootfs, dest)
+    try:
+        resolved = resolve_container_path(rootfs, dest)
+    except ImageConfigError as exc:
+        raise fail(f"{what}: destination {show(dest)}: {str(exc).rpartition(': ')[2]}") from None
     via = show(dest) + (f" (resolves to {show(resolved)})" if resolved != dest else "")
     if resolved == "/":
         raise fail(f"{what}: destination {via} would cover the container's root")
