@@ -44,6 +44,7 @@ import re
 import shutil
 import socket
 import stat
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -143,6 +144,9 @@ KERNEL_MOUNTPOINTS = ("/proc", "/sys", "/dev")
 #: '.', plus '_' (common in container names); anything else (a newline, a space) would also
 #: corrupt the /etc/hosts and /etc/hostname ipfsnap writes
 _HOSTNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
+
+#: bytes of one argv/envp pointer
+_POINTER = struct.calcsize("P")
 
 #: hostile values are quoted in messages cut to this many characters (one short line)
 _SHOW_MAX = 80
@@ -404,6 +408,15 @@ def image_container_config(
 # files inside the rootfs
 
 
+class SymlinkLoop(ImageConfigError):
+    """Resolving a path in the rootfs met more than MAX_SYMLINKS symlinks."""
+
+    def __init__(self, root: Path, path: str) -> None:
+        #: the problem alone, for callers that name the field themselves
+        self.problem = f"too many symlinks (over {MAX_SYMLINKS}; a loop?)"
+        super().__init__(f"rootfs {root}: {path}: {self.problem}")
+
+
 def resolve_in_root(root: Path, path: str) -> Path:
     """``path`` inside ``root`` with every symlink resolved as if ``root`` were ``/``.
 
@@ -430,9 +443,7 @@ def resolve_in_root(root: Path, path: str) -> Path:
         if stat.S_ISLNK(st.st_mode):
             links += 1
             if links > MAX_SYMLINKS:
-                raise ImageConfigError(
-                    f"rootfs {root}: {path}: too many symlinks (over {MAX_SYMLINKS}; a loop?)"
-                )
+                raise SymlinkLoop(root, path)
             target = os.readlink(candidate)
             if target.startswith("/"):
                 resolved = []
@@ -508,8 +519,8 @@ def _read_account_file(rootfs: Path, path: str, source: str) -> list[list[str]]:
     """
     try:
         real = resolve_in_root(rootfs, path)
-    except ImageConfigError as exc:
-        raise ImageConfigError(f"{source}: {path}: {str(exc).rpartition(': ')[2]}") from None
+    except SymlinkLoop as exc:
+        raise ImageConfigError(f"{source}: {path}: {exc.problem}") from None
     try:
         st = real.lstat()
     except (FileNotFoundError, NotADirectoryError):
@@ -719,7 +730,7 @@ def _validate(cfg: ContainerConfig, container_id: str) -> None:
             if size > MAX_ARG_STRLEN:
                 _refuse(cfg, name, f"{show(value)}: {size} bytes, over the kernel's "
                         f"{MAX_ARG_STRLEN}-byte limit per string")
-            totals[name] += size + 8  # and one pointer
+            totals[name] += size + _POINTER  # execve counts the argv/envp pointer too
     total = totals["args"] + totals["env"]
     arg_max = _arg_max()
     if total > arg_max:
@@ -758,8 +769,8 @@ def _resolve_cwd(cfg: ContainerConfig, rootfs: Path) -> str:
     cwd = clean_cwd(cfg.cwd)
     try:
         resolved = resolve_container_path(rootfs, cwd)
-    except ImageConfigError as exc:
-        _refuse(cfg, "cwd", f"{show(cfg.cwd)}: {str(exc).rpartition(': ')[2]}")
+    except SymlinkLoop as exc:
+        _refuse(cfg, "cwd", f"{show(cfg.cwd)}: {exc.problem}")
     via = f"{show(cfg.cwd)}" + (f" (resolves to {show(resolved)})" if resolved != cwd else "")
     for tree in MAGIC_TREES:
         if _under(resolved, tree):
@@ -786,8 +797,8 @@ def _check_program(cfg: ContainerConfig, rootfs: Path) -> None:
         _refuse(cfg, "args", f"{show(cfg.args[0])}: longer than the kernel's PATH_MAX ({PATH_MAX})")
     try:
         resolved = resolve_container_path(rootfs, clean_cwd(program))
-    except ImageConfigError as exc:
-        _refuse(cfg, "args", f"{show(cfg.args[0])}: {str(exc).rpartition(': ')[2]}")
+    except SymlinkLoop as exc:
+        _refuse(cfg, "args", f"{show(cfg.args[0])}: {exc.problem}")
     for tree in MAGIC_TREES:
         if _under(resolved, tree):
             _refuse(
@@ -806,8 +817,8 @@ def _mount_destination(rootfs: Path, dest: str, what: str, fail: type[IpfsnapErr
     """
     try:
         resolved = resolve_container_path(rootfs, dest)
-    except ImageConfigError as exc:
-        raise fail(f"{what}: destination {show(dest)}: {str(exc).rpartition(': ')[2]}") from None
+    except SymlinkLoop as exc:
+        raise fail(f"{what}: destination {show(dest)}: {exc.problem}") from None
     via = show(dest) + (f" (resolves to {show(resolved)})" if resolved != dest else "")
     if resolved == "/":
         raise fail(f"{what}: destination {via} would cover the container's root")
