@@ -3,14 +3,19 @@
 Usage::
 
     .venv/bin/python benchmarks/run_bench.py [--baseline REV] [--runs N]
-        [--snapshotters overlayfs,stargz] [--image OCI_TAR] [--json FILE]
+        [--modes overlayfs,stargz,lazy] [--image OCI_TAR] [--json FILE]
 
 The baseline's ``src/`` is exported with ``git archive REV`` into a temporary directory and
-put first on ``PYTHONPATH`` (same interpreter and venv). Each tree gets its own state dir
-(under /var/tmp), the image imported and one warm-up run per snapshotter (layers unpacked,
-the stargz snapshotter service started), so what is timed is the run of a fully local
-image. Then N rounds; in each, every (snapshotter, tree) runs once, the order alternating,
-so both trees see the same load. Needs root and runc.
+put first on ``PYTHONPATH`` (same interpreter and venv). Each tree gets its modules
+compiled (kept, as installed), its own state dir (under /var/tmp), the image imported and
+one warm-up run per snapshotter (layers unpacked, the stargz snapshotter service started),
+so what is timed is the run of an image whose layers are all in place. Modes: ``overlayfs``
+and ``stargz`` (the same local layers, through the snapshotter service) run the imported
+image; ``lazy`` runs it pushed as eStargz to a local IPFS node (js-ipfs, managed) and
+rpulled with the stargz snapshotter: FUSE layer mounts, checked at every prepare, whose
+files the warm-up run has fetched into the chunk cache. Then N rounds; in each, every
+(mode, tree) runs once, the order alternating, so both trees see the same load. Needs root
+and runc (and the managed node's js-ipfs for ``lazy``).
 
 One run: ``ipfsnap run --rm [--snapshotter S] IMAGE bench python3 -c 'print(...)'`` with a
 workload that prints "Hello, World!" and ``time.time()``. Phases, from outside the CLI so
@@ -32,6 +37,7 @@ metadata. It prints median (min-max) per phase and the ratio this/baseline of th
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import json
 import os
@@ -43,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,25 +82,37 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+#: mode -> the snapshotter it runs with; ``lazy`` runs the image pushed as eStargz to a
+#: local IPFS node and rpulled with the stargz snapshotter (its layers FUSE mounts)
+MODES = {"overlayfs": "overlayfs", "stargz": "stargz", "lazy": "stargz"}
+
+
 class Tree:
     """One source tree with its own state dir."""
 
     def __init__(self, name: str, src: Path, state: Path, shim_dir: Path) -> None:
         self.name, self.src, self.state = name, src, state
+        #: ``--ipfs-api`` given to every command (lazy mode)
+        self.api: list[str] = []
         self.log = state.parent / f"{name}.runc-times"
-        self.env = dict(os.environ, PYTHONPATH=str(src), RUN_BENCH_LOG=str(self.log),
+        # as on an installed node, compiled modules are kept (a development shell's
+        # PYTHONDONTWRITEBYTECODE would make every run compile what changed since)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        self.env = dict(env, PYTHONPATH=str(src), RUN_BENCH_LOG=str(self.log),
                         PATH=f"{shim_dir}:{os.environ.get('PATH', '')}")
+        compileall.compile_dir(str(src / "ipfsnap"), quiet=1)
 
     def cli(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-c", ENTRY, "--state-dir", str(self.state),
-                               *argv], env=self.env, check=check, capture_output=True,
-                              text=True)
+                               *self.api, *argv], env=self.env, check=check,
+                              capture_output=True, text=True)
 
     def run_argv(self, snapshotter: str, image: str) -> list[str]:
-        return [sys.executable, "-c", ENTRY, "--state-dir", str(self.state), "run", "--rm",
-                "--snapshotter", snapshotter, image, CONTAINER_ID, *WORKLOAD]
+        return [sys.executable, "-c", ENTRY, "--state-dir", str(self.state), *self.api, "run",
+                "--rm", "--snapshotter", snapshotter, image, CONTAINER_ID, *WORKLOAD]
 
-    def timed_run(self, snapshotter: str, image: str) -> Sample:
+    def timed_run(self, mode: str, image: str) -> Sample:
+        snapshotter = MODES[mode]
         self.log.unlink(missing_ok=True)
         cpu0, t0 = _cpu(), time.time()
         proc = subprocess.run(self.run_argv(snapshotter, image), env=self.env,
@@ -101,12 +120,12 @@ class Tree:
         t_end, cpu = time.time(), _cpu() - cpu0
         words = proc.stdout.split()
         if proc.returncode != 0 or words[:2] != ["Hello,", "World!"]:
-            raise SystemExit(f"{self.name} {snapshotter}: run failed ({proc.returncode}): "
+            raise SystemExit(f"{self.name} {mode}: run failed ({proc.returncode}): "
                              f"{proc.stdout!r} {proc.stderr[-500:]!r}")
         t_hello = float(words[2])
         t_runc = float(self.log.read_text().split()[0])
         self.check_clean(snapshotter)
-        return Sample(self.name, snapshotter, t_end - t0, t_runc - t0, t_hello - t_runc,
+        return Sample(self.name, mode, t_end - t0, t_runc - t0, t_hello - t_runc,
                       t_end - t_hello, cpu)
 
     def check_clean(self, snapshotter: str) -> None:
@@ -134,6 +153,29 @@ class Tree:
         shutil.rmtree(self.state, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def lazy_image(archive: Path, work: Path, trees: list[Tree]) -> Iterator[str]:
+    """A local IPFS node holding ``archive`` pushed as eStargz; every tree's state has it
+    rpulled with the stargz snapshotter (layers mounted lazily). Yields the CID."""
+    from ipfsnap.ipfs.node import ManagedNode
+
+    node = ManagedNode(work / "node").start()
+    pusher = Tree("push", ROOT / "src", work / "state-push", work)
+    pusher.api = ["--ipfs-api", node.api_multiaddr]
+    try:
+        name = pusher.cli("image", "import", str(archive)).stdout.split()[0]
+        cid = pusher.cli("image", "ipfs-push", "--estargz=true", name).stdout.split()[-1]
+        for tree in trees:
+            tree.api = pusher.api
+            tree.cli("image", "rpull", "--ipfs", "--snapshotter", "stargz", cid)
+        yield cid
+    finally:
+        for tree in trees:
+            tree.teardown()
+        pusher.teardown()
+        node.stop()
+
+
 def export(rev: str, dest: Path) -> Path:
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src"], check=True,
                              capture_output=True).stdout
@@ -146,9 +188,9 @@ def fmt(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
-def report(samples: list[Sample], snapshotters: list[str]) -> None:
-    print(f"{'snapshotter':11} {'phase':9} {'baseline s':>22} {'this s':>22} {'ratio':>6}")
-    for snap in snapshotters:
+def report(samples: list[Sample], modes: list[str]) -> None:
+    print(f"{'mode':11} {'phase':9} {'baseline s':>22} {'this s':>22} {'ratio':>6}")
+    for snap in modes:
         for phase in PHASES:
             cols = {tree: [getattr(s, phase) for s in samples
                            if s.snapshotter == snap and s.tree == tree]
@@ -164,7 +206,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--baseline", default="d592638", metavar="REV")
     ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--snapshotters", default="overlayfs,stargz")
+    ap.add_argument("--modes", default="overlayfs,stargz,lazy",
+                    help="overlayfs, stargz (local layers through the snapshotter service), "
+                    "lazy (eStargz layers from a local IPFS node, FUSE mounted)")
     ap.add_argument("--image", type=Path, default=DEFAULT_IMAGE, metavar="OCI_TAR")
     ap.add_argument("--json", type=Path, metavar="FILE", help="write every sample here")
     opts = ap.parse_args()
@@ -176,35 +220,38 @@ def main() -> int:
     if not opts.image.exists():
         raise SystemExit(f"run_bench: no image at {opts.image} (the tests build it: "
                          "tests/fixtures/images.py python_image)")
-    snapshotters = opts.snapshotters.split(",")
+    modes = opts.modes.split(",")
+    if set(modes) - set(MODES):
+        raise SystemExit(f"run_bench: unknown modes {sorted(set(modes) - set(MODES))}")
     samples: list[Sample] = []
     with tempfile.TemporaryDirectory(prefix="run-bench-", dir="/var/tmp") as tmp:
-        shim_dir = Path(tmp) / "shim"
+        work = Path(tmp)
+        shim_dir = work / "shim"
         shim_dir.mkdir()
         (shim_dir / "runc").write_text(SHIM.format(runc=runc))
         (shim_dir / "runc").chmod(0o755)
-        trees = [Tree("baseline", export(opts.baseline, Path(tmp) / "baseline"),
-                      Path(tmp) / "state-baseline", shim_dir),
-                 Tree("this", ROOT / "src", Path(tmp) / "state-this", shim_dir)]
-        try:
-            image = ""
+        trees = [Tree("baseline", export(opts.baseline, work / "baseline"),
+                      work / "state-baseline", shim_dir),
+                 Tree("this", ROOT / "src", work / "state-this", shim_dir)]
+        with contextlib.ExitStack() as stack:
+            images: dict[str, str] = {}
+            if "lazy" in modes:
+                images["lazy"] = stack.enter_context(lazy_image(opts.image, work, trees))
             for tree in trees:
-                out = tree.cli("image", "import", str(opts.image)).stdout.split()
-                image = out[0]
-                for snap in snapshotters:  # warm-up: layers unpacked, service started
-                    tree.timed_run(snap, image)
+                stack.callback(tree.teardown)
+                name = tree.cli("image", "import", str(opts.image)).stdout.split()[0]
+                images.update({m: name for m in modes if m != "lazy"})
+                for mode in modes:  # warm-up: layers unpacked or mounted, service started
+                    tree.timed_run(mode, images[mode])
             for i in range(opts.runs):
                 order = trees if i % 2 == 0 else trees[::-1]
-                for snap in snapshotters:
+                for mode in modes:
                     for tree in order:
-                        samples.append(tree.timed_run(snap, image))
+                        samples.append(tree.timed_run(mode, images[mode]))
                 print(f"round {i + 1}/{opts.runs} done", file=sys.stderr)
-        finally:
-            for tree in trees:
-                tree.teardown()
     print(f"{opts.runs} runs each, image {opts.image}, load average "
           f"{os.getloadavg()[0]:.1f}; seconds: median (min-max); ratio this/baseline")
-    report(samples, snapshotters)
+    report(samples, modes)
     if opts.json:
         opts.json.write_text(json.dumps([asdict(s) for s in samples], indent=1))
     return 0

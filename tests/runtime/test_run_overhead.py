@@ -20,7 +20,14 @@ from ipfsnap.image.snapshotters import OVERLAYFS, STARGZ
 from ipfsnap.image.unpack import chain_ids
 from ipfsnap.runtime import ContainerRecord
 from ipfsnap.service.errors import ServiceUnavailable
-from ipfsnap.snapshot import Kind, Mount, SnapshotStore, Snapshotter, mount
+from ipfsnap.snapshot import (
+    VOLATILE_LABEL,
+    Kind,
+    Mount,
+    SnapshotStore,
+    Snapshotter,
+    mount,
+)
 from ipfsnap.snapshot.errors import SnapshotMountError, SnapshotNotFound
 from ipfsnap.snapshot.mount import VOLATILE, mount_all, unmount
 from tests.runtime.test_image_run import ipfsnap, no_mounts, snapshots
@@ -223,3 +230,50 @@ def test_volatile_overlay_mounts_and_unmounts(tmp_path: Path) -> None:
     finally:
         unmount(tmp_path / "merged")
     assert (tmp_path / "upper" / "g").read_text() == "written"
+
+
+def test_volatile_snapshot_commits_are_not_synced(tmp_path: Path) -> None:
+    """The active snapshot of a ``run --rm`` is created and removed without an fdatasync
+    (sqlite WAL, synchronous=NORMAL for those two transactions); every other commit stays
+    synced."""
+    statements: list[str] = []
+    with SnapshotStore(tmp_path / "store") as s:
+        s._db.set_trace_callback(statements.append)
+        s.prepare("base-active", "")
+        s.commit("base", "base-active")
+        normal = list(statements)
+        statements.clear()
+        s.prepare("c1", "base", {VOLATILE_LABEL: "true"})
+        assert s.stat("c1").labels == {VOLATILE_LABEL: "true"}
+        s.remove("c1")
+        volatile = list(statements)
+        statements.clear()
+        s.remove("base")
+        (sync,) = s._db.execute("PRAGMA synchronous").fetchone()
+    assert not [x for x in normal if "synchronous=" in x]
+    assert not [x for x in statements if "synchronous=" in x]
+    lowered = [i for i, x in enumerate(volatile) if x == "PRAGMA synchronous=NORMAL"]
+    assert len(lowered) == 2  # the insert's and the delete's transactions
+    for i in lowered:
+        rest = volatile[i:]
+        commit = rest.index("COMMIT")
+        assert rest[commit + 1] == "PRAGMA synchronous=FULL"
+    assert sync == 2  # FULL again afterwards
+
+
+@pytest.mark.integration
+def test_stale_snapshot_of_the_id_is_replaced(
+    runtime_state: Path, imported: str, busybox_image: SampleImage
+) -> None:
+    """A crash may leave the snapshot of a container whose record is gone (a volatile
+    removal forgotten): the next container with that id replaces it."""
+    p = ipfsnap(runtime_state, "run", "--rm", imported, "c1", "true")
+    assert p.returncode == 0, p.stderr
+    top = chain_ids(busybox_image.diff_ids)[-1]
+    with SnapshotStore(runtime_state / "snapshots" / OVERLAYFS, restore=False) as s:
+        s.prepare("ipfsnap-container c1", top, {VOLATILE_LABEL: "true"})
+    p = ipfsnap(runtime_state, "run", "--rm", imported, "c1", "cat", "/hello.txt")
+    assert p.returncode == 0, p.stderr
+    assert "earlier container" in p.stderr
+    assert set(snapshots(runtime_state).values()) == {Kind.COMMITTED}
+    assert no_mounts(runtime_state)

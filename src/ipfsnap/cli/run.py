@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ipfsnap.content import ResolvedImage
     from ipfsnap.runtime import BindMount, ContainerConfig, ContainerRecord
     from ipfsnap.runtime.containers import MountRootfs, Release
-    from ipfsnap.snapshot import Snapshotter
+    from ipfsnap.snapshot import Mount, Snapshotter
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +288,24 @@ def container_config(
     )
 
 
+def _prepare(snaps: Snapshotter, key: str, parent: str, volatile: bool) -> list[Mount]:
+    """The container's active snapshot (``volatile``: thrown away after the run, so its
+    creation and removal are not synced to disk; see VOLATILE_LABEL)."""
+    from ipfsnap.errors import AlreadyExistsError
+    from ipfsnap.snapshot import VOLATILE_LABEL
+
+    labels = {VOLATILE_LABEL: "true"} if volatile else None
+    try:
+        return snaps.prepare(key, parent, labels)
+    except AlreadyExistsError:
+        # The id is ours (ContainerStore.create just made its directory), so a snapshot
+        # under its key was left by an earlier container of that id that a crash cut short
+        # (e.g. a volatile removal lost by a power failure): replace it.
+        log.warning("run: snapshot %r left by an earlier container; replacing it", key)
+        snaps.remove(key)
+        return snaps.prepare(key, parent, labels)
+
+
 def image_rootfs(
     ctx: Context,
     image: ResolvedImage,
@@ -323,11 +341,11 @@ def image_rootfs(
             top = top_chain_id(diff_ids)
             if top and len(diff_ids) == len(image.manifest.layers):
                 try:
-                    mounts = snaps.prepare(key, top)
+                    mounts = _prepare(snaps, key, top, volatile)
                 except NotFoundError:  # a layer snapshot is missing: unpack
                     log.debug("run: layer snapshot %s missing; unpacking", top)
             if mounts is None:
-                mounts = snaps.prepare(key, provider(ctx, snaps, image))
+                mounts = _prepare(snaps, key, provider(ctx, snaps, image), volatile)
         finally:
             if own:
                 snaps_of.close()

@@ -13,6 +13,10 @@ from typing import Protocol
 #: Label containerd's unpacker puts on Prepare: the committed name (chainID) the layer will
 #: get. Its presence is what asks the snapshotter to try a remote (lazy) mount.
 TARGET_SNAPSHOT_LABEL = "containerd.io/snapshot.ref"
+#: Label (value "true") of a snapshot that is thrown away after use (the active snapshot of a
+#: ``run --rm`` container): its creation and removal are not synced to disk (a crash may
+#: forget either: a stray directory, removed by cleanup, or a row whose owner is gone).
+VOLATILE_LABEL = "ipfsnap.io/snapshot.volatile"
 #: Label (and value) marking a committed snapshot whose fs dir is a remote mount, as the
 #: reference marks it; restore_remote() re-mounts every snapshot carrying it.
 REMOTE_LABEL = "containerd.io/snapshot/remote"
