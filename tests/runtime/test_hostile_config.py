@@ -181,7 +181,7 @@ def test_workdir_dotdot_is_folded_like_docker(root: Path, wd: str, expected: str
     ("wd", "problem"),
     [("app", "absolute"), ("./app", "absolute"), ("/bin/busybox", "not a directory"),
      ("/etc/passwd/x", "not a directory"), ("/app\x00/x", "NUL"), ("/a" * 2048, "PATH_MAX"),
-     ("/app/\ud800", "lone surrogate")],
+     ("/app/\ud800", "lone surrogate"), ("/app/\udc80", "lone surrogate")],
 )
 def test_bad_workdir_is_refused(root: Path, wd: str, problem: str) -> None:
     refused(root, {"WorkingDir": wd}, "WorkingDir", problem)
@@ -204,6 +204,14 @@ def test_symlink_loops(root: Path, tmp_path: Path) -> None:
 def test_workdir_missing_is_left_to_runc(root: Path) -> None:
     # runc (and docker) create a missing working directory, inside the rootfs
     assert spec_of(root, image_cfg({"WorkingDir": "/srv/new"}))["process"]["cwd"] == "/srv/new"
+
+
+def test_cli_values_may_carry_undecodable_bytes(root: Path) -> None:
+    # argv bytes that are not UTF-8 reach Python as U+DC80-U+DCFF: the user's own, accepted
+    spec = spec_of(root, image_cfg({}, cwd="/app/\udcff", command=["echo", "\udc80"],
+                                   env=["K=\udcfe"]))
+    assert "K=\udcfe" in spec["process"]["env"]
+    assert spec["process"]["cwd"] == "/app/\udcff"
 
 
 def test_cli_cwd_is_checked_the_same_way(root: Path) -> None:

@@ -330,22 +330,26 @@ def _refuse(cfg: ContainerConfig, name: str, problem: str) -> NoReturn:
     raise BadRunOption(f"{_what(cfg, name)} {problem}")
 
 
-def _text_problem(value: str) -> str | None:
-    """Why ``value`` cannot be passed to the kernel as a C string, or None."""
+def _text_problem(value: str, strict: bool = True) -> str | None:
+    """Why ``value`` cannot be passed to the kernel as a C string, or None.
+
+    ``strict`` (values from an image's JSON): every surrogate is refused, as no UTF-8 text
+    holds one (runc's JSON decoder would turn it into U+FFFD, another string than the one
+    checked here). Not strict (the command line): undecodable argv bytes, which Python
+    carries as surrogates U+DC80-U+DCFF, are the user's own and pass.
+    """
     if "\0" in value:
         return "contains a NUL byte"
     try:
-        # surrogateescape: undecodable bytes of a command line (argv) round-trip; a lone
-        # surrogate from JSON ("\\ud800") has no byte form at all
-        value.encode("utf-8", "surrogateescape")
+        value.encode("utf-8", "strict" if strict else "surrogateescape")
     except UnicodeEncodeError:
         return "is not valid Unicode (a lone surrogate)"
     return None
 
 
-def _check_env_item(item: str) -> str | None:
+def _check_env_item(item: str, strict: bool = True) -> str | None:
     """Why ``item`` is not a ``KEY=VALUE`` runc accepts, or None."""
-    problem = _text_problem(item)
+    problem = _text_problem(item, strict)
     if problem:
         return problem
     key, sep, _ = item.partition("=")
@@ -600,7 +604,7 @@ def resolve_user(
     # a refusal to read /etc/passwd names the value that needed it, and the image
     where = what if from_image else f"{what}: {source}" if user else source
     fail: type[IpfsnapError] = ImageConfigError if from_image else BadRunOption
-    problem = _text_problem(user)
+    problem = _text_problem(user, from_image)
     if problem:
         raise fail(f"{what} {problem}")
     spec = user.strip() or "0"
@@ -634,7 +638,7 @@ def resolve_user(
     else:
         assert uid is not None
         gid, home, login = 0, "/", ""
-    if _text_problem(home) or not home.startswith("/"):
+    if _text_problem(home, strict=False) or not home.startswith("/"):
         # HOME of a hostile passwd goes into the environment: keep it a plain absolute path
         log.warning("%s: home %s of %s is unusable, using /", source, show(home), show(login))
         home = "/"
@@ -699,7 +703,7 @@ def _validate(cfg: ContainerConfig, container_id: str) -> None:
     if not cfg.args[0]:
         _refuse(cfg, "args", f"{show(cfg.args[0])}: the program name (first item) is empty")
     for i, arg in enumerate(cfg.args):
-        problem = _text_problem(arg)
+        problem = _text_problem(arg, "args" in cfg.from_image)
         if problem:
             _refuse(cfg, "args", f"[{i}] {show(arg)} {problem}")
     if cfg.net not in NET_MODES:
@@ -711,7 +715,7 @@ def _validate(cfg: ContainerConfig, container_id: str) -> None:
             f"--hostname {show(cfg.hostname)}: expected at most {HOST_NAME_MAX - 1} letters, "
             "digits, '-', '.' or '_'"
         )
-    problem = _text_problem(cfg.cwd)
+    problem = _text_problem(cfg.cwd, "cwd" in cfg.from_image)
     if problem:
         _refuse(cfg, "cwd", f"{show(cfg.cwd)} {problem}")
     if not cfg.cwd.startswith("/"):
@@ -719,7 +723,8 @@ def _validate(cfg: ContainerConfig, container_id: str) -> None:
     if len(cfg.cwd.encode("utf-8", "surrogateescape")) >= PATH_MAX:
         _refuse(cfg, "cwd", f"{show(cfg.cwd)}: longer than the kernel's PATH_MAX ({PATH_MAX})")
     for item in cfg.env:
-        problem = _check_env_item(item)
+        # the image's entries were checked strictly (with their index) already
+        problem = _check_env_item(item, strict=False)
         if problem:
             raise BadRunOption(f"env {show(item)} {problem}")
     # execve(2) limits, checked here so the error names the culprit instead of runc's E2BIG
