@@ -48,6 +48,7 @@ from ipfsnap.runtime.spec import (
     MAX_ARG_STRLEN,
     image_container_config,
 )
+from tests.reliability.hostile import make_canary
 from tests.support import require_root, require_tool
 
 IMAGE = "ipfs://bafyhostile"
@@ -577,8 +578,7 @@ def hostile_world(tmp_path_factory: pytest.TempPathFactory, busybox_image: Any) 
     base = tmp_path_factory.mktemp("hostile-config")
     state = base / "state"
     state.mkdir()
-    canary = base / "canary"
-    canary.mkdir()
+    canary = make_canary(base)  # the escape tests' canary, plus a passwd naming 'evil'
     (canary / "passwd").write_text("evil:x:4242:4242::/evil:/bin/sh\n")
     (canary / "src").mkdir()
     (canary / "src" / "marker").write_text("host marker\n")
