@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ipfsnap.estargz import InvalidTOC, TOCEntry, TooManyEntries
-from ipfsnap.estargz.toc import entry_from_json, entry_to_json, parse_toc_json, toc_json
+from ipfsnap.estargz.toc import (
+    _digests_ok,
+    decode_entries,
+    decode_entries_fast,
+    entry_from_json,
+    entry_to_json,
+    parse_toc_json,
+    toc_json,
+)
 
 D = "sha256:" + "ab" * 32
 
@@ -124,3 +135,96 @@ def test_hand_formatting_equals_json_module() -> None:
     ]
     doc = {"version": 1, "entries": [entry_to_json(e) for e in entries]}
     assert toc_json(entries) == json.dumps(doc, indent="\t", ensure_ascii=False).encode()
+
+
+# -- the msgspec fast path: a subset of the stdlib path, with the same values --------------
+
+def _stdlib(doc: bytes, limit: int = 1000) -> list[TOCEntry] | str:
+    """What the stdlib path alone makes of a document (entries, or the error class)."""
+    try:
+        text = doc.decode(json.detect_encoding(doc), "surrogatepass")
+        return decode_entries(text, "b", limit)
+    except (InvalidTOC, UnicodeDecodeError) as exc:
+        return type(exc).__name__
+
+
+def _check_same(doc: bytes, limit: int = 1000) -> bool:
+    """The fast path's result equals the stdlib's whenever it gives one; True if it did."""
+    fast = decode_entries_fast(doc, limit)
+    if fast is None:
+        return False
+    assert fast == _stdlib(doc, limit)
+    return True
+
+
+@pytest.mark.parametrize(
+    "doc, taken",
+    [
+        (toc_json([TOCEntry(name="a", type="reg", size=3, offset=5, digest=D, chunk_digest=D,
+                            xattrs={"user.x": b"\x00\xff"}, modtime="2020-01-01T00:00:00Z")]),
+         True),
+        (b'{"version": 1, "entries": [{"name": "a", "type": "reg", "size": 1, "size": 2}]}', True),
+        (b'{"version": 99999999999999999999999, "entries": []}', True),
+        (b'{"version": 1, "entries": [{"name": "a", "type": "reg", "size": null}]}', False),
+        (b'{"version": 1, "entries": [{"name": "a", "type": "reg", "extra": {"name": "b"}}]}',
+         False),
+        (b'{"version": 1, "entries": [{"name": "a", "type": "reg"}], "name": "x"}', False),
+        (b'{"version": 1, "entries": [{"name": "a\\udcff", "type": "reg"}]}', False),
+        (b'{"version": 1, "entries": [{"name": "a", "type": "sock"}]}', False),
+        (b'{"version": 1, "entries": [{"name": "a", "type": "reg", "digest": "sha256:AB"}]}',
+         False),
+        (b'{"version": 1, "entries": [{"name": "a", "type": "reg", "xattrs": {"k": "!!"}}]}',
+         False),
+        (b'{"version": 1, "entries": [{"name": "a", "type": "reg", "size": 1e2}]}', False),
+        (b'\xef\xbb\xbf{"version": 1, "entries": []}', False),
+        ('{"version": 1, "entries": []}'.encode("utf-16"), False),
+    ],
+)
+def test_fast_path_is_a_subset_of_the_stdlib_path(doc: bytes, taken: bool) -> None:
+    assert _check_same(doc) is taken
+    # whatever path is taken, parse_toc_json gives the stdlib path's verdict
+    want = _stdlib(doc)
+    try:
+        got: list[TOCEntry] | str = parse_toc_json(doc, "b", 1000)
+    except InvalidTOC as exc:
+        got = type(exc).__name__
+    assert got == want
+
+
+def test_fast_path_leaves_the_entry_limit_to_the_stdlib_path() -> None:
+    entries = [TOCEntry(name=str(i), type="dir") for i in range(11)]
+    assert decode_entries_fast(toc_json(entries), 10) is None
+    assert _check_same(toc_json(entries), 11)
+
+
+def test_digest_check_of_the_fast_path() -> None:
+    ok = "sha256:" + "0123456789abcdef" * 4
+    assert _digests_ok([ok, ok, "sha256:" + "f" * 64])
+    assert _digests_ok([])
+    for bad in ([ok[:-1], "0" + ok], [ok.upper()], [ok + "\n"], ["sha256:" + "g" * 64],
+                ["sha256:" + "a" * 63 + "é"], [ok[:-1] + " "], ["sha512:" + "a" * 64]):
+        assert not _digests_ok(bad), bad
+
+
+_names = st.text(st.characters(codec="utf-8"), max_size=8)
+_ints = st.one_of(st.integers(0, 2**63 - 1), st.integers(-5, -1), st.just(2**63),
+                  st.floats(allow_nan=False, allow_infinity=False), st.none(), st.booleans())
+_strs = st.one_of(_names, st.none(), st.integers(0, 9))
+_digests = st.one_of(st.just(""), st.just(D), st.just(D.upper()), _names)
+_b64 = st.one_of(st.binary(max_size=6).map(lambda b: base64.b64encode(b).decode()), _names)
+_entry = st.fixed_dictionaries(
+    {"name": _names, "type": st.sampled_from(["dir", "reg", "chunk", "hardlink", "x"])},
+    optional={"size": _ints, "mode": _ints, "offset": _ints, "modtime": _strs,
+              "linkName": _strs, "userName": _strs, "digest": _digests,
+              "chunkDigest": _digests, "xattrs": st.dictionaries(_names, _b64, max_size=2),
+              "unknownField": _ints},
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_entry, max_size=5), st.sampled_from([None, "\t", 1]))
+def test_fast_path_agrees_with_the_stdlib_path(entries: list[dict[str, object]],
+                                               indent: str | int | None) -> None:
+    doc = json.dumps({"version": 1, "entries": entries}, indent=indent,
+                     ensure_ascii=False).encode("utf-8", "surrogatepass")
+    _check_same(doc)

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from ipfsnap.estargz import FileRangeReader, open_layer
-from ipfsnap.estargz.types import TOCEntry
+from ipfsnap.estargz.reader import LayerIndex
+from ipfsnap.estargz.types import DEFAULT_LIMITS, TOCEntry
 from ipfsnap.fs.inodes import OPAQUE_XATTR, InodeTable, parse_modtime
 from tests.fs.layers import MTIME, Blob, Item, build_blob, every_type_items
 
@@ -144,5 +151,107 @@ def test_table_pickles_column_wise(every_type_blob: Blob) -> None:
     assert len(back) == len(t) and back.by_path == t.by_path
     for a, b in zip(t.inodes[1:], back.inodes[1:], strict=True):
         assert a is not None and b is not None
-        assert {k: getattr(a, k) for k in a.__slots__} == \
-            {k: getattr(b, k) for k in b.__slots__}
+        assert msgspec.structs.asdict(a) == msgspec.structs.asdict(b)
+
+
+# -- the inline fast path of InodeTable.build gives what the general path gives -----------
+
+_D = "sha256:" + "cd" * 32
+
+
+def _tricky_entries() -> list[TOCEntry]:
+    """Entries exercising every branch of the inode table (fast path and general)."""
+    t = "2021-03-04T05:06:07Z"
+    return [
+        TOCEntry(name=".no.prefetch.landmark", type="reg", size=1, offset=10, digest=_D),
+        TOCEntry(name="./", type="dir", mode=0o700, uid=1, gid=2, modtime=t),
+        TOCEntry(name="usr/", type="dir", mode=0o755, modtime=t, user_name="root"),
+        TOCEntry(name="usr/bin/", type="dir", mode=0o755, modtime="2021-03-04T05:06:07.5Z"),
+        TOCEntry(name="usr/bin/a", type="reg", size=3, offset=20, digest=_D, mode=0o4755,
+                 modtime="1969-12-31T23:59:59Z"),
+        TOCEntry(name="usr/bin/b", type="symlink", link_name="a", mode=0o777,
+                 modtime="2021-03-04T07:06:07+02:00"),
+        TOCEntry(name="usr/bin/c", type="hardlink", link_name="usr/bin/a"),
+        TOCEntry(name="aaa/first", type="hardlink", link_name="usr/bin/a"),  # walked before
+        TOCEntry(name="usr/bin/x", type="reg", xattrs={"user.k": b"v",
+                                                       "trusted.overlay.redirect": b"/e"}),
+        TOCEntry(name="usr/bin/y", type="reg", xattrs={"trusted.overlay.opaque": b"y"}),
+        TOCEntry(name="usr/bin/dev", type="char", dev_major=1, dev_minor=3, mode=0o666),
+        TOCEntry(name="usr/bin/blk", type="block", dev_major=2**40, dev_minor=7),
+        TOCEntry(name="usr/bin/fifo", type="fifo", modtime="garbage"),
+        TOCEntry(name="usr/lib/", type="dir", xattrs={"user.d": b"1"}, modtime=t),
+        TOCEntry(name="usr/lib/.wh..wh..opq", type="reg"),
+        TOCEntry(name="usr/lib/.wh.gone", type="reg", modtime=t),
+        TOCEntry(name="usr/lib/.wh.", type="reg"),
+        TOCEntry(name="usr/lib/.hidden", type="reg", mode=0o600, modtime="2021-13-04T05:06:07Z"),
+        TOCEntry(name="usr/lib/late/deep/file", type="reg", modtime="2021-03-04T24:06:07Z"),
+        TOCEntry(name="usr/lib/late/", type="dir", mode=0o711, modtime="2021-03-04T05:60:07Z"),
+        TOCEntry(name="usr/lib/sym", type="symlink", link_name="/\udcff/x", modtime="x" * 20),
+        TOCEntry(name="usr/lib/twice", type="reg", modtime="2021-03-04T05:06:60Z"),
+        TOCEntry(name="usr/lib/twice", type="symlink", link_name="t"),
+        TOCEntry(name="usr/lib/dir2/", type="dir"),
+        TOCEntry(name="usr/lib/dir2/", type="dir", mode=0o700),
+        TOCEntry(name=".wh.top", type="reg"),
+        TOCEntry(name="stargz.index.json", type="reg"),
+        TOCEntry(name="ü/é", type="reg", modtime="2021-03-04T05:06:0٧Z"),
+        TOCEntry(name="w/.wh.dir/", type="dir"),
+        TOCEntry(name="w/.wh.dir/child", type="reg"),
+    ]
+
+
+def _same_tables(a: InodeTable, b: InodeTable) -> None:
+    assert len(a) == len(b)
+    assert a.by_path == b.by_path
+    for x, y in zip(a.inodes[1:], b.inodes[1:], strict=True):
+        assert x is not None and y is not None
+        assert msgspec.structs.asdict(x) == msgspec.structs.asdict(y), x.path
+
+
+class _WalkOnly:
+    """An index view with only ``walk()`` (raw paths, as other views may give them)."""
+
+    def __init__(self, index: LayerIndex) -> None:
+        self.index = index
+
+    def walk(self) -> Iterator[tuple[str, TOCEntry]]:
+        for path, e in self.index.walk():
+            yield (path + "/" if e.type == "dir" and path else path), e
+
+
+def test_fast_build_equals_general_build() -> None:
+    index = LayerIndex(compression="gzip", toc_digest=_D, toc_offset=1000, blob_size=2000,
+                       payload_end=1000, toc_entries=_tricky_entries(), limits=DEFAULT_LIMITS,
+                       name="tricky")
+    general = InodeTable.build_general(index)
+    _same_tables(InodeTable.build(index), general)
+    _same_tables(InodeTable.build(_WalkOnly(index)), general)
+    # the cases the test is about are there
+    assert node(general, "usr/bin/c").ino == node(general, "aaa/first").ino
+    assert node(general, "usr/bin/a").nlink == 3
+    assert general.get(general.by_path["usr/lib"]).xattrs == {  # type: ignore[union-attr]
+        "user.d": b"1", OPAQUE_XATTR: b"y"}
+    assert stat.S_ISLNK(node(general, "usr/lib/twice").mode)
+    assert "w/.wh.dir/child" not in general.by_path
+
+
+def test_fast_build_equals_general_build_on_a_real_layer(every_type_blob: Blob) -> None:
+    with open(every_type_blob.path, "rb") as f:
+        index = open_layer(FileRangeReader(f), every_type_blob.size,
+                           toc_digest=every_type_blob.toc_digest)
+    _same_tables(InodeTable.build(index), InodeTable.build_general(index))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(-(2**37), 2**37), st.integers(0, 999_999_999))
+def test_modtime_fast_path_matches_the_general_parse(secs: int, frac: int) -> None:
+    try:
+        dt = datetime.fromtimestamp(secs, UTC)
+    except (ValueError, OverflowError):
+        return
+    if not 1 <= dt.year <= 9999:
+        return
+    text = f"{dt.year:04d}-" + dt.strftime("%m-%dT%H:%M:%SZ")
+    assert parse_modtime(text) == secs * 10**9
+    # the general path (a fraction) agrees with the fast one
+    frac_text = text[:-1] + f".{frac:09d}Z"
+    assert parse_modtime(frac_text) == secs * 10**9 + frac

@@ -441,6 +441,21 @@ class LayerIndex:
                 prefix = f"{path}/" if path else ""
                 stack.extend([prefix + k for k in sorted(kids, reverse=True)])
 
+    def walk_named(self) -> Iterator[tuple[str, str, str, TOCEntry]]:
+        """:meth:`walk` with each path's parent path and base name: ``(path, parent, name,
+        entry)``, in the same order (the root as ``("", "", "", entry)``)."""
+        stack = [("", "", "")]
+        entries = self._entries
+        links = self._links
+        children = self._children
+        while stack:
+            path, parent, name = stack.pop()
+            yield path, parent, name, entries[links.get(path, path)]
+            kids = children.get(path)
+            if kids:
+                prefix = f"{path}/" if path else ""
+                stack.extend([(prefix + k, path, k) for k in sorted(kids, reverse=True)])
+
     def nlink(self, path: str) -> int:
         """Link count as a filesystem shows it: 2 + subdirectories for a directory, the
         number of names (hardlinks included) for anything else; 0 if there is no entry."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from itertools import starmap
 from operator import attrgetter
@@ -162,6 +162,14 @@ def _parse_modtime(text: str) -> int:
         return 0
 
 
+def _named(walk: Iterable[tuple[str, TOCEntry]]) -> Iterator[tuple[str, str, str, TOCEntry]]:
+    """``(path, parent, name, entry)`` of an index's ``walk()``, paths cleaned."""
+    for raw_path, entry in walk:
+        path = raw_path.strip("/")
+        parent, _, name = path.rpartition("/")
+        yield path, parent, name, entry
+
+
 def _clean(path: str) -> str:
     return path.strip("/")
 
@@ -260,8 +268,16 @@ class InodeTable:
         memo = _MODTIME_MEMO
         new = Inode
         S_IFDIR, S_IFREG, S_IFLNK = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
-        for raw_path, entry in index.walk():
-            path = raw_path.strip("/")
+        walk_named = getattr(index, "walk_named", None)
+        named: Iterable[tuple[str, str, str, TOCEntry]] = (
+            walk_named() if walk_named is not None else _named(index.walk())
+        )
+        # the parent of the previous entry, when it is a directory in the table: siblings
+        # come one after the other, and a path's inode does not change once it is a
+        # directory's (later entries only add paths below it)
+        cur_parent: str | None = None
+        cur_node: Inode | None = None
+        for path, parent_path, name, entry in named:
             typ = entry.type
             first = False
             if typ == "reg":
@@ -275,9 +291,13 @@ class InodeTable:
                 else:
                     first = True
             if typ == "reg" or typ == "dir" or typ == "symlink":
-                parent_path, _, name = path.rpartition("/")
-                pino = by_path.get(parent_path)
-                parent = inodes[pino] if pino is not None else None
+                if parent_path == cur_parent:
+                    parent = cur_node
+                else:
+                    pino = by_path.get(parent_path)
+                    parent = inodes[pino] if pino is not None else None
+                    if parent is not None and parent.children is not None:
+                        cur_parent, cur_node = parent_path, parent
                 kids = parent.children if parent is not None else None
                 if (kids is not None and name and not entry.xattrs
                         and not name.startswith(WHITEOUT_PREFIX)
