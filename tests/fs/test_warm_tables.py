@@ -52,6 +52,21 @@ def other_blob(tmp_path: Path) -> Blob:
     return build_blob([Item("other", "file", b"another layer\n")], tmp_path / "other.blob")
 
 
+def cache_of(m: LayerMounter, blob: Blob, mp: Path) -> tuple[WorkerSpec, TableCache, TableKey]:
+    """The worker spec of ``blob`` at ``mp``, its parsed-TOC cache and key."""
+    spec = spec_of(m, blob, mp)
+    found = table_cache_of(spec)
+    assert found is not None
+    return spec, found[0], found[1]
+
+
+def plant_other_tables(m: LayerMounter, tmp_path: Path, key: TableKey) -> None:
+    """Valid tables of another layer and TOC, stored under ``key``'s file name."""
+    ospec, cache, okey = cache_of(m, other_blob(tmp_path), tmp_path / "o")
+    assert cache.store(okey, load_tables(ospec))
+    cache.path(okey.layer, okey.toc_digest).rename(cache.path(key.layer, key.toc_digest))
+
+
 def warm_next(m: LayerMounter, first: Blob, nxt: Blob, mp: Path) -> None:
     """Mount ``first`` with ``nxt`` as its next layer and wait for nxt's warm-up to be done."""
     labels = {**labels_for(first), NEXT_LAYERS_LABEL: json.dumps([labels_for(nxt)])}
@@ -111,11 +126,8 @@ def test_warm_up_tables_are_adopted_and_give_the_parsed_tree(serve: bool, every_
 
 
 def test_adopted_tables_equal_a_fresh_parse(every_type_blob: Blob, tmp_path: Path) -> None:
-    m = plain_mounter(tmp_path / "state")
-    spec = spec_of(m, every_type_blob, tmp_path / "mp")
-    found = table_cache_of(spec)
-    assert found is not None
-    cache, key = found
+    spec, cache, key = cache_of(plain_mounter(tmp_path / "state"), every_type_blob,
+                                tmp_path / "mp")
     parsed = load_tables(spec)
     assert cache.store(key, parsed)
     adopted = adopt_tables(spec)
@@ -163,11 +175,8 @@ CORRUPTIONS = {
 @pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
 def test_bad_tables_files_are_refused(kind: str, every_type_blob: Blob, tmp_path: Path,
                                       caplog: pytest.LogCaptureFixture) -> None:
-    m = plain_mounter(tmp_path / "state")
-    spec = spec_of(m, every_type_blob, tmp_path / "mp")
-    found = table_cache_of(spec)
-    assert found is not None
-    cache, key = found
+    spec, cache, key = cache_of(plain_mounter(tmp_path / "state"), every_type_blob,
+                                tmp_path / "mp")
     assert cache.store(key, load_tables(spec))
     path = cache.path(key.layer, key.toc_digest)
     corrupt, why = CORRUPTIONS[kind]
@@ -180,16 +189,8 @@ def test_bad_tables_files_are_refused(kind: str, every_type_blob: Blob, tmp_path
 
 def test_tables_of_another_toc_are_never_used(every_type_blob: Blob, tmp_path: Path) -> None:
     m = plain_mounter(tmp_path / "state")
-    other = other_blob(tmp_path)
-    other_spec = spec_of(m, other, tmp_path / "o")
-    spec = spec_of(m, every_type_blob, tmp_path / "mp")
-    found, other_found = table_cache_of(spec), table_cache_of(other_spec)
-    assert found is not None and other_found is not None
-    cache, key = found
-    # valid tables of another layer/TOC, placed under this layer's name
-    assert cache.store(other_found[1], load_tables(other_spec))
-    cache.path(other_found[1].layer, other_found[1].toc_digest).rename(
-        cache.path(key.layer, key.toc_digest))
+    spec, cache, key = cache_of(m, every_type_blob, tmp_path / "mp")
+    plant_other_tables(m, tmp_path, key)
     assert adopt_tables(spec) is None
     # the same layer digest with another TOC digest: another file name, not found
     assert cache.store(key, load_tables(spec))
@@ -204,18 +205,10 @@ def test_layer_mounts_from_a_fresh_parse_after_a_refused_file(
     require_fuse()
     m = make_mounter(tmp_path / "state", background=False)
     try:
-        spec = spec_of(m, every_type_blob, tmp_path / "mp")
-        found = table_cache_of(spec)
-        assert found is not None
-        cache, key = found
+        spec, cache, key = cache_of(m, every_type_blob, tmp_path / "mp")
         path = cache.path(key.layer, key.toc_digest)
         if kind == "other toc":
-            other = other_blob(tmp_path)
-            ospec = spec_of(m, other, tmp_path / "o")
-            ofound = table_cache_of(ospec)
-            assert ofound is not None
-            assert cache.store(ofound[1], load_tables(ospec))
-            cache.path(ofound[1].layer, ofound[1].toc_digest).rename(path)
+            plant_other_tables(m, tmp_path, key)
         else:
             assert cache.store(key, load_tables(spec))
             _flip(path)
@@ -234,10 +227,7 @@ def test_worker_waits_for_a_running_warm_up(every_type_blob: Blob, tmp_path: Pat
     require_fuse()
     m = make_mounter(tmp_path / "state", background=False)
     try:
-        spec = spec_of(m, every_type_blob, tmp_path / "mp")
-        found = table_cache_of(spec)
-        assert found is not None
-        cache, key = found
+        spec, cache, key = cache_of(m, every_type_blob, tmp_path / "mp")
         # this test plays the warm-up: it holds the lock while it parses
         lock = cache.lock_warm(key.layer)
         assert lock is not None
@@ -275,9 +265,8 @@ def test_worker_waits_for_a_running_warm_up(every_type_blob: Blob, tmp_path: Pat
 
 
 def test_tables_are_bounded(every_type_blob: Blob, tmp_path: Path) -> None:
-    m = plain_mounter(tmp_path / "state")
-    spec = spec_of(m, every_type_blob, tmp_path / "mp")
-    tables = load_tables(spec)
+    tables = load_tables(spec_of(plain_mounter(tmp_path / "state"), every_type_blob,
+                                 tmp_path / "mp"))
     cache = TableCache(tmp_path / "cache", max_files=3)
     keys = [TableKey("sha256:" + f"{i:064x}", every_type_blob.toc_digest, "l")
             for i in range(5)]

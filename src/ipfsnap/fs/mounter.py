@@ -581,38 +581,36 @@ class LayerMounter:
                 return None
             del self._warming[layer]
             self._handed.add(layer)
-        try:
-            proc.stdin.write(os.fsencode(spec_path) + b"\n")
-            proc.stdin.close()
-        except OSError as exc:
-            log.debug("warm-up of layer %s unusable as its worker (%s)", layer, exc)
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-            with contextlib.suppress(OSError):
-                proc.kill()
-            proc.wait()
+        if not self._send_spec(proc, spec_path, f"warm-up of layer {layer}"):
             return None
         log.info("layer %s: handed to its warm-up (pid %d)", layer, proc.pid)
         return proc
+
+    @staticmethod
+    def _send_spec(proc: subprocess.Popen[bytes], spec_path: Path, what: str) -> bool:
+        """Write the spec path to a waiting process's stdin (then EOF); on failure the
+        process is killed and reaped."""
+        try:
+            if proc.stdin is None or proc.poll() is not None:
+                raise BrokenPipeError(f"{what} exited")
+            proc.stdin.write(os.fsencode(spec_path) + b"\n")
+            proc.stdin.close()
+        except OSError as exc:
+            log.debug("%s unusable (%s): starting a new worker", what, exc)
+            with contextlib.suppress(OSError):
+                if proc.stdin is not None:
+                    proc.stdin.close()
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait()
+            return False
+        return True
 
     def _hand_to_spare(self, spec_path: Path) -> subprocess.Popen[bytes] | None:
         """Give the spec to the spare worker; None if there is none alive."""
         with self._lock:
             proc, self._spare = self._spare, None
-        if proc is None or proc.stdin is None:
-            return None
-        try:
-            if proc.poll() is not None:
-                raise BrokenPipeError("spare worker exited")
-            proc.stdin.write(os.fsencode(spec_path) + b"\n")
-            proc.stdin.close()
-        except OSError as exc:
-            log.debug("spare layer worker unusable (%s): starting a new one", exc)
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-            with contextlib.suppress(OSError):
-                proc.kill()
-            proc.wait()
+        if proc is None or not self._send_spec(proc, spec_path, "spare layer worker"):
             return None
         return proc
 
