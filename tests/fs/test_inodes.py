@@ -225,6 +225,13 @@ def test_fast_build_equals_general_build() -> None:
     general = InodeTable.build_general(index)
     _same_tables(InodeTable.build(index), general)
     _same_tables(InodeTable.build(_WalkOnly(index)), general)
+    # and without hardlinks (the build then does not track entries seen)
+    no_links = [e for e in _tricky_entries() if e.type != "hardlink"]
+    plain = LayerIndex(compression="gzip", toc_digest=_D, toc_offset=1000, blob_size=2000,
+                       payload_end=1000, toc_entries=no_links, limits=DEFAULT_LIMITS,
+                       name="plain")
+    assert not plain.has_hardlinks and index.has_hardlinks
+    _same_tables(InodeTable.build(plain), InodeTable.build_general(plain))
     # the cases the test is about are there
     assert node(general, "usr/bin/c").ino == node(general, "aaa/first").ino
     assert node(general, "usr/bin/a").nlink == 3

@@ -10,6 +10,7 @@ from __future__ import annotations
 import operator
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import repeat
 
 from ipfsnap.estargz.types import Chunk
 
@@ -184,8 +185,7 @@ def _digest_bytes(digests: list[str], odd: dict[int, str]) -> bytearray:
     exactly when all of them are hex digits (it skips whitespace, which would shorten the
     result), so each digest's bytes land in its own 32-byte slot."""
     n = len(digests)
-    if all(len(d) == 71 for d in digests) and \
-            sum(1 for d in digests if d.startswith(_PREFIX)) == n:
+    if set(map(len, digests)) == {71} and all(map(str.startswith, digests, repeat(_PREFIX))):
         try:
             raw = bytes.fromhex("".join([d[7:] for d in digests]))
         except ValueError:

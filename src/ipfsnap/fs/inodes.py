@@ -268,6 +268,8 @@ class InodeTable:
         memo = _MODTIME_MEMO
         new = Inode
         S_IFDIR, S_IFREG, S_IFLNK = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
+        # without hardlinks (an index that says so) no entry comes twice: no need to track
+        links = bool(getattr(index, "has_hardlinks", True))
         walk_named = getattr(index, "walk_named", None)
         named: Iterable[tuple[str, str, str, TOCEntry]] = (
             walk_named() if walk_named is not None else _named(index.walk())
@@ -280,7 +282,7 @@ class InodeTable:
         for path, parent_path, name, entry in named:
             typ = entry.type
             first = False
-            if typ == "reg":
+            if typ == "reg" and links:
                 # an index may yield a hardlink as its resolved target entry: same object
                 ino = seen.get(id(entry))
                 if ino is not None:

@@ -6,6 +6,7 @@ import bisect
 import contextlib
 import gc
 import logging
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -32,6 +33,9 @@ from ipfsnap.fs.inodes import IndexView, Inode, InodeTable
 from ipfsnap.fs.source import BlobSource
 
 log = logging.getLogger(__name__)
+
+#: the file-type bits of a mode (stat.S_IFMT as a mask, for an inline test)
+_S_IFMT, _S_IFREG = stat.S_IFMT(0o177777), stat.S_IFREG
 
 #: chunks a sequential reader gets fetched ahead; off by default: in lazy_bench (100 MiB over
 #: bitswap, 2026-11-28) 2 chunks did not raise the cold rate (0.54-0.61x of a plain cat, vs
@@ -130,7 +134,8 @@ class LayerTables:
             chunks = index.chunk_lookup() if isinstance(index, LayerIndex) else index.chunks
             chunk_table = ChunkTable.from_files(
                 (node.ino, chunks(node.path)) for node in table.inodes
-                if node is not None and node.size > 0 and node.path and node.is_reg
+                if node is not None and node.size > 0 and node.path
+                and node.mode & _S_IFMT == _S_IFREG
             )
         return cls(index.compression, index.blob_size, index.prefetch_end, table, chunk_table)
 
