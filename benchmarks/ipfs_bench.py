@@ -29,6 +29,13 @@ is printed per round.
     .venv/bin/python benchmarks/ipfs_bench.py [--full-mib 32] [--reads 10] [--full-reads 3]
         [--rounds 5] [--remote-full-mib N] [--add-mib 32]
         [--only range,full,reuse,stream,add] [--where local,remote]
+    .venv/bin/python benchmarks/ipfs_bench.py --probe [--full-mib 32] [--rounds 9]
+
+``--probe`` shows where the time of a full read into fresh memory goes, on node A alone: CPU
+time and minor page faults per request of curl (to /dev/null, to /dev/shm), a bare Python
+socket reader (the raw HTTP reply into a reused 256 KiB buffer, or into one fresh buffer),
+ipfsnap's ``cat`` (fresh result), ``cat_into`` a reused buffer and ``cat_into`` a dropping
+callback, and the cost of touching a fresh buffer of the same size with no I/O at all.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import argparse
 import os
 import random
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -177,6 +185,97 @@ def gc(node: ManagedNode) -> None:
                     f"{node.api_url}/api/v0/repo/gc"], check=True)
 
 
+def _self_usage() -> tuple[float, int]:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime, r.ru_minflt
+
+
+def _probe_timed(fn: Callable[[], object]) -> tuple[float, float, int]:
+    """(wall s, CPU s, minor faults) of ``fn()`` in this process."""
+    cpu, faults = _self_usage()
+    t = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - t
+    cpu2, faults2 = _self_usage()
+    return wall, cpu2 - cpu, faults2 - faults
+
+
+def _probe_curl(url: str, out: str) -> tuple[float, float, int]:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    res = subprocess.run([*CURL, "-o", out, url], capture_output=True, check=True, text=True)
+    r2 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = r2.ru_utime + r2.ru_stime - r.ru_utime - r.ru_stime
+    return float(res.stdout.split()[0]), cpu, r2.ru_minflt - r.ru_minflt
+
+
+def raw_read(host: str, port: int, target: str, dest: memoryview | None) -> int:
+    """The whole raw HTTP reply (head and chunked body, not decoded) into ``dest`` (None: a
+    reused 256 KiB buffer), until the last chunk: the least a Python client can do."""
+    with socket.create_connection((host, port)) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n"
+                  "Connection: close\r\n\r\n".encode())
+        buf = dest if dest is not None else memoryview(bytearray(256 * KIB))
+        total = 0
+        while True:
+            n = s.recv_into(buf[total:] if dest is not None else buf)
+            if not n:
+                return total
+            total += n
+
+
+def probe(args: argparse.Namespace) -> int:
+    n = args.full_mib * MIB
+    with tempfile.TemporaryDirectory(prefix="ipfs-probe-") as tmp:
+        shm = Path(tempfile.mkdtemp(prefix="ipfs-probe-", dir="/dev/shm")) / "blob"
+        a = ManagedNode(Path(tmp) / "a")
+        with a, IPFSClient(a.api_multiaddr, timeout=300) as c:
+            cid = c.add(random.Random(1).randbytes(n)).cid
+            target = f"/api/v0/cat?arg=/ipfs/{cid}&offset=0&length={n}&timeout=300s"
+            host, port = a.api_url.removeprefix("http://").rsplit(":", 1)
+            reused = memoryview(bytearray(b"\1" * n))
+            head_room = MIB  # the raw reply also holds the head and the chunk framing
+            cases: dict[str, Callable[[], tuple[float, float, int]]] = {
+                "curl -o /dev/null": lambda: _probe_curl(a.api_url + target, "/dev/null"),
+                "curl -o /dev/shm/file": lambda: _probe_curl(a.api_url + target, str(shm)),
+                "raw socket, reused 256 KiB": lambda: _probe_timed(
+                    lambda: raw_read(host, int(port), target, None)),
+                "raw socket, fresh buffer": lambda: _probe_timed(
+                    lambda: raw_read(host, int(port), target,
+                                     memoryview(bytearray(n + head_room)))),
+                "ipfsnap cat (fresh bytes)": lambda: _probe_timed(lambda: c.cat(cid, 0, n)),
+                "ipfsnap cat_into reused buffer": lambda: _probe_timed(
+                    lambda: c.cat_into(cid, 0, n, reused)),
+                "ipfsnap cat_into drop": lambda: _probe_timed(
+                    lambda: c.cat_into(cid, 0, n, _drop)),
+                # bytearray(n) zero-fills: every page is faulted in, no I/O
+                "touch fresh memory only": lambda: _probe_timed(lambda: bytearray(n)),
+            }
+            names = list(cases)
+            got: dict[str, list[tuple[float, float, int]]] = {k: [] for k in names}
+            loads = [os.getloadavg()[0]]
+            try:
+                for rnd in range(args.rounds):
+                    k = rnd % len(names)
+                    for name in names[k:] + names[:k]:
+                        got[name].append(cases[name]())
+                    loads.append(os.getloadavg()[0])
+            finally:
+                shm.unlink(missing_ok=True)
+                shm.parent.rmdir()
+    print(f"{'request (' + str(args.full_mib) + ' MiB, node A)':32} {'wall ms':>8} "
+          f"{'CPU ms':>7} {'(min-max)':>13} {'minor faults':>13}")
+    for name in names:
+        walls, cpus, faults = zip(*got[name], strict=True)
+        print(f"{name:32} {statistics.median(walls) * 1000:8.1f} "
+              f"{statistics.median(cpus) * 1000:7.1f} "
+              f"({min(cpus) * 1000:5.1f}-{max(cpus) * 1000:5.1f}) "
+              f"{statistics.median(faults):13.0f}")
+    print(f"({args.rounds} rounds, medians; CPU of curl includes its start-up; load average "
+          f"(1 min) {min(loads):.1f}-{max(loads):.1f})")
+    return 0
+
+
 def methods_of(case: Case) -> tuple[str, ...]:
     return (*METHODS, SHM) if case.kind == "full" else METHODS
 
@@ -198,7 +297,11 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated kinds to run "
                     f"({','.join(KINDS)})")
     ap.add_argument("--where", default="local,remote", help="local, remote or both")
+    ap.add_argument("--probe", action="store_true",
+                    help="where a full read into fresh memory spends its time (see above)")
     args = ap.parse_args()
+    if args.probe:
+        return probe(args)
     only = set(filter(None, args.only.split(","))) or set(KINDS)
     wheres = [w for w in ("local", "remote") if w in args.where.split(",")]
     rng = random.Random(1)
