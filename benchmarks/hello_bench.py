@@ -789,6 +789,12 @@ def phases(run_dir: Path) -> list[tuple[str, float, str]]:
             if m:
                 tocs[st.get("layer", "")] = (f"TOC {m.group(1)} in {m.group(2)} s"
                                              + (f", {m.group(3)} entries" if m.group(3) else ""))
+    # warm-ups (started when the first layer's prepare names the next ones) log per digest
+    for wlog in sorted(run_dir.glob("layer*-worker.log")):
+        for _, line in _stamped(wlog):
+            m = re.search(r"warm-up of (sha256:[0-9a-f]{64}): (TOC .*? in [\d.]+ s)", line)
+            if m:
+                tocs[m.group(1)] = f"warm-up: {m.group(2)}; " + tocs.get(m.group(1), "")
     n = 0
     for when, line in rpull[1:]:
         m = re.search(r"resolved in ([\d.]+) s", line)
