@@ -98,7 +98,10 @@ def test_warm_up_tables_are_adopted_and_give_the_parsed_tree(serve: bool, every_
     try:
         warm_next(m, other_blob(tmp_path), every_type_blob, tmp_path / "first")
         warm_proc = m._warming[every_type_blob.digest]
-        assert (warm_proc.poll() is None) == serve  # done warming: waits to serve, or exits
+        if serve:
+            assert warm_proc.poll() is None  # done warming, it waits to serve its layer
+        else:
+            assert warm_proc.wait(60) == 0  # done warming, it exits
         path = m.tables.path(every_type_blob.digest, every_type_blob.toc_digest)
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
@@ -245,7 +248,8 @@ def test_worker_waits_for_a_running_warm_up(every_type_blob: Blob, tmp_path: Pat
         t.start()
         try:
             # the worker saw the warm-up and waits (no parse of its own meanwhile)
-            wait_status(m, mp, lambda s: "waiting" in worker_log(m, mp), timeout=60)
+            wait_status(m, mp, lambda s: "its warm-up is running" in worker_log(m, mp),
+                        timeout=60)
             assert "opened and verified" not in worker_log(m, mp)
             assert t.is_alive()
             assert cache.store(key, load_tables(spec))
