@@ -402,7 +402,9 @@ class ContainerStore:
             # one line once runc has started it (runc's calls are bounded), or EOF if the
             # monitor died
             answer = ready.readline().strip()
-        word, _, rest = answer.partition(" ")
+            word, _, rest = answer.partition(" ")
+            if word == "error":
+                ready.read()  # EOF: the monitor has exited (see monitor.monitor)
         if word == "ok":
             return int(rest)
         if word == "error":

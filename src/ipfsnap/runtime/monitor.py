@@ -92,8 +92,12 @@ def monitor(state_dir: Path, container_id: str, runc_binary: str, ready_fd: int)
         pid = store.runc.run_detached(container_id, d, d / "log")
     except IpfsnapError as exc:
         ready.write(f"error {exc}\n")
-        ready.close()
-        return 1
+        ready.flush()
+        # Exit without closing: the pipe closes only when this process is gone, and the
+        # starting command reads it to EOF after an error, so no monitor of a failed start
+        # outlives the command (a normal return would close it first, then finalize).
+        logging.shutdown()
+        os._exit(1)
     ready.write(f"ok {pid}\n")
     ready.close()
     code = _wait_init(pid)
