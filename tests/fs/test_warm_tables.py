@@ -94,10 +94,15 @@ def test_warm_up_tables_are_adopted_and_give_the_parsed_tree(serve: bool, every_
         expected_tree(every_type_items())
 
     m = make_mounter(tmp_path / "state", background=False)
-    m.warm_serve = serve
+    if not serve:
+        m.warm_serve = False
+        m.close()  # no warm spare either
     try:
         warm_next(m, other_blob(tmp_path), every_type_blob, tmp_path / "first")
         warm_proc = m._warming[every_type_blob.digest]
+        # serving: the first warm-up ran in the mounter's warm spare (imports done ahead)
+        assert isinstance(warm_proc.args, list)
+        assert ("--stdin" in warm_proc.args) == serve
         if serve:
             assert warm_proc.poll() is None  # done warming, it waits to serve its layer
         else:

@@ -96,6 +96,8 @@ WARM_NICE = 0
 #: environment variable: "0" = warm-ups exit when done instead of waiting to serve their
 #: layer (benchmarks)
 WARM_SERVE_ENV = "IPFSNAP_WARM_SERVE"
+#: what a spare reads on stdin before a spec path to run a warm-up (worker.wait_for_request)
+WARM_REQUEST = b"warm "
 #: a warm-up waits worker.SPARE_IDLE (60 s) for its layer's mount once done; it is handed
 #: the mount only within this many seconds of its start, so it cannot be about to exit
 WARM_HANDOFF_WINDOW = 50.0
@@ -222,6 +224,14 @@ class LayerMounter:
         self._warm_started: dict[str, float] = {}
         self._handed: set[str] = set()
         self.warm_serve = os.environ.get(WARM_SERVE_ENV, "") != "0"
+        #: a second spare, started with the mounter only, for the first warm-up of the first
+        #: pull it serves (the next layer, whose mount comes first): that warm-up then skips
+        #: the worker's imports, which took ~2 s of the second layer's mount under load
+        #: (docs/benchmarks.md, "Layer mount handoff"). Not replaced once used: a new one
+        #: would import beside the layers being mounted, for nothing in this pull
+        self._warm_spare: subprocess.Popen[bytes] | None = None
+        if spare and self.warm_serve and self.toc_cache != "off":
+            self._warm_spare = self._new_spare()
 
     # -- paths ----------------------------------------------------------------------------
     def worker_dir(self, mountpoint: Path) -> Path:
@@ -518,6 +528,9 @@ class LayerMounter:
         fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(spec.to_json())
+        if self.warm_serve and spec.toc_cache != "off" and \
+                not self.tables.warming(spec.layer) and self._warm_in_spare(digest, spec_path):
+            return
         # the warm-up lock is taken here and inherited by the warm-up, so a worker of this
         # layer that starts before the warm-up process runs still sees it (tablecache doc)
         lock_fd: int | None = None
@@ -552,22 +565,52 @@ class LayerMounter:
         log.info("warming up layer %s (pid %d)", digest, proc.pid)
 
     # -- spare worker ---------------------------------------------------------------------
+    def _new_spare(self) -> subprocess.Popen[bytes] | None:
+        try:
+            return subprocess.Popen(
+                [self.python, "-m", "ipfsnap.fs.worker", "--stdin"],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+                cwd="/",
+            )
+        except OSError as exc:
+            log.warning("cannot start a spare layer worker: %s", exc)
+            return None
+
     def _start_spare(self) -> None:
         if not self.spare:
             return
         with self._lock:
             if self._spare is not None and self._spare.poll() is None:
                 return
-            try:
-                self._spare = subprocess.Popen(
-                    [self.python, "-m", "ipfsnap.fs.worker", "--stdin"],
-                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
-                    cwd="/",
-                )
-            except OSError as exc:
-                log.warning("cannot start a spare layer worker: %s", exc)
-                self._spare = None
+            self._spare = self._new_spare()
+
+    def _warm_in_spare(self, digest: str, spec_path: Path) -> bool:
+        """Run the warm-up of ``digest`` in the warm spare (it takes the warm-up lock
+        itself, then serves the layer as a ``--warm --serve`` process does); whether it
+        took it. Its stdin stays open for the layer's mount spec (:meth:`_hand_to_warm`)."""
+        with self._lock:
+            proc, self._warm_spare = self._warm_spare, None
+        if proc is None or proc.stdin is None:
+            return False
+        try:
+            if proc.poll() is not None:
+                raise BrokenPipeError("warm spare exited")
+            proc.stdin.write(WARM_REQUEST + os.fsencode(spec_path) + b"\n")
+            proc.stdin.flush()
+        except OSError as exc:
+            log.debug("warm spare unusable (%s)", exc)
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait()
+            return False
+        with self._lock:
+            self._warming[digest] = proc
+            self._warm_started[digest] = time.monotonic()
+        log.info("warming up layer %s in the warm spare (pid %d)", digest, proc.pid)
+        return True
 
     def _hand_to_warm(self, layer: str, spec_path: Path) -> subprocess.Popen[bytes] | None:
         """Give the spec to the layer's own warm-up (``--serve``), which serves the layer with
@@ -618,6 +661,9 @@ class LayerMounter:
         """Stop the spare worker and warm-ups (mounted layers keep being served)."""
         with self._lock:
             warming = list(self._warming.values())
+            if self._warm_spare is not None:
+                warming.append(self._warm_spare)
+                self._warm_spare = None
             proc, self._spare = self._spare, None
         for w in warming:
             if w.stdin is not None:

@@ -394,27 +394,55 @@ class Worker:
 SPARE_IDLE = 60.0
 
 
-def wait_for_spec(idle: float = SPARE_IDLE) -> Path | None:
-    """As a spare: the spec path the mounter writes on stdin (None: EOF or idle timeout).
+#: a spare reads this before a spec path: run that spec's warm-up, then serve (mounter)
+WARM_REQUEST = "warm "
+#: longest request line a spare reads (a path under the state dir)
+MAX_REQUEST = 8192
 
-    Then stdout/stderr go to the layer's ``worker.log`` (next to the spec) and stdin to
-    /dev/null, as for a worker started with the spec on its command line."""
-    ready, _, _ = select.select([sys.stdin], [], [], idle)
+
+def _read_line(fd: int) -> bytes:
+    """One line from ``fd``, read byte by byte: a buffered reader could swallow the next
+    request (a warm-up's later mount spec) and leave it unseen by ``select``."""
+    out = bytearray()
+    while len(out) < MAX_REQUEST:
+        b = os.read(fd, 1)
+        if not b or b == b"\n":
+            break
+        out += b
+    return bytes(out)
+
+
+def wait_for_request(idle: float = SPARE_IDLE) -> tuple[Path, bool] | None:
+    """As a spare: the spec path the mounter writes on stdin, and whether it asks for a
+    warm-up (``warm PATH``) rather than a mount (None: EOF or idle timeout).
+
+    Then stdout/stderr go to the ``worker.log`` next to the spec; for a mount stdin becomes
+    /dev/null, as for a worker started with the spec on its command line (a warm-up keeps
+    it: its layer's mount spec comes there later)."""
+    ready, _, _ = select.select([0], [], [], idle)
     if not ready:
         return None
-    line = sys.stdin.readline().strip()
+    line = os.fsdecode(_read_line(0)).strip()
     if not line:
         return None
-    spec_path = Path(line)
+    warm = line.startswith(WARM_REQUEST)
+    spec_path = Path(line[len(WARM_REQUEST):] if warm else line)
     fd = os.open(spec_path.parent / "worker.log",
                  os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     for target in (1, 2):
         os.dup2(fd, target)
     os.close(fd)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    return spec_path
+    if not warm:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+    return spec_path, warm
+
+
+def wait_for_spec(idle: float = SPARE_IDLE) -> Path | None:
+    """:func:`wait_for_request` for a mount spec only."""
+    request = wait_for_request(idle)
+    return None if request is None else request[0]
 
 
 def read_spec(spec_path: Path) -> WorkerSpec | None:
@@ -466,9 +494,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     spec_path: Path | None = args.spec
     if args.stdin:
-        spec_path = wait_for_spec()
-        if spec_path is None:
+        request = wait_for_request()
+        if request is None:
             return 0
+        spec_path, warm = request
+        if warm:  # the mounter's warm spare: warm the layer up, then serve it
+            args.warm = args.serve = True
     if spec_path is None:
         parser.error("a spec path (or --stdin) is required")
     spec = read_spec(spec_path)
