@@ -15,7 +15,8 @@ every run starts from nothing local:
 Mode suffixes change the lazy configuration (for experiments): ``-nobg``
 (``no_background_fetch = true``), ``-nb`` (``[blob] neighbour_span = 262144``), ``-nonb``
 (``neighbour_span = 0``), ``-seqpf`` (the prefetch as before 2026-11-28: spans of up to 8
-MiB, one request at a time), e.g. ``lazy-nobg-nb``.
+MiB, one request at a time), ``-noahead`` (rpull does not fetch the lazy layers' TOCs ahead
+while it resolves: ``IPFSNAP_TOC_AHEAD=0``), e.g. ``lazy-nobg-nb``.
 
 Workloads (``--workload``, default ``hello``): ``hello`` = ``python3 -c
 'print("Hello, World!")'``; ``imports`` = ``python3 -c`` importing several stdlib packages
@@ -153,7 +154,11 @@ SUFFIXES = {
     "-nb": ("blob", "neighbour_span = 262144"),
     "-nonb": ("blob", "neighbour_span = 0"),
     "-seqpf": ("", "prefetch_concurrency = 1\n[blob]\nprefetch_chunk_size = 0"),
+    # not a config line: the rpull command's environment (see SUFFIX_ENV)
+    "-noahead": ("env", ""),
 }
+#: suffixes that set the rpull command's environment instead of the config
+SUFFIX_ENV = {"-noahead": {"IPFSNAP_TOC_AHEAD": "0"}}
 IMPORTS = ("import json, decimal, email.parser, http.client, xml.etree.ElementTree, asyncio, "
            "unittest, argparse, logging, sqlite3; print('imports ok')")
 #: workload -> (command, what its output must contain)
@@ -453,7 +458,8 @@ def precompile() -> None:
 
 
 def ipfsnap(state: Path, *args: str, api: str | None = None, timeout: float = 3600,
-            capture: bool = True, verbose: bool = False) -> subprocess.CompletedProcess[str]:
+            capture: bool = True, verbose: bool = False,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     cmd = [str(IPFSNAP), "--state-dir", str(state)]
     config = state.with_name(state.name + ".toml")
     if config.is_file():
@@ -463,7 +469,7 @@ def ipfsnap(state: Path, *args: str, api: str | None = None, timeout: float = 36
     if verbose:
         cmd.append("-v")
     proc = subprocess.run([*cmd, *args], capture_output=capture, text=True, timeout=timeout,
-                          env=ipfsnap_env())
+                          env={**ipfsnap_env(), **(env or {})})
     if proc.returncode != 0:
         err = (proc.stderr or "").strip().splitlines()[-3:]
         raise BenchError(f"ipfsnap {' '.join(args[:3])} exited {proc.returncode}: "
@@ -582,7 +588,7 @@ def start_snapshotter(state: Path, api: str) -> float:
 
 
 def one_run(bench: Bench, mode: str, n: int, workload: str = "hello") -> Run:
-    base, _ = parse_mode(mode)
+    base, sufs = parse_mode(mode)
     # node B joins A's private network (same swarm.key), so it can fetch only from A
     repo = bench.work / f"node-b-{workload}-{mode}-{n}"
     shutil.copy(bench.key_dir / "swarm.key", _mkdir(repo) / "swarm.key")
@@ -605,8 +611,9 @@ def one_run(bench: Bench, mode: str, n: int, workload: str = "hello") -> Run:
         before = bitswap_received(node_b.api_url)
         w0 = time.time()
         t0 = time.perf_counter()
+        rpull_env = {k: v for suf in sufs for k, v in SUFFIX_ENV.get(suf, {}).items()}
         pulled = ipfsnap(state, "image", "rpull", "--ipfs", "--snapshotter", snapshotter, cid,
-                         api=api, verbose=verbose)
+                         api=api, verbose=verbose, env=rpull_env)
         t1 = time.perf_counter()
         proc = ipfsnap(state, "run", f"--snapshotter={snapshotter}", "--rm", cid, "hello",
                        *argv, api=api, verbose=verbose)

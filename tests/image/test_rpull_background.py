@@ -1,10 +1,14 @@
 """rpull's critical path: the snapshotter is opened in the background while the documents
-are resolved, and used only once they are all fetched and verified.
+are resolved, and used only once they are all fetched and verified; the lazy layers' TOCs
+are fetched ahead as soon as the manifest is known.
 
 The CLI hands :func:`ipfsnap.image.rpull.rpull` a factory (``EnteredInBackground.get``)
 instead of a snapshotter; these tests check both halves: the background helper (runs at
 once, in another thread, hands over its value or its error, exits once) and rpull's use of
-a factory (called once, after resolution; never when resolution fails).
+a factory (called once, after resolution; never when resolution fails). Then
+:func:`warm_tocs`: it reads exactly each eStargz layer's footer and TOC (nothing of other
+layers), never fails the pull, and ``resolve_remote`` hands it the manifest before it
+fetches the config.
 """
 
 from __future__ import annotations
@@ -21,17 +25,23 @@ import pytest
 
 from ipfsnap.cli.rpull import EnteredInBackground
 from ipfsnap.content import ImageStore
+from ipfsnap.estargz import BuildOptions, BytesRangeReader, build, open_layer
+from ipfsnap.estargz.footer import GZIP_FOOTER_SIZE
 from ipfsnap.image.errors import RemoteImageFormatError
-from ipfsnap.image.rpull import rpull
+from ipfsnap.image.resolve import BlobFetcher, resolve_remote
+from ipfsnap.image.rpull import rpull, warm_tocs
 from ipfsnap.image.unpack import chain_ids
 from ipfsnap.ipfs import IPFSClient
+from ipfsnap.oci import Descriptor, Manifest, mediatypes, sha256_digest
 from ipfsnap.snapshot import Kind, SnapshotStore
 from tests.fs.layers import Item, make_tar
-from tests.image.rpull_helpers import push
+from tests.image.rpull_helpers import CHUNK, push
 from tests.support import require_root
 
 #: bound on waiting for the background thread in the tests (a liveness bound, not a timing)
 WAIT = 60.0
+#: a valid CID nothing serves (the API that would be asked is unreachable anyway)
+NO_SUCH_CID = "bafkreiad25a7t6nopm6k366c7xfu5r3ygalkhynqcg5r2divmretwoiiee"
 
 
 class Recorder:
@@ -150,3 +160,86 @@ def test_rpull_never_calls_the_factory_when_resolution_fails(
             rpull(cid, factory, client=client, images=ImageStore(tmp_path / "state"),
                   lazy=False)
     assert calls == []
+
+
+class RecordingClient(IPFSClient):
+    """An IPFS client that records the ranges read (cid, offset, length)."""
+
+    def __init__(self, api: str) -> None:
+        super().__init__(api)
+        self.reads: list[tuple[str, int, int | None]] = []
+        self._lock = threading.Lock()
+
+    def _record(self, cid: str, offset: int, length: int | None) -> None:
+        with self._lock:
+            self.reads.append((cid, offset, length))
+
+    def cat(self, cid: str, offset: int = 0, length: int | None = None, *,
+            timeout: float | None = None) -> bytes:
+        self._record(cid, offset, length)
+        return super().cat(cid, offset, length, timeout=timeout)
+
+    def cat_into(self, cid: str, offset: int, length: int | None, sink: Any, *,
+                 timeout: float | None = None) -> int:
+        self._record(cid, offset, length)
+        return super().cat_into(cid, offset, length, sink, timeout=timeout)
+
+
+@pytest.mark.integration
+def test_warm_tocs_reads_each_estargz_footer_and_toc_only(
+    ipfs_node: Any, tmp_path: Path
+) -> None:
+    with IPFSClient(ipfs_node.api_url) as client:
+        image = push(client, [*_tars(), _tars()[0]], [True, False, True])
+    rec = RecordingClient(ipfs_node.api_url)
+    with rec:
+        fetcher = BlobFetcher(rec, ImageStore(tmp_path / "state").blobs)
+        for t in warm_tocs(fetcher, image.layers):
+            t.join(WAIT)
+            assert not t.is_alive()
+    want = set()
+    for i in (0, 2):
+        layer = image.layers[i]
+        cid = layer.urls[0].removeprefix("ipfs://")
+        blob = image.blobs[layer.digest]
+        toc = open_layer(BytesRangeReader(blob), len(blob)).toc_offset
+        want |= {(cid, len(blob) - GZIP_FOOTER_SIZE, GZIP_FOOTER_SIZE),
+                 (cid, toc, len(blob) - GZIP_FOOTER_SIZE - toc)}
+    assert set(rec.reads) == want and len(rec.reads) == 4
+
+
+def test_warm_tocs_never_fails_the_pull(tmp_path: Path) -> None:
+    """An unreachable IPFS API: the threads end quietly (the worker reports real errors)."""
+    out = io.BytesIO()
+    res = build(io.BytesIO(_tars()[0]), out, BuildOptions(chunk_size=CHUNK, level=1, workers=1))
+    blob = out.getvalue()
+    layer = Descriptor(mediatypes.OCI_LAYER_GZIP, sha256_digest(blob), len(blob),
+                       urls=(f"ipfs://{NO_SUCH_CID}",), annotations=res.annotations())
+    escaped: list[BaseException | None] = []
+    hook = threading.excepthook
+    threading.excepthook = lambda args: escaped.append(args.exc_value)
+    try:
+        with IPFSClient("http://127.0.0.1:1") as dead:
+            threads = warm_tocs(BlobFetcher(dead, ImageStore(tmp_path / "s").blobs), [layer])
+            assert len(threads) == 1
+            for t in threads:
+                t.join(WAIT)
+                assert not t.is_alive()
+    finally:
+        threading.excepthook = hook
+    assert escaped == []
+
+
+@pytest.mark.integration
+def test_resolve_hands_the_manifest_over_before_the_config(
+    ipfs_node: Any, tmp_path: Path
+) -> None:
+    images = ImageStore(tmp_path / "state")
+    seen: list[tuple[Manifest, bool]] = []
+    with IPFSClient(ipfs_node.api_url) as client:
+        image = push(client, _tars(), [True, False])
+        remote = resolve_remote(
+            BlobFetcher(client, images.blobs), image.cid,
+            on_manifest=lambda m: seen.append((m, images.blobs.exists(image.config.digest))))
+    assert seen == [(remote.manifest, False)]
+    assert images.blobs.exists(image.config.digest)

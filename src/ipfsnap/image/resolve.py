@@ -300,10 +300,15 @@ class ResolvedRemote:
 
 
 def resolve_remote(
-    fetcher: BlobFetcher, cid: str, platform: Platform | None = None
+    fetcher: BlobFetcher,
+    cid: str,
+    platform: Platform | None = None,
+    *,
+    on_manifest: Callable[[Manifest], None] | None = None,
 ) -> ResolvedRemote:
     """Root descriptor -> (index ->) manifest for ``platform`` -> config, all verified and
-    stored in the content store."""
+    stored in the content store. ``on_manifest`` is called with the verified manifest before
+    the config is fetched (work that needs only the layer descriptors can start there)."""
     want = platform or host_platform()
     target = fetcher.root(cid)
     desc = target
@@ -311,6 +316,8 @@ def resolve_remote(
         kind = "index" if mediatypes.is_index(desc.media_type) else "manifest"
         doc = fetcher.document(desc, kind)
         if isinstance(doc, Manifest):
+            if on_manifest is not None:
+                on_manifest(doc)
             config = fetcher.config(doc.config)
             return ResolvedRemote(cid, target, desc, doc, config)
         i = best_match(want, [m.platform for m in doc.manifests])

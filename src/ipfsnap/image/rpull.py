@@ -12,8 +12,10 @@ the background while the documents cross IPFS, so neither waits for the other.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,6 +24,7 @@ from ipfsnap.image.resolve import (
     BlobFetcher,
     ClientSource,
     image_name,
+    ipfs_cid,
     parse_ipfs_ref,
     resolve_remote,
 )
@@ -38,6 +41,57 @@ log = logging.getLogger(__name__)
 
 #: a snapshotter, or a factory giving one when it is first needed (after resolution)
 SnapshotterSource = Snapshotter | Callable[[], Snapshotter]
+
+#: compressed TOC bytes fetched ahead per layer at most: a 100k-entry layer's TOC is ~3 MB
+#: gzipped (37 MB of JSON, docs/benchmarks.md "TOC open"), python's 2-9k-entry layers'
+#: a few hundred KB; a bigger TOC is left to the layer worker alone
+WARM_TOC_MAX = 16 << 20
+#: environment switch for benchmarks (hello_bench's ``-noahead`` modes): "0" turns
+#: :func:`warm_tocs` off
+TOC_AHEAD_ENV = "IPFSNAP_TOC_AHEAD"
+
+
+def warm_tocs(fetcher: BlobFetcher, layers: Sequence[Descriptor]) -> list[threading.Thread]:
+    """Have the IPFS node fetch each lazy layer's footer and TOC now, in background threads,
+    while the rest of the pull goes on (the config, the first layer's mount).
+
+    A layer's worker (or its warm-up) reads the footer, then the TOC, through the node: two
+    round trips to a peer that nothing could start before the manifest was known. Read here
+    first, the blocks are local to the node when the worker asks. The bytes read here are
+    discarded: the worker reads and verifies the TOC itself (digest, limits) as before.
+    """
+    from ipfsnap.image.unpack import ipfs_urls, is_estargz
+
+    threads = []
+    for layer in layers:
+        if not (is_estargz(layer) and ipfs_urls(layer)):
+            continue
+        t = threading.Thread(target=_warm_toc, args=(fetcher, layer),
+                             name=f"warm TOC {layer.digest[7:19]}", daemon=True)
+        t.start()
+        threads.append(t)
+    return threads
+
+
+def _warm_toc(fetcher: BlobFetcher, layer: Descriptor) -> None:
+    from ipfsnap.estargz.footer import GZIP_FOOTER_SIZE, parse_gzip_footer
+
+    t0 = time.monotonic()
+    try:
+        cid = ipfs_cid(layer, "layer")
+        if layer.size < GZIP_FOOTER_SIZE:
+            return
+        footer = fetcher.client.cat(cid, layer.size - GZIP_FOOTER_SIZE, GZIP_FOOTER_SIZE)
+        toc_offset = parse_gzip_footer(footer)  # eStargz (gzip) only: others left as they are
+        length = layer.size - GZIP_FOOTER_SIZE - toc_offset
+        if not 0 < length <= WARM_TOC_MAX:
+            return
+        fetcher.client.cat_into(cid, toc_offset, length, lambda _piece: None)
+    except Exception as exc:  # best effort: the worker meets (and reports) any real problem
+        log.debug("layer %s: TOC not fetched ahead: %s", layer.digest, exc)
+        return
+    log.info("layer %s: footer and TOC (%d bytes) fetched ahead in %.3f s", layer.digest,
+             length, time.monotonic() - t0)
 
 
 @dataclass(frozen=True)
@@ -82,7 +136,11 @@ def rpull(
     # the lease keeps gc from sweeping blobs stored before the name exists
     with images.lease():
         t0 = time.monotonic()
-        remote = resolve_remote(fetcher, cid, platform)
+        warm = None
+        if snapshotter is not None and lazy and os.environ.get(TOC_AHEAD_ENV) != "0":
+            def warm(manifest: Manifest) -> None:
+                warm_tocs(fetcher, manifest.layers)
+        remote = resolve_remote(fetcher, cid, platform, on_manifest=warm)
         log.info("image %s resolved in %.3f s (root descriptor and %d documents fetched)",
                  name, time.monotonic() - t0, len(fetcher.fetched))
         from ipfsnap.image.unpack import chain_ids, unpack
