@@ -16,7 +16,9 @@ Mode suffixes change the lazy configuration (for experiments): ``-nobg``
 (``no_background_fetch = true``), ``-nb`` (``[blob] neighbour_span = 262144``), ``-nonb``
 (``neighbour_span = 0``), ``-seqpf`` (the prefetch as before 2026-11-28: spans of up to 8
 MiB, one request at a time), ``-noahead`` (rpull does not fetch the lazy layers' TOCs ahead
-while it resolves: ``IPFSNAP_TOC_AHEAD=0``), e.g. ``lazy-nobg-nb``.
+while it resolves: ``IPFSNAP_TOC_AHEAD=0``), ``-cold`` (this mode's snapshotter started on
+demand inside the timed pull, as ``--cold-snapshotter`` does for every mode), e.g.
+``lazy-nobg-nb``.
 
 Workloads (``--workload``, default ``hello``): ``hello`` = ``python3 -c
 'print("Hello, World!")'``; ``imports`` = ``python3 -c`` importing several stdlib packages
@@ -154,8 +156,10 @@ SUFFIXES = {
     "-nb": ("blob", "neighbour_span = 262144"),
     "-nonb": ("blob", "neighbour_span = 0"),
     "-seqpf": ("", "prefetch_concurrency = 1\n[blob]\nprefetch_chunk_size = 0"),
-    # not a config line: the rpull command's environment (see SUFFIX_ENV)
+    # not config lines: the rpull command's environment (see SUFFIX_ENV), and the snapshotter
+    # started on demand inside the timed pull (as --cold-snapshotter, for this mode only)
     "-noahead": ("env", ""),
+    "-cold": ("run", ""),
 }
 #: suffixes that set the rpull command's environment instead of the config
 SUFFIX_ENV = {"-noahead": {"IPFSNAP_TOC_AHEAD": "0"}}
@@ -604,7 +608,8 @@ def one_run(bench: Bench, mode: str, n: int, workload: str = "hello") -> Run:
         argv, expect = WORKLOADS[workload]
         ready = -1.0
         w_ready = time.time()
-        if not bench.cold_snapshotter:
+        cold = bench.cold_snapshotter or "-cold" in sufs
+        if not cold:
             ready = start_snapshotter(state, api)
         verbose = bench.keep_logs is not None
         drop_caches()
@@ -631,8 +636,7 @@ def one_run(bench: Bench, mode: str, n: int, workload: str = "hello") -> Run:
             keep_logs(state, bench.keep_logs / f"{workload}-{mode}-{n}", times,
                       {"rpull": pulled.stderr, "run": proc.stderr})
         lf = layer_fetched(state, api) if base != "full" else -1
-        return Run(mode, t1 - t0, t2 - t1, fetched, bitswap, lf, workload, ready,
-                   bench.cold_snapshotter)
+        return Run(mode, t1 - t0, t2 - t1, fetched, bitswap, lf, workload, ready, cold)
     finally:
         cleanup_state(state)
         state.with_name(state.name + ".toml").unlink(missing_ok=True)
@@ -729,6 +733,13 @@ def report(runs: Sequence[Run], image_bytes: tuple[int, int, int]) -> str:
                 gain = 100 * (1 - medians[mode] / medians[plain])
                 notes.append(f"{w}: {mode} total is {gain:.0f}% below {plain} "
                              f"({medians[plain]:.2f} s -> {medians[mode]:.2f} s, medians)")
+            if sufs and base in medians:  # a variant against its plain mode, same round
+                rs = [r for r in runs if r.workload == w]
+                pull = {m: statistics.median(r.pull for r in rs if r.mode == m)
+                        for m in (base, mode)}
+                notes.append(f"{w}: {mode} vs {base} (medians): pull {pull[mode]:.2f} vs "
+                             f"{pull[base]:.2f} s, total {medians[mode]:.2f} vs "
+                             f"{medians[base]:.2f} s")
     warm = [r.ready for r in runs if not r.cold and r.ready >= 0]
     cold = sum(1 for r in runs if r.cold)
     if warm:
@@ -739,7 +750,7 @@ def report(runs: Sequence[Run], image_bytes: tuple[int, int, int]) -> str:
         notes.append("snapshotter: started before each timed pull (not timed)")
     if cold:
         notes.append(f"snapshotter: started on demand by rpull, inside the timed pull, in "
-                     f"{cold} runs (--cold-snapshotter)")
+                     f"{cold} runs (--cold-snapshotter or a -cold mode)")
     lines += ["", *notes]
     lines.append("seconds: median (min-max); fetched from IPFS = bytes of the blocks node B "
                  "holds after the run (its repo starts empty); fetched / image = of the "
