@@ -27,7 +27,7 @@ Workloads (``--workload``, default ``hello``): ``hello`` = ``python3 -c
 The blobs live only on node A (the pusher). Each run gets a fresh node B (new repo, so no
 block is cached) connected to A, a fresh ipfsnap state dir (no image, snapshot or chunk
 cache), then the state dir's snapshotter is started (``ipfsnap snapshotter``) and the run
-waits until it serves and its spare layer worker waits for a mount, then the page cache is
+waits until it serves and its spare layer workers wait for a request, then the page cache is
 dropped (``echo 3 > /proc/sys/vm/drop_caches``), and only then are pull and run timed;
 everything crosses bitswap over loopback. Modes alternate (full, lazy, lazy-opt, full, ...).
 Timed: pull (the rpull command; for lazy modes it mounts the layers, so the prefetch is in
@@ -538,7 +538,7 @@ def keep_logs(state: Path, dest: Path, times: dict[str, float],
                     shutil.copy(wdir / name, dest / f"layer{n}-{name}")
 
 
-#: x86_64 syscall numbers of select(2) and pselect6(2): the spare layer worker waits in one
+#: x86_64 syscall numbers of select(2) and pselect6(2): a spare layer worker waits in one
 #: of them for its spec (``fs.worker.wait_for_spec``) once its imports are done
 _SELECT_SYSCALLS = {"x86_64": ("23", "270"), "aarch64": ("72",)}
 #: seconds the snapshotter's spare worker may take to finish its imports (~1 s idle; a
@@ -555,24 +555,26 @@ def _children(pid: int) -> list[int]:
 
 
 def spare_waiting(snapshotter_pid: int) -> bool:
-    """Whether a spare layer worker of the snapshotter waits for a spec: a child
-    ``python -m ipfsnap.fs.worker --stdin`` blocked in select (imports done)."""
+    """Whether the snapshotter's spare layer workers (children ``python -m ipfsnap.fs.worker
+    --stdin``: the mounter starts one for mounts and one for the first warm-up) all wait for
+    a request, blocked in select (imports done); False while there is none."""
     calls = _SELECT_SYSCALLS.get(os.uname().machine, ())
+    spares = waiting = 0
     for child in _children(snapshotter_pid):
         try:
             argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
             syscall = Path(f"/proc/{child}/syscall").read_text().split()
         except OSError:
             continue
-        if b"ipfsnap.fs.worker" in argv and b"--stdin" in argv and syscall[:1] and \
-                syscall[0] in calls:
-            return True
-    return False
+        if b"ipfsnap.fs.worker" in argv and b"--stdin" in argv:
+            spares += 1
+            waiting += bool(syscall[:1] and syscall[0] in calls)
+    return spares > 0 and waiting == spares
 
 
 def start_snapshotter(state: Path, api: str) -> float:
     """Start the state dir's snapshotter (``ipfsnap snapshotter``, which returns once it
-    answers) and wait until its spare layer worker is ready too, as on a node where the
+    answers) and wait until its spare layer workers are ready too, as on a node where the
     snapshotter runs as a service; the seconds it took."""
     from ipfsnap.service.paths import lock_holder
 
@@ -584,7 +586,7 @@ def start_snapshotter(state: Path, api: str) -> float:
     deadline = time.monotonic() + SPARE_TIMEOUT
     while not spare_waiting(pid):
         if time.monotonic() > deadline:
-            log.warning("snapshotter %d: no spare layer worker ready after %.0f s; timing "
+            log.warning("snapshotter %d: spare layer workers not ready after %.0f s; timing "
                         "the pull anyway", pid, SPARE_TIMEOUT)
             break
         time.sleep(0.02)
@@ -744,7 +746,7 @@ def report(runs: Sequence[Run], image_bytes: tuple[int, int, int]) -> str:
     cold = sum(1 for r in runs if r.cold)
     if warm:
         notes.append(f"snapshotter: started before each timed pull in {len(warm)} runs (as the "
-                     "reference's reboot_containerd.sh), serving with its spare layer worker "
+                     "reference's reboot_containerd.sh), serving with its spare layer workers "
                      f"ready after {_fmt_s(warm)} s, not in the pull")
     elif len(runs) > cold:
         notes.append("snapshotter: started before each timed pull (not timed)")
@@ -790,7 +792,7 @@ def phases(run_dir: Path) -> list[tuple[str, float, str]]:
     if "snapshotter_ready" in times:
         rows.append(("snapshotter start-up, before the timed pull (not timed)",
                      times["snapshotter_ready"] - times["snapshotter_launched"],
-                     "`ipfsnap snapshotter` until it serves and its spare worker waits"))
+                     "`ipfsnap snapshotter` until it serves and its spare workers wait"))
     rpull = _stamped(run_dir / "rpull.log")
     if not rpull:
         return rows
