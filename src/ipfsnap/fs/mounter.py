@@ -22,12 +22,14 @@ Per mountpoint a run directory ``<state>/fs/workers/<sha256(mountpoint)[:16]>`` 
 ``spec.json``, ``status.json`` and ``worker.log``; chunks are cached in
 ``<state>/fs/cache/<layer digest hex>/``. Workers run in their own session, so they outlive
 a restart of the snapshotter; a new ``LayerMounter`` finds them again by their status file.
-A warm-up of a next layer runs ``worker --warm --serve`` in ``<state>/fs/workers/warm-<digest
-prefix>/``, holding the layer's warm-up lock, and leaves the layer's parsed TOC in
-``<state>/fs/cache/.tables/`` (fs/tablecache.py). Once done it waits, like a spare, for its
-layer's mount: the mounter hands that mount's spec to it, and it serves the layer with the
-tables it holds (no process start, no TOC parse, no cache read on the mount path; a mount
-that comes while the warm-up still runs is taken when it is done). Otherwise (no warm-up, or
+A warm-up of a next layer runs ``worker --warm --serve`` (the first one of a pull in the
+warm spare, a second spare started with the mounter, so it skips the imports) in
+``<state>/fs/workers/warm-<digest prefix>/``, holding the layer's warm-up lock, and leaves
+the layer's parsed TOC in ``<state>/fs/cache/.tables/`` (fs/tablecache.py). Once done it
+waits, like a spare, for its layer's mount: the mounter hands that mount's spec to it, and
+it serves the layer with the tables it holds (no process start, no TOC parse, no cache read
+on the mount path; a mount that comes while the warm-up still runs is taken when it is
+done). Otherwise (no warm-up, or
 one too old to be handed the mount, or one that exited) the mount goes to the spare worker
 (``worker --stdin``, imports done) or a new worker, which adopts the stored tables, waiting
 for a warm-up of the layer still running rather than parsing the same TOC a second time. A

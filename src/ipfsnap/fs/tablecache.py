@@ -20,11 +20,13 @@ Layout: ``<cache root>/.tables/`` (0700; the chunk cache's scans skip names star
   accessible, or that does not unpickle to ``LayerTables``, is refused (logged with the
   reason) and deleted; the caller parses the TOC instead. The TOC digest is in the name and
   in the header: tables are never used for a TOC other than the one they were built from.
-- ``<layer hex>.warm``: an empty lock file. A warm-up holds an exclusive ``flock`` on it for
-  its whole life (parse, store, prefetch). The mounter takes the lock *before* it starts the
-  warm-up process and hands the locked descriptor to it (``--lock-fd``), so there is no window
-  in which a worker could miss a warm-up that was started but has not locked yet. The kernel
-  drops the lock when the warm-up exits, however it exits.
+- ``<layer hex>.warm``: an empty lock file. A warm-up holds an exclusive ``flock`` on it
+  while it works (parse, store, prefetch). For a warm-up in a new process the mounter takes
+  the lock *before* it starts the process and hands the locked descriptor to it
+  (``--lock-fd``), so there is no window in which a worker could miss a warm-up that was
+  started but has not locked yet; the warm spare (a process started ahead) takes it itself
+  within milliseconds of the request (a worker that missed it only parses the TOC itself).
+  The kernel drops the lock when the warm-up exits, however it exits.
 
 Waiting rather than parsing in parallel: a worker whose layer is still warming waits for the
 warm-up to finish (bounded by ``fetching_timeout_sec + prefetch_timeout_sec``, the warm-up's
