@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ipfsnap.estargz import InvalidTOC, TOCEntry, TooManyEntries
+from ipfsnap.estargz import toc as toc_module
 from ipfsnap.estargz.toc import (
     _digests_ok,
     decode_entries,
@@ -228,3 +229,28 @@ def test_fast_path_agrees_with_the_stdlib_path(entries: list[dict[str, object]],
     doc = json.dumps({"version": 1, "entries": entries}, indent=indent,
                      ensure_ascii=False).encode("utf-8", "surrogatepass")
     _check_same(doc)
+
+
+def _writers_doc(n: int) -> bytes:
+    return toc_json([
+        TOCEntry(name=f"d/f{i}", type="reg", size=1, offset=10 + i, digest=D, chunk_digest=D,
+                 user_name="root", group_name="staff", xattrs={"user.i": bytes([i % 256])})
+        for i in range(n)
+    ])
+
+
+def test_big_tocs_are_decoded_in_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(toc_module, "_SLICE", 300)  # many slices of a small document
+    doc = _writers_doc(40)
+    entries = decode_entries_fast(doc, 1000)
+    assert entries is not None and entries == _stdlib(doc)
+    # equal strings of different entries are one object (memory of big TOCs)
+    assert all(e.user_name is entries[0].user_name for e in entries)
+    assert all(e.chunk_digest is e.digest for e in entries)
+    # a document of that layout whose cut falls inside an entry is left to the stdlib path
+    nested = doc.replace(b'"type": "reg",', b'"type": "reg", "x": [\n\t\t{"a": 1},\n\t\t{}],', 1)
+    assert decode_entries_fast(nested, 1000) is None
+    assert parse_toc_json(nested, "b", 1000) == _stdlib(nested) == entries  # unknown: ignored
+    # and so is one with anything after the entries array
+    trailing = doc[: -len(b"\n\t]\n}")] + b'], "y": [\n\t]\n}'
+    assert decode_entries_fast(trailing, 1000) is None
