@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import stat
 import threading
 from pathlib import Path
@@ -67,6 +68,13 @@ def plant_other_tables(m: LayerMounter, tmp_path: Path, key: TableKey) -> None:
     cache.path(okey.layer, okey.toc_digest).rename(cache.path(key.layer, key.toc_digest))
 
 
+def wait_warm_spare(m: LayerMounter) -> None:
+    """Wait until the mounter's warm spare has its imports done (it says so on stdout)."""
+    spare = m._warm_spare
+    assert spare is not None and spare.stdout is not None
+    assert select.select([spare.stdout], [], [], 120)[0]
+
+
 def warm_next(m: LayerMounter, first: Blob, nxt: Blob, mp: Path) -> None:
     """Mount ``first`` with ``nxt`` as its next layer and wait for nxt's warm-up to be done."""
     labels = {**labels_for(first), NEXT_LAYERS_LABEL: json.dumps([labels_for(nxt)])}
@@ -94,7 +102,9 @@ def test_warm_up_tables_are_adopted_and_give_the_parsed_tree(serve: bool, every_
         expected_tree(every_type_items())
 
     m = make_mounter(tmp_path / "state", background=False)
-    if not serve:
+    if serve:
+        wait_warm_spare(m)
+    else:
         m.warm_serve = False
         m.close()  # no warm spare either
     try:

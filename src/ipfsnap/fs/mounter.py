@@ -48,6 +48,7 @@ import hashlib
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -233,7 +234,7 @@ class LayerMounter:
         #: would import beside the layers being mounted, for nothing in this pull
         self._warm_spare: subprocess.Popen[bytes] | None = None
         if spare and self.warm_serve and self.toc_cache != "off":
-            self._warm_spare = self._new_spare()
+            self._warm_spare = self._new_spare(report_ready=True)
 
     # -- paths ----------------------------------------------------------------------------
     def worker_dir(self, mountpoint: Path) -> Path:
@@ -567,11 +568,14 @@ class LayerMounter:
         log.info("warming up layer %s (pid %d)", digest, proc.pid)
 
     # -- spare worker ---------------------------------------------------------------------
-    def _new_spare(self) -> subprocess.Popen[bytes] | None:
+    def _new_spare(self, report_ready: bool = False) -> subprocess.Popen[bytes] | None:
+        """A ``worker --stdin`` process; with ``report_ready`` its stdout is a pipe on which
+        it writes one byte once its imports are done (worker.wait_for_request)."""
         try:
             return subprocess.Popen(
                 [self.python, "-m", "ipfsnap.fs.worker", "--stdin"],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE if report_ready else subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
                 cwd="/",
             )
@@ -592,9 +596,15 @@ class LayerMounter:
         itself, then serves the layer as a ``--warm --serve`` process does); whether it
         took it. Its stdin stays open for the layer's mount spec (:meth:`_hand_to_warm`)."""
         with self._lock:
-            proc, self._warm_spare = self._warm_spare, None
-        if proc is None or proc.stdin is None:
-            return False
+            proc = self._warm_spare
+            # only a spare whose imports are done (it said so): it takes the warm-up lock
+            # within milliseconds, so a worker of the layer cannot miss the warm-up
+            if proc is None or proc.stdin is None or proc.stdout is None or \
+                    not select.select([proc.stdout], [], [], 0)[0]:
+                return False
+            self._warm_spare = None
+        with contextlib.suppress(OSError):
+            proc.stdout.close()
         try:
             if proc.poll() is not None:
                 raise BrokenPipeError("warm spare exited")

@@ -412,13 +412,20 @@ def _read_line(fd: int) -> bytes:
     return bytes(out)
 
 
-def wait_for_request(idle: float = SPARE_IDLE) -> tuple[Path, bool] | None:
+def wait_for_request(idle: float = SPARE_IDLE, *, announce: bool = False
+                     ) -> tuple[Path, bool] | None:
     """As a spare: the spec path the mounter writes on stdin, and whether it asks for a
     warm-up (``warm PATH``) rather than a mount (None: EOF or idle timeout).
 
     Then stdout/stderr go to the ``worker.log`` next to the spec; for a mount stdin becomes
     /dev/null, as for a worker started with the spec on its command line (a warm-up keeps
-    it: its layer's mount spec comes there later)."""
+    it: its layer's mount spec comes there later).
+
+    ``announce``: first write one byte to stdout: the mounter's warm spare has a pipe there,
+    to learn that the imports are done (other spares' stdout is /dev/null)."""
+    if announce:
+        with contextlib.suppress(OSError):
+            os.write(1, b"R")
     ready, _, _ = select.select([0], [], [], idle)
     if not ready:
         return None
@@ -494,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     spec_path: Path | None = args.spec
     if args.stdin:
-        request = wait_for_request()
+        request = wait_for_request(announce=True)
         if request is None:
             return 0
         spec_path, warm = request
