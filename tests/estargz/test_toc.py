@@ -222,7 +222,7 @@ _entry = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(_entry, max_size=5), st.sampled_from([None, "\t", 1]))
 def test_fast_path_agrees_with_the_stdlib_path(entries: list[dict[str, object]],
                                                indent: str | int | None) -> None:
