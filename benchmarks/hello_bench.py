@@ -15,10 +15,10 @@ every run starts from nothing local:
 Mode suffixes change the lazy configuration (for experiments): ``-nobg``
 (``no_background_fetch = true``), ``-nb`` (``[blob] neighbour_span = 262144``), ``-nonb``
 (``neighbour_span = 0``), ``-seqpf`` (the prefetch as before 2026-11-28: spans of up to 8
-MiB, one request at a time), ``-noahead`` (rpull does not fetch the lazy layers' TOCs ahead
-while it resolves: ``IPFSNAP_TOC_AHEAD=0``), ``-cold`` (this mode's snapshotter started on
-demand inside the timed pull, as ``--cold-snapshotter`` does for every mode), e.g.
-``lazy-nobg-nb``.
+MiB, one request at a time), ``-ahead`` (rpull fetches the lazy layers' footers and TOCs
+ahead as soon as the manifest is verified: ``IPFSNAP_TOC_AHEAD=1``, off by default),
+``-cold`` (this mode's snapshotter started on demand inside the timed pull, as
+``--cold-snapshotter`` does for every mode), e.g. ``lazy-nobg-nb``.
 
 Workloads (``--workload``, default ``hello``): ``hello`` = ``python3 -c
 'print("Hello, World!")'``; ``imports`` = ``python3 -c`` importing several stdlib packages
@@ -158,11 +158,11 @@ SUFFIXES = {
     "-seqpf": ("", "prefetch_concurrency = 1\n[blob]\nprefetch_chunk_size = 0"),
     # not config lines: the rpull command's environment (see SUFFIX_ENV), and the snapshotter
     # started on demand inside the timed pull (as --cold-snapshotter, for this mode only)
-    "-noahead": ("env", ""),
+    "-ahead": ("env", ""),
     "-cold": ("run", ""),
 }
 #: suffixes that set the rpull command's environment instead of the config
-SUFFIX_ENV = {"-noahead": {"IPFSNAP_TOC_AHEAD": "0"}}
+SUFFIX_ENV = {"-ahead": {"IPFSNAP_TOC_AHEAD": "1"}}
 IMPORTS = ("import json, decimal, email.parser, http.client, xml.etree.ElementTree, asyncio, "
            "unittest, argparse, logging, sqlite3; print('imports ok')")
 #: workload -> (command, what its output must contain)

@@ -46,8 +46,11 @@ SnapshotterSource = Snapshotter | Callable[[], Snapshotter]
 #: gzipped (37 MB of JSON, docs/benchmarks.md "TOC open"), python's 2-9k-entry layers'
 #: a few hundred KB; a bigger TOC is left to the layer worker alone
 WARM_TOC_MAX = 16 << 20
-#: environment switch for benchmarks (hello_bench's ``-noahead`` modes): "0" turns
-#: :func:`warm_tocs` off
+#: environment switch (hello_bench's ``-ahead`` modes): "1" turns :func:`warm_tocs` on. Off
+#: by default: in two hello-bench rounds under load (2026-11-28, docs/benchmarks.md) pulls
+#: were not faster with it (2.91 vs 2.76 s, 5.91 vs 3.53 s): the node serves four TOCs at
+#: once while the first layer's worker waits for its own, and that worker starts its reads
+#: only ~0.1-0.3 s after the manifest anyway (the config fetch)
 TOC_AHEAD_ENV = "IPFSNAP_TOC_AHEAD"
 
 
@@ -137,7 +140,7 @@ def rpull(
     with images.lease():
         t0 = time.monotonic()
         warm = None
-        if snapshotter is not None and lazy and os.environ.get(TOC_AHEAD_ENV) != "0":
+        if snapshotter is not None and lazy and os.environ.get(TOC_AHEAD_ENV) == "1":
             def warm(manifest: Manifest) -> None:
                 warm_tocs(fetcher, manifest.layers)
         remote = resolve_remote(fetcher, cid, platform, on_manifest=warm)
