@@ -1,6 +1,6 @@
 """rpull's critical path: the snapshotter is opened in the background while the documents
 are resolved, and used only once they are all fetched and verified; the lazy layers' TOCs
-are fetched ahead as soon as the manifest is known.
+can be fetched ahead as soon as the manifest is known (``IPFSNAP_TOC_AHEAD=1``).
 
 The CLI hands :func:`ipfsnap.image.rpull.rpull` a factory (``EnteredInBackground.get``)
 instead of a snapshotter; these tests check both halves: the background helper (runs at
