@@ -6,6 +6,7 @@ what a user gets.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -222,8 +223,17 @@ def test_sigterm_is_forwarded(runtime_state: Path, rootfs: Path) -> None:
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == "ready\n"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=DEADLINE) == 143
+        # busybox ash can lose a trapped signal that lands between `echo ready` and the
+        # moment `wait` blocks (about 1 run in 40 at load 8, also before 2026-11-28's
+        # changes): each further TERM takes the same path (ipfsnap -> runc -> init), so
+        # sending it again still fails this test if forwarding is broken.
+        code = None
+        for _ in range(3):
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = proc.wait(timeout=DEADLINE / 3)
+                break
+        assert code == 143
     finally:
         if proc.poll() is None:
             proc.kill()
