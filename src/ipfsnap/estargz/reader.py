@@ -124,6 +124,19 @@ def _fast_name(name: str, short: int) -> str | None:
     return name
 
 
+def _shared_name(names: dict[int, str], key: int, name: str) -> str:
+    """The owner name to keep for an entry: an equal name seen before for the same id is
+    shared (the decoder makes a string per entry: ~10 MB for 100k entries), an empty one
+    takes the name seen for that id, a new one is remembered."""
+    if name:
+        known = names.get(key)
+        if known == name:
+            return known
+        names[key] = name
+        return name
+    return names.get(key, "") if names else name
+
+
 class LayerIndex:
     """The validated TOC of one blob: lookups by path, children, chunks, link counts."""
 
@@ -220,26 +233,8 @@ class LayerIndex:
             if not name and typ != "dir":
                 what = f"{blob}: TOC entry #{i} {raw_name[:200]!r}"
                 raise InvalidTOC(f"{what}: the root must be a directory, not {typ}")
-            # (an equal name is replaced by the one kept: the decoder makes a string per
-            # entry, and sharing them saves ~10 MB for 100k entries)
-            user = e.user_name
-            if user:
-                known = users.get(e.uid)
-                if known == user:
-                    e.user_name = known
-                else:
-                    users[e.uid] = user
-            elif users:
-                e.user_name = users.get(e.uid, "")
-            group = e.group_name
-            if group:
-                known = groups.get(e.gid)
-                if known == group:
-                    e.group_name = known
-                else:
-                    groups[e.gid] = group
-            elif groups:
-                e.group_name = groups.get(e.gid, "")
+            e.user_name = _shared_name(users, e.uid, e.user_name)
+            e.group_name = _shared_name(groups, e.gid, e.group_name)
             if typ == "reg":
                 if e.chunk_digest == e.digest:
                     e.chunk_digest = e.digest  # one string for both (single-chunk files)
