@@ -7,6 +7,7 @@ root, runc and strace (they FAIL without them) and share one optimized busybox i
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import re
@@ -33,9 +34,12 @@ from ipfsnap.image.convert import ConvertOptions
 from ipfsnap.image.errors import RecordError
 from ipfsnap.image.optimize import OptimizeResult, optimize_image
 from ipfsnap.image.record import Workload, parse_command, parse_trace, resolve_files
+from ipfsnap.image.snapshotters import SNAPSHOTS_DIR
 from ipfsnap.ipfs.node import ManagedNode
 from ipfsnap.oci import sha256_digest
+from ipfsnap.oci.types import parse_config
 from ipfsnap.runtime.containers import mountinfo_targets
+from ipfsnap.runtime.errors import ImageConfigError
 from tests.fs.layers import Blob
 from tests.fs.mounts import labels_for, make_mounter, mounted
 from tests.support import require_fuse, require_root, require_tool
@@ -132,6 +136,23 @@ def test_recording_without_strace_names_the_image(
     with pytest.raises(RecordError, match=f"image {name}: .*strace is not installed"):
         record_module.record_workload(store, store.resolve(name), Workload(args=("true",)),
                                       state_dir=state_dir)
+
+
+def test_recording_checks_the_image_config_first(
+    busybox_store: tuple[ImageStore, str], state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hostile config field fails as it does for `run` (naming the image and the field)
+    and before any layer is unpacked."""
+    store, name = busybox_store
+    image = store.resolve(name)
+    raw = json.loads(image.config.to_bytes())
+    raw.setdefault("config", {})["Env"] = ["PATH=/bin", "BROKEN"]
+    hostile = dataclasses.replace(image, config=parse_config(json.dumps(raw).encode()))
+    monkeypatch.setattr(record_module.shutil, "which", lambda _name: "/usr/bin/strace")
+    with pytest.raises(ImageConfigError,
+                       match=rf"image {re.escape(name)}: config.Env\[1\] 'BROKEN' has no '='"):
+        record_module.record_workload(store, hostile, Workload(), state_dir=state_dir)
+    assert not (state_dir / SNAPSHOTS_DIR).exists()
 
 
 # -- recording and rebuilding (root, runc, strace) --------------------------------------------

@@ -24,6 +24,7 @@ directories hide lower entries; symlinks, also of parent directories such as Deb
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import json
 import logging
@@ -48,8 +49,9 @@ from ipfsnap.image.errors import RecordError
 from ipfsnap.image.snapshotters import OVERLAYFS, snapshotter_root
 from ipfsnap.image.unpack import unpack_layers
 from ipfsnap.oci import Descriptor, mediatypes
-from ipfsnap.runtime import ContainerConfig, ContainerStore, Runc, image_args, merge_env
+from ipfsnap.runtime import ContainerStore, Runc, image_args
 from ipfsnap.runtime.containers import ContainerRecord
+from ipfsnap.runtime.spec import image_container_config
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +181,14 @@ def record_workload(
         raise UsageError(f"image {image.record.name}: no Entrypoint/Cmd; give --args")
     if workload.period <= 0:
         raise UsageError(f"--period {workload.period}: must be positive")
+    # The image's own fields go through the same checks as `run` (errors name the field,
+    # e.g. config.Env[2]), before any layer is unpacked. Overridden args are passed whole:
+    # process_args already applied the workload's entrypoint/args rules.
+    overridden = workload.args is not None or workload.entrypoint is not None
+    config = image_container_config(
+        image.record.name, image.config, command=args if overridden else (),
+        env=workload.env, cwd=workload.cwd, user=workload.user, net="none",
+    )
     state_dir = Path(state_dir).absolute()
     from ipfsnap.snapshot import SnapshotStore, mount_all
 
@@ -195,17 +205,7 @@ def record_workload(
         trace = containers.root / f".{cid}.strace"
         containers.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         containers.runc = _TracingRunc(state_dir, strace, trace)
-        cfg = image.config
-        ccfg = ContainerConfig(
-            args=args,
-            env=merge_env(cfg.env, list(workload.env)),
-            cwd=workload.cwd or cfg.working_dir or "/",
-            user=workload.user if workload.user is not None else cfg.user,
-            hostname=cid[:63],
-            tty=False,
-            mounts=[],
-            net="none",
-        )
+        ccfg = dataclasses.replace(config, hostname=cid[:63])
 
         def mount(target: Path) -> None:
             mount_all(snaps.prepare(key, result.top), target)
