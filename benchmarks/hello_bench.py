@@ -17,6 +17,9 @@ Mode suffixes change the lazy configuration (for experiments): ``-nobg``
 (``neighbour_span = 0``), ``-seqpf`` (the prefetch as before 2026-11-28: spans of up to 8
 MiB, one request at a time), ``-ahead`` (rpull fetches the lazy layers' footers and TOCs
 ahead as soon as the manifest is verified: ``IPFSNAP_TOC_AHEAD=1``, off by default),
+``-ahead1`` (the same for the first lazy layer only: ``IPFSNAP_TOC_AHEAD=first``),
+``-tail0`` (layer workers read the footer, then the TOC, as two requests:
+``IPFSNAP_TOC_TAIL=0``; a suffix's environment goes to the snapshotter too),
 ``-cold`` (this mode's snapshotter started on demand inside the timed pull, as
 ``--cold-snapshotter`` does for every mode), e.g. ``lazy-nobg-nb``.
 
@@ -159,10 +162,17 @@ SUFFIXES = {
     # not config lines: the rpull command's environment (see SUFFIX_ENV), and the snapshotter
     # started on demand inside the timed pull (as --cold-snapshotter, for this mode only)
     "-ahead": ("env", ""),
+    "-ahead1": ("env", ""),
+    "-tail0": ("env", ""),
     "-cold": ("run", ""),
 }
 #: suffixes that set the rpull command's environment instead of the config
-SUFFIX_ENV = {"-ahead": {"IPFSNAP_TOC_AHEAD": "1"}}
+SUFFIX_ENV = {"-ahead": {"IPFSNAP_TOC_AHEAD": "1"},
+              # the first lazy layer's footer and TOC only, fetched by rpull ahead
+              "-ahead1": {"IPFSNAP_TOC_AHEAD": "first"},
+              # the layer workers read the footer, then the TOC (two requests; before
+              # the one-request tail read): the snapshotter's environment
+              "-tail0": {"IPFSNAP_TOC_TAIL": "0"}}
 IMPORTS = ("import json, decimal, email.parser, http.client, xml.etree.ElementTree, asyncio, "
            "unittest, argparse, logging, sqlite3; print('imports ok')")
 #: workload -> (command, what its output must contain)
@@ -572,14 +582,14 @@ def spare_waiting(snapshotter_pid: int) -> bool:
     return spares > 0 and waiting == spares
 
 
-def start_snapshotter(state: Path, api: str) -> float:
+def start_snapshotter(state: Path, api: str, env: dict[str, str] | None = None) -> float:
     """Start the state dir's snapshotter (``ipfsnap snapshotter``, which returns once it
     answers) and wait until its spare layer workers are ready too, as on a node where the
     snapshotter runs as a service; the seconds it took."""
     from ipfsnap.service.paths import lock_holder
 
     t0 = time.perf_counter()
-    ipfsnap(state, "snapshotter", api=api, timeout=300)
+    ipfsnap(state, "snapshotter", api=api, timeout=300, env=env)
     pid = lock_holder(state)
     if pid is None:
         raise BenchError(f"snapshotter of {state}: not running after 'ipfsnap snapshotter'")
@@ -611,19 +621,21 @@ def one_run(bench: Bench, mode: str, n: int, workload: str = "hello") -> Run:
         ready = -1.0
         w_ready = time.time()
         cold = bench.cold_snapshotter or "-cold" in sufs
+        # a suffix's environment goes to every ipfsnap command of the run (the snapshotter
+        # started here too)
+        rpull_env = {k: v for suf in sufs for k, v in SUFFIX_ENV.get(suf, {}).items()}
         if not cold:
-            ready = start_snapshotter(state, api)
+            ready = start_snapshotter(state, api, rpull_env)
         verbose = bench.keep_logs is not None
         drop_caches()
         before = bitswap_received(node_b.api_url)
         w0 = time.time()
         t0 = time.perf_counter()
-        rpull_env = {k: v for suf in sufs for k, v in SUFFIX_ENV.get(suf, {}).items()}
         pulled = ipfsnap(state, "image", "rpull", "--ipfs", "--snapshotter", snapshotter, cid,
                          api=api, verbose=verbose, env=rpull_env)
         t1 = time.perf_counter()
         proc = ipfsnap(state, "run", f"--snapshotter={snapshotter}", "--rm", cid, "hello",
-                       *argv, api=api, verbose=verbose)
+                       *argv, api=api, verbose=verbose, env=rpull_env)
         t2 = time.perf_counter()
         if expect not in proc.stdout:
             raise BenchError(f"{workload}/{mode} run {n}: unexpected output: "

@@ -25,15 +25,16 @@ import pytest
 
 from ipfsnap.cli.rpull import EnteredInBackground
 from ipfsnap.content import ImageStore
-from ipfsnap.estargz import BuildOptions, BytesRangeReader, build, open_layer
-from ipfsnap.estargz.footer import GZIP_FOOTER_SIZE
+from ipfsnap.estargz import TOC_DIGEST_ANNOTATION, BuildOptions, build, open_layer
+from ipfsnap.fs.source import TailReader
 from ipfsnap.image.errors import RemoteImageFormatError
 from ipfsnap.image.resolve import BlobFetcher, resolve_remote
-from ipfsnap.image.rpull import rpull, warm_tocs
+from ipfsnap.image.rpull import rpull, toc_ahead_layers, warm_tocs
 from ipfsnap.image.unpack import chain_ids
 from ipfsnap.ipfs import IPFSClient
 from ipfsnap.oci import Descriptor, Manifest, mediatypes, sha256_digest
 from ipfsnap.snapshot import Kind, SnapshotStore
+from tests.fs.counting import CountingSource
 from tests.fs.layers import Item, make_tar
 from tests.image.rpull_helpers import CHUNK, push
 from tests.support import require_root
@@ -197,15 +198,30 @@ def test_warm_tocs_reads_each_estargz_footer_and_toc_only(
         for t in warm_tocs(fetcher, image.layers):
             t.join(WAIT)
             assert not t.is_alive()
+    # one read per eStargz layer: the blob's end, exactly as the layer worker reads it
+    # (fs.source.TailReader), so the node fetches the blocks the worker asks for next
     want = set()
     for i in (0, 2):
         layer = image.layers[i]
         cid = layer.urls[0].removeprefix("ipfs://")
         blob = image.blobs[layer.digest]
-        toc = open_layer(BytesRangeReader(blob), len(blob)).toc_offset
-        want |= {(cid, len(blob) - GZIP_FOOTER_SIZE, GZIP_FOOTER_SIZE),
-                 (cid, toc, len(blob) - GZIP_FOOTER_SIZE - toc)}
-    assert set(rec.reads) == want and len(rec.reads) == 4
+        src = CountingSource(blob)
+        open_layer(TailReader(src, len(blob)), len(blob))
+        assert len(src.calls) == 1
+        want |= {(cid, *src.calls[0])}
+    assert set(rec.reads) == want and len(rec.reads) == 2
+
+
+def test_toc_ahead_layers_by_mode() -> None:
+    def layer(n: int, estargz: bool, urls: bool = True) -> Descriptor:
+        ann = {TOC_DIGEST_ANNOTATION: sha256_digest(b"toc%d" % n)} if estargz else {}
+        return Descriptor(mediatypes.OCI_LAYER_GZIP, sha256_digest(b"%d" % n), 100 + n,
+                          urls=(f"ipfs://{NO_SUCH_CID}",) if urls else (), annotations=ann)
+
+    layers = [layer(0, False), layer(1, True, urls=False), layer(2, True), layer(3, True)]
+    assert toc_ahead_layers(layers, "first") == [layers[2]]
+    assert toc_ahead_layers(layers, "1") == toc_ahead_layers(layers, "all") == layers[2:]
+    assert toc_ahead_layers(layers, "") == toc_ahead_layers(layers, "no") == []
 
 
 def test_warm_tocs_never_fails_the_pull(tmp_path: Path) -> None:

@@ -146,3 +146,29 @@ def parse_zstd_footer(footer: bytes) -> ZstdFooter:
     if mtype != ZSTD_MANIFEST_TYPE_CRFS:
         raise BadFooter(f"{what}: manifest type {mtype}, only {ZSTD_MANIFEST_TYPE_CRFS} known")
     return ZstdFooter(off, csize, rsize, mtype)
+
+
+#: bytes of a blob's end that a reader should fetch in one request when it opens a layer
+#: over a network source: the footer and, usually, the whole compressed TOC, rather than the
+#: footer and then the TOC (two requests; through IPFS each walks the file's DAG and waits
+#: for bitswap). 1 MiB = 4 IPFS leaves of 256 KiB: gzip TOCs take ~50-60 bytes per entry
+#: (the hello-bench python layers: 131-526 KB for 2-9k entries), so 1 MiB covers ~17k
+#: entries; a TOC that does not fit costs one more request for what lies before
+TAIL_READ_SIZE = 1 << 20
+#: bytes every format's footer needs at the blob's end (the zstd:chunked footer and its
+#: skippable frame header are the longest: 40 + 8; gzip's is 51)
+_MIN_TAIL = max(GZIP_FOOTER_SIZE, ZSTD_FOOTER_SIZE + SKIPPABLE_HEADER_SIZE)
+
+
+def tail_start(size: int, span: int = TAIL_READ_SIZE, align: int = 1) -> int:
+    """Where one read of the last ``span`` bytes of a ``size``-byte blob should start.
+
+    Rounded down to a multiple of ``align`` (a store's block size, e.g. IPFS's 256 KiB
+    leaves): a range that starts inside a block fetches that whole block anyway, so the
+    bytes before the range come for free. At least the longest footer is covered."""
+    if size <= 0:
+        return 0
+    start = max(0, size - max(span, _MIN_TAIL))
+    if align > 1:
+        start -= start % align
+    return start

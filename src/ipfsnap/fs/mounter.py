@@ -38,7 +38,8 @@ layer's stored tables are removed when it is unmounted.
 Benchmark switches (environment of the snapshotter): ``IPFSNAP_TOC_CACHE`` sets the workers'
 ``toc_cache`` mode (``wait``, the default; ``adopt``; ``off`` = the behaviour before the
 cache: every worker parses, warm-ups exit when done), ``IPFSNAP_WARM_SERVE=0`` makes warm-ups
-exit when done, ``IPFSNAP_WARM_NICE=N`` runs them N nicer.
+exit when done, ``IPFSNAP_WARM_NICE=N`` runs them N nicer, ``IPFSNAP_TOC_TAIL=N`` sets the
+bytes of a blob's end read in one request to open its TOC (``0``: the footer, then the TOC).
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ CHECK_TIMEOUT = 5.0
 EXIT_TIMEOUT = 10.0
 #: environment variable naming the workers' parsed-TOC cache mode (benchmarks)
 TOC_CACHE_ENV = "IPFSNAP_TOC_CACHE"
+#: environment variable: the workers' ``toc_tail`` in bytes, "0" = footer then TOC as two
+#: requests (benchmarks; default estargz.footer.TAIL_READ_SIZE)
+TOC_TAIL_ENV = "IPFSNAP_TOC_TAIL"
 #: environment variable: niceness increment of warm-up processes (benchmarks)
 WARM_NICE_ENV = "IPFSNAP_WARM_NICE"
 #: warm-ups run this much nicer than the workers: the layer being mounted is waited for
@@ -198,6 +202,9 @@ class LayerMounter:
         #: parsed TOCs handed from warm-ups to workers (fs/tablecache.py)
         self.tables = TableCache(self.cache_root)
         self.toc_cache = os.environ.get(TOC_CACHE_ENV, "") or "wait"
+        self.toc_tail: int | None = None
+        with contextlib.suppress(ValueError):
+            self.toc_tail = max(0, int(os.environ.get(TOC_TAIL_ENV, "")))
         try:
             self.warm_nice = int(os.environ.get(WARM_NICE_ENV, "") or WARM_NICE)
         except ValueError:
@@ -316,6 +323,8 @@ class LayerMounter:
             fetch_period=cfg.background_fetch.fetch_period_msec / 1000.0,
             toc_cache=self.toc_cache,
         )
+        if self.toc_tail is not None:
+            spec.toc_tail = self.toc_tail
         for key, value in self.extra.items():
             if not hasattr(spec, key):
                 raise WorkerSpecError(f"layer worker: unknown option {key!r}")

@@ -12,8 +12,10 @@ import os
 from pathlib import Path
 from typing import Protocol
 
+from ipfsnap.estargz.footer import TAIL_READ_SIZE, tail_start
 from ipfsnap.fs.errors import FetchError
 from ipfsnap.ipfs import IPFSClient, RetryPolicy, normalize_cid
+from ipfsnap.ipfs.unixfs import CHUNK_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -107,3 +109,46 @@ class IPFSSource:
 
     def close(self) -> None:
         self._client.close()
+
+
+class TailReader:
+    """A range reader over ``source`` that reads the blob's end in one request.
+
+    Opening a layer reads the footer (the blob's last bytes), then the TOC just before it:
+    two requests, and through IPFS each one walks the file's DAG from its root and waits for
+    bitswap (0.3-0.8 s for the footer of a fresh node's first layer, measured on the
+    hello-bench image; docs/benchmarks.md "TOC in one request"). Here the first read that
+    touches ``[start, size)`` fetches that whole range (``start`` from
+    :func:`ipfsnap.estargz.footer.tail_start`, aligned to IPFS's 256 KiB leaves) and later
+    reads inside it are served from memory; a read that begins before ``start`` (a TOC
+    bigger than the guess) fetches only its part before ``start``. Reads wholly before the
+    tail go to the source unchanged. Used while a layer is opened, by one thread.
+    """
+
+    def __init__(self, source: BlobSource, size: int, span: int = TAIL_READ_SIZE, *,
+                 align: int = CHUNK_SIZE) -> None:
+        self.source = source
+        self.name = source.name
+        self.size = size
+        self.start = tail_start(size, span, align)
+        self._tail: bytes | None = None
+        #: requests sent to the source (logs, tests)
+        self.requests = 0
+
+    def _fetch(self, offset: int, length: int) -> bytes:
+        self.requests += 1
+        return self.source.read_at(offset, length)
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        end = offset + length
+        if offset < 0 or length < 0 or end > self.size:
+            raise FetchError(f"{self.name}: read of {length} bytes at offset {offset} is "
+                             f"outside the {self.size}-byte blob")
+        if length == 0 or end <= self.start:
+            return self._fetch(offset, length) if length else b""
+        if self._tail is None:
+            self._tail = self._fetch(self.start, self.size - self.start)
+        rest = self._tail[max(0, offset - self.start):end - self.start]
+        if offset >= self.start:
+            return rest
+        return self._fetch(offset, self.start - offset) + rest

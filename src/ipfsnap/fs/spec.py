@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ipfsnap.estargz.footer import TAIL_READ_SIZE
 from ipfsnap.fs.errors import WorkerSpecError
 
 #: kernel read-ahead of a layer mount, KiB (the FUSE default is 128). The kernel splits a
@@ -88,6 +89,9 @@ class WorkerSpec:
     direct_io: bool = False
     #: extra FUSE mount options
     fuse_options: list[str] = field(default_factory=list)
+    #: bytes of the blob's end read in one request when the TOC is opened (footer and
+    #: TOC together, see source.TailReader); 0 = the footer, then the TOC
+    toc_tail: int = TAIL_READ_SIZE
     #: parsed-TOC cache (fs/tablecache.py): "wait" = adopt the tables a warm-up stored,
     #: waiting for a warm-up still running; "adopt" = adopt stored tables, never wait
     #: (parse in parallel; for measurements); "off" = always parse, store nothing

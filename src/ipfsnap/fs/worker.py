@@ -42,7 +42,7 @@ from ipfsnap.fs.errors import LayerMountError
 from ipfsnap.fs.fetcher import ActivityBoard, BackgroundPacing
 from ipfsnap.fs.layer import LayerStatus, LayerTables, LazyLayer
 from ipfsnap.fs.ops import LayerOperations
-from ipfsnap.fs.source import BlobSource, IPFSSource, LocalFileSource
+from ipfsnap.fs.source import BlobSource, IPFSSource, LocalFileSource, TailReader
 from ipfsnap.fs.spec import WorkerSpec, write_json_atomic
 from ipfsnap.fs.tablecache import TableCache, TableKey, limits_key
 
@@ -86,9 +86,16 @@ def load_tables(spec: WorkerSpec) -> LayerTables:
     """Open and verify the layer's TOC and build the compact tables the mount keeps."""
     source = make_source(spec)
     try:
+        t0 = time.monotonic()
         size = spec.blob_size if spec.blob_size is not None else source.size()
-        index = open_layer(source, size, toc_digest=spec.toc_digest, limits=limits_of(spec),
+        reader: BlobSource | TailReader = source
+        if spec.toc_tail > 0:
+            reader = TailReader(source, size, spec.toc_tail)
+        index = open_layer(reader, size, toc_digest=spec.toc_digest, limits=limits_of(spec),
                            name=source.name)
+        log.info("%s: footer and TOC read%s, verified and parsed in %.2f s", source.name,
+                 f" in {reader.requests} request(s)" if isinstance(reader, TailReader) else "",
+                 time.monotonic() - t0)
         return LayerTables.from_index(index)
     finally:
         source.close()

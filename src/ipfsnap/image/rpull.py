@@ -46,21 +46,37 @@ SnapshotterSource = Snapshotter | Callable[[], Snapshotter]
 #: gzipped (37 MB of JSON, docs/benchmarks.md "TOC open"), python's 2-9k-entry layers'
 #: a few hundred KB; a bigger TOC is left to the layer worker alone
 WARM_TOC_MAX = 16 << 20
-#: environment switch (hello_bench's ``-ahead`` modes): "1" turns :func:`warm_tocs` on. Off
-#: by default: in two hello-bench rounds under load (2026-11-28, docs/benchmarks.md) pulls
-#: were not faster with it (2.91 vs 2.76 s, 5.91 vs 3.53 s): the node serves four TOCs at
-#: once while the first layer's worker waits for its own, and that worker starts its reads
-#: only ~0.1-0.3 s after the manifest anyway (the config fetch)
+#: environment switch (hello_bench's ``-ahead`` modes): "1" (or "all") turns
+#: :func:`warm_tocs` on for every lazy layer, "first" for the first lazy layer only (the
+#: others are warmed by the snapshotter while it mounts the first). Off by default: in two
+#: hello-bench rounds under load (2026-11-28, docs/benchmarks.md) pulls were not faster
+#: with it (2.91 vs 2.76 s, 5.91 vs 3.53 s): the node serves four TOCs at once while the
+#: first layer's worker waits for its own, and that worker starts its reads only ~0.1-0.3 s
+#: after the manifest anyway (the config fetch)
 TOC_AHEAD_ENV = "IPFSNAP_TOC_AHEAD"
+
+
+def toc_ahead_layers(layers: Sequence[Descriptor], mode: str) -> list[Descriptor]:
+    """The lazy layers :data:`TOC_AHEAD_ENV`'s value ``mode`` asks to warm ahead."""
+    from ipfsnap.image.unpack import ipfs_urls, is_estargz
+
+    lazy = [layer for layer in layers if is_estargz(layer) and ipfs_urls(layer)]
+    if mode in ("1", "all"):
+        return lazy
+    if mode == "first":
+        return lazy[:1]
+    return []
 
 
 def warm_tocs(fetcher: BlobFetcher, layers: Sequence[Descriptor]) -> list[threading.Thread]:
     """Have the IPFS node fetch each lazy layer's footer and TOC now, in background threads,
     while the rest of the pull goes on (the config, the first layer's mount).
 
-    A layer's worker (or its warm-up) reads the footer, then the TOC, through the node: two
-    round trips to a peer that nothing could start before the manifest was known. Read here
-    first, the blocks are local to the node when the worker asks. The bytes read here are
+    A layer's worker (or its warm-up) reads the blob's end through the node (footer and
+    TOC: fs.source.TailReader): DAG round trips to a peer that nothing could start before
+    the manifest was known. Read here first, the blocks are local to the node (or already
+    on their way) when the worker asks. The same range is read (estargz.footer.tail_start,
+    aligned to IPFS's leaves), so the same blocks are fetched. The bytes read here are
     discarded: the worker reads and verifies the TOC itself (digest, limits) as before.
     """
     from ipfsnap.image.unpack import ipfs_urls, is_estargz
@@ -77,19 +93,23 @@ def warm_tocs(fetcher: BlobFetcher, layers: Sequence[Descriptor]) -> list[thread
 
 
 def _warm_toc(fetcher: BlobFetcher, layer: Descriptor) -> None:
-    from ipfsnap.estargz.footer import GZIP_FOOTER_SIZE, parse_gzip_footer
+    from ipfsnap.estargz.footer import GZIP_FOOTER_SIZE, parse_gzip_footer, tail_start
+    from ipfsnap.ipfs.unixfs import CHUNK_SIZE
 
     t0 = time.monotonic()
+    length = 0
     try:
         cid = ipfs_cid(layer, "layer")
         if layer.size < GZIP_FOOTER_SIZE:
             return
-        footer = fetcher.client.cat(cid, layer.size - GZIP_FOOTER_SIZE, GZIP_FOOTER_SIZE)
-        toc_offset = parse_gzip_footer(footer)  # eStargz (gzip) only: others left as they are
+        start = tail_start(layer.size, align=CHUNK_SIZE)
+        tail = fetcher.client.cat(cid, start, layer.size - start)
+        # eStargz (gzip) only: others are left as they are
+        toc_offset = parse_gzip_footer(tail[-GZIP_FOOTER_SIZE:])
         length = layer.size - GZIP_FOOTER_SIZE - toc_offset
-        if not 0 < length <= WARM_TOC_MAX:
-            return
-        fetcher.client.cat_into(cid, toc_offset, length, lambda _piece: None)
+        if toc_offset < start and 0 < length <= WARM_TOC_MAX:
+            # a TOC bigger than the tail guess: the rest of it, as the worker will read it
+            fetcher.client.cat_into(cid, toc_offset, start - toc_offset, lambda _piece: None)
     except Exception as exc:  # best effort: the worker meets (and reports) any real problem
         log.debug("layer %s: TOC not fetched ahead: %s", layer.digest, exc)
         return
@@ -140,9 +160,10 @@ def rpull(
     with images.lease():
         t0 = time.monotonic()
         warm = None
-        if snapshotter is not None and lazy and os.environ.get(TOC_AHEAD_ENV) == "1":
+        ahead = os.environ.get(TOC_AHEAD_ENV, "")
+        if snapshotter is not None and lazy and ahead:
             def warm(manifest: Manifest) -> None:
-                warm_tocs(fetcher, manifest.layers)
+                warm_tocs(fetcher, toc_ahead_layers(manifest.layers, ahead))
         remote = resolve_remote(fetcher, cid, platform, on_manifest=warm)
         log.info("image %s resolved in %.3f s (root descriptor and %d documents fetched)",
                  name, time.monotonic() - t0, len(fetcher.fetched))
