@@ -6,10 +6,12 @@ Started by ``scripts/fuzz.py``, one process per target:
 
 Every input goes through :func:`tests.fuzz.targets.check`. A finding does not stop the run:
 it is counted, deduplicated by exception type and place, and its smallest input is saved
-in ``DIR/crashes``. libFuzzer itself stops the process on a hang (``-timeout``) or memory
-blow-up (``-rss_limit_mb``) and writes the input to ``DIR/crashes`` (``timeout-*``,
-``oom-*``); the caller counts those. The process exits after ``--cases`` inputs or
-``--seconds``, whichever comes first, having written its report.
+in ``DIR/crashes``. An input that finishes but takes more than ``--slow`` seconds of CPU
+time (CPU, not wall-clock: the machine may be shared) is a finding too (``slow``).
+libFuzzer itself stops the process on a hang (``-timeout``, wall-clock) or memory blow-up
+(``-rss_limit_mb``) and writes the input to ``DIR/crashes`` (``timeout-*``, ``oom-*``); the
+caller counts those. The process exits after ``--cases`` inputs or ``--seconds``,
+whichever comes first, having written its report.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report", type=Path, required=True)
     ap.add_argument("--work", type=Path, required=True, help="corpus and crash output")
     ap.add_argument("--timeout", type=int, default=60, help="seconds one input may take")
+    ap.add_argument("--slow", type=float, default=10.0,
+                    help="CPU seconds above which an input that finished is a finding")
     ap.add_argument("--rss-mb", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0, help="libFuzzer -seed (0 = random)")
     ap.add_argument("--merge-into", type=Path, help="minimise the work corpus into this dir")
@@ -61,7 +65,11 @@ def main(argv: list[str] | None = None) -> None:
         os.replace(tmp, args.report)
 
     def one(data: bytes) -> None:
+        cpu = time.process_time()
         finding = targets.check(target, data)
+        cpu = time.process_time() - cpu
+        if finding is None and cpu > args.slow:
+            finding = targets.slow_finding(target, data, cpu)
         stats["cases"] += 1
         if finding is not None:
             stats["crashes"] += 1
@@ -100,6 +108,9 @@ def main(argv: list[str] | None = None) -> None:
         f"-artifact_prefix={crashes}/",
         f"-seed={args.seed}",
         "-print_final_stats=0",
+        # no re-reading of the corpus dirs every second (only this process writes them):
+        # the reload is timed, the one thing that made runs of one seed differ
+        "-reload=0",
     ]
     if target.tokens:
         lf.append(f"-dict={targets.DICTS_DIR / (target.tokens + '.dict')}")

@@ -510,7 +510,7 @@ class Finding:
     ipfsnap error whose message is not one line, or a failed result check."""
 
     target: str
-    kind: str  # "exception" | "oracle" | "message"
+    kind: str  # "exception" | "oracle" | "message" | "slow"
     exc_type: str
     message: str
     #: innermost frame in ipfsnap (or the target), ``file:line``: the dedup key's anchor
@@ -548,6 +548,14 @@ def check(target: Target, data: bytes) -> Finding | None:
     except Exception as exc:  # every other exception is what fuzzing looks for
         return Finding(target.name, "exception", type(exc).__name__, str(exc)[:300], _where(exc))
     return None
+
+
+def slow_finding(target: Target, data: bytes, cpu_seconds: float) -> Finding:
+    """An input that was handled correctly but took ``cpu_seconds`` of CPU: every target
+    handles its inputs (at most 16 KiB) in milliseconds, so seconds mean work that grows
+    faster than the input (a huge integer, a backtracking regex, a quadratic loop)."""
+    return Finding(target.name, "slow", "SlowInput",
+                   f"{cpu_seconds:.1f} s of CPU for one {len(data)}-byte input", "input")
 
 
 def corpus_files(name: str) -> list[Path]:

@@ -1,5 +1,9 @@
 """The fuzz campaign at CI size: every target under atheris for its ``ci_cases`` inputs
-(100,000 each: the full campaign), failing on any crash, hang or memory blow-up.
+(100,000 each: the full campaign), failing on any crash, slow input, hang or memory blow-up.
+
+The seeds are fixed (``--ci``: ``scripts/fuzz.py``'s ``CI_SEED``), so the same tree explores
+the same inputs on every machine; a failure names each finding's input, gzip + base64, and
+the command that replays it (the CI machine and its work dir are gone by then).
 
 The full campaign (100,000 inputs per target) is ``scripts/fuzz.py --cases 100000``; its
 figures are in docs/reliability.md."""
@@ -13,6 +17,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,8 +53,22 @@ def test_fuzz_campaign_ci_size(tmp_path: Path) -> None:
     summary = json.loads(out.read_text())
     results = {r["target"]: r for r in summary["targets"]}
     assert set(results) == set(TARGETS)
-    crashed = {n: r["findings"] for n, r in results.items() if r["status"] != "ok"}
-    assert not crashed, f"fuzz findings (reproducers under {tmp_path}/work): {crashed}"
+    crashed = [r for r in summary["targets"] if r["status"] != "ok"]
+    assert not crashed, "fuzz findings:\n" + "\n".join(_describe(r) for r in crashed)
     ran = {n: r["cases"] for n, r in results.items()}
     assert ran == {n: t.ci_cases for n, t in TARGETS.items()}, ran
     assert proc.returncode == 0, stdout[-3000:]
+
+
+def _describe(r: dict[str, Any]) -> str:
+    """One crashed target's findings, each with its input and how to replay it."""
+    lines = [f"{r['target']} ({r['status']}, libFuzzer -seed={r['seed']}, {r['cases']} cases):"]
+    for f in r["findings"]:
+        lines.append(f"  {f['key']}: {f['message'][:1500]}")
+        if "input_gz_b64" in f:
+            lines.append(f"    input ({f['size']} bytes, sha256 {f['sha256']}), replay with "
+                         f"echo '{f['input_gz_b64']}' | base64 -d | gunzip > in && "
+                         f".venv/bin/python scripts/fuzz.py --replay {r['target']} in")
+        else:
+            lines.append(f"    input: {f.get('size', 'no')} bytes saved, not printable")
+    return "\n".join(lines)
