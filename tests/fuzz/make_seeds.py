@@ -199,7 +199,23 @@ def _oci_seeds() -> dict[str, list[bytes]]:
         "oci_index": enc(index, {**index, "manifests": [manifest]}, manifest),
         "oci_config": enc(config, {**config, "rootfs": {"type": "layers", "diff_ids": ["x"]}}),
         "oci_document": enc(manifest, index, docker, config),
+        "oci_config_spec": enc(*(
+            {**config, "config": {**config["config"], **c}}  # type: ignore[dict-item]
+            for c in _SPEC_CONTAINERS
+        )),
     }
+
+
+#: image config fields the spec target starts from: the accounts and paths of its rootfs
+#: (tests/fuzz/targets.py ``_spec_rootfs``), and the ways in which they lead out of it
+_SPEC_CONTAINERS: list[dict[str, object]] = [
+    {"Entrypoint": ["/bin/sh"], "User": "alice", "WorkingDir": "/home/alice"},
+    {"Entrypoint": None, "Cmd": ["sh", "-c", "id"], "User": "1000:staff", "Env": ["PATH=/bin"]},
+    {"User": "alice:50", "WorkingDir": "/app/sub", "Env": ["HOME=/x", "A="]},
+    {"User": "4294967295", "WorkingDir": "/work"},
+    {"User": "root", "WorkingDir": "/escape/etc"},
+    {"Cmd": [], "Entrypoint": ["/bin/../bin/sh"], "WorkingDir": "../../tmp"},
+]
 
 
 def _cid_seeds() -> list[bytes]:
@@ -306,6 +322,9 @@ DICTS: dict[str, list[str]] = {
             "devMinor", "reg", "dir", "chunk", "hardlink", "symlink", "char", "block",
             "fifo", "version", "entries", ".prefetch.landmark", ".no.prefetch.landmark",
             "sha256:", "../", "9223372036854775807", "18446744073709551616", "null", "1e400"],
+    "spec": ["Entrypoint", "Cmd", "Env", "WorkingDir", "User", "alice", "staff", "root",
+             "/bin/sh", "/home/alice", "/proc/self/fd/7", "/work", "/escape", "/etc/passwd",
+             "/dev", "..", ":", "=", "4294967295", "\\u0000", "PATH=", "HOME=", "null"],
     "oci": ["schemaVersion", "mediaType", "config", "layers", "manifests", "digest", "size",
             "urls", "annotations", "platform", "os", "architecture", "variant", "os.features",
             "rootfs", "diff_ids", "Entrypoint", "Cmd", "Env", "Labels", "WorkingDir", "User",

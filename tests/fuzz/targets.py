@@ -66,6 +66,8 @@ from ipfsnap.oci import (
     parse_index,
     parse_manifest,
 )
+from ipfsnap.runtime import build_spec
+from ipfsnap.runtime.spec import image_container_config
 from ipfsnap.snapshot.apply import ApplyLimits, apply_layer
 
 HERE = Path(__file__).resolve().parent
@@ -343,6 +345,7 @@ def remove_sandbox() -> None:
     if _sandbox.cache_info().currsize:
         shutil.rmtree(_sandbox(), ignore_errors=True)
         _sandbox.cache_clear()
+    _spec_rootfs.cache_clear()  # it lived in the sandbox
 
 
 def fuzz_apply(data: bytes) -> None:
@@ -388,6 +391,53 @@ def fuzz_oci_config(data: bytes) -> None:
     expect(parse_config(c.to_bytes(), "fuzz").raw == c.raw, "config does not round-trip")
     # the properties the runtime reads must not fail on a config that parsed
     _ = (c.entrypoint, c.cmd, c.env, c.working_dir, c.user, c.labels, c.diff_ids, c.platform)
+
+
+#: the image's /etc/passwd and /etc/group in the spec target's rootfs
+SPEC_PASSWD = "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n"
+SPEC_GROUP = "root:x:0:\nstaff:x:50:alice\nalice:x:1000:\n"
+
+
+@functools.cache
+def _spec_rootfs() -> Path:
+    """A small image rootfs for the spec builder: accounts, a program, and symlinks an
+    image could plant to lead its WorkingDir or User lookups out (``work`` into /proc,
+    ``escape`` above the root, ``etc/shadow`` absolute)."""
+    r = _sandbox() / "rootfs"
+    for d in ("bin", "etc", "proc", "dev", "sys", "tmp", "home/alice", "app"):
+        (r / d).mkdir(parents=True)
+    (r / "bin" / "sh").write_bytes(b"\x7fELF")
+    (r / "bin" / "sh").chmod(0o755)
+    (r / "etc" / "passwd").write_text(SPEC_PASSWD)
+    (r / "etc" / "group").write_text(SPEC_GROUP)
+    os.symlink("/proc/self/fd/7", r / "work")
+    os.symlink("../../../../..", r / "escape")
+    os.symlink("/etc/shadow", r / "etc" / "shadow")
+    return r
+
+
+def _under(path: str, tree: str) -> bool:
+    return path == tree or path.startswith(tree + "/")
+
+
+def fuzz_oci_config_spec(data: bytes) -> None:
+    """A hostile image config through the parser, the container config it gives and the
+    runtime spec built from it against a rootfs (User, WorkingDir, Env, Entrypoint, Cmd
+    resolved as ``ipfsnap run`` does): a safe spec or one clean error."""
+    root = _spec_rootfs()
+    cfg = image_container_config("ipfs://fuzz", parse_config(data, "fuzz"))
+    spec = build_spec(cfg, container_id="c1", rootfs=root, etc_files={}, cgroups_path="/x/c1")
+    proc = spec["process"]
+    cwd = proc["cwd"]
+    expect(cwd.startswith("/") and ".." not in cwd.split("/"), f"cwd {cwd!r} not clean")
+    expect(not _under(cwd, "/proc") and not _under(cwd, "/dev"), f"cwd {cwd!r} in /proc or /dev")
+    expect(all("\x00" not in s for s in proc["env"] + proc["args"]), "NUL in env or args")
+    expect(bool(proc["args"]), "no program to run")
+    uid, gid = proc["user"]["uid"], proc["user"]["gid"]
+    expect(0 <= uid <= 0xFFFFFFFE and 0 <= gid <= 0xFFFFFFFE, f"uid/gid {uid}/{gid} out of range")
+    for m in spec["mounts"]:
+        dest = m["destination"]
+        expect(dest.startswith("/") and ".." not in dest.split("/"), f"mount at {dest!r}")
 
 
 def fuzz_oci_document(data: bytes) -> None:
@@ -495,6 +545,10 @@ TARGETS: dict[str, Target] = {
         Target("oci_index", fuzz_oci_index, 4096, tokens="oci"),
         Target("oci_config", fuzz_oci_config, 4096, tokens="oci"),
         Target("oci_document", fuzz_oci_document, 4096, tokens="oci"),
+        # the spec builder stats and reads files of the rootfs per input: ~3x the cost of
+        # oci_config per case, so a third of its inputs in CI (the whole CI campaign stays
+        # near its ~220 s idle)
+        Target("oci_config_spec", fuzz_oci_config_spec, 4096, ci_cases=30_000, tokens="spec"),
         Target("ipfs_cid", fuzz_cid, 256),
         Target("ipfs_multiaddr", fuzz_multiaddr, 256, tokens="addr"),
         Target("ipfs_api_file", fuzz_api_file, 512, tokens="addr"),
