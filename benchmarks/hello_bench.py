@@ -159,6 +159,10 @@ SUFFIXES = {
     "-nb": ("blob", "neighbour_span = 262144"),
     "-nonb": ("blob", "neighbour_span = 0"),
     "-seqpf": ("", "prefetch_concurrency = 1\n[blob]\nprefetch_chunk_size = 0"),
+    "-nb1m": ("blob", "neighbour_span = 1048576"),
+    "-ra": ("blob", "readahead_chunks = 1"),
+    # on-demand reads as concurrent 512 KiB range requests, up to 8 per layer at once
+    "-split": ("", "max_concurrency = 8\n[blob]\nread_split_size = 524288"),
     # not config lines: the rpull command's environment (see SUFFIX_ENV), and the snapshotter
     # started on demand inside the timed pull (as --cold-snapshotter, for this mode only)
     "-ahead": ("env", ""),

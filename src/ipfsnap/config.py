@@ -44,6 +44,11 @@ class BlobConfig:
     #: on-demand reads also fetch the uncached chunks next to them, within the aligned
     #: windows of this many bytes they touch (0 = off; 262144 = one IPFS block)
     neighbour_span: int = 0
+    #: on-demand reads longer than this are sent as concurrent range requests cut on
+    #: multiples of it (0 = one request per coalesced run)
+    read_split_size: int = 0
+    #: chunks fetched ahead of a file read from its start or sequentially (0 = off)
+    readahead_chunks: int = 0
 
 
 @dataclass

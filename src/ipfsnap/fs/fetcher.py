@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import math
 import os
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 #: default bound of one coalesced request: two default-size (4 MiB) eStargz chunks; big
 #: enough to amortise a round trip, small enough that one read never waits on a huge range
 DEFAULT_MAX_SPAN = 8 << 20
+#: the leaf size of a blob added with ``ipfs add``'s default fixed-size chunker (what
+#: ipfs-push uses): the unit bitswap moves
+IPFS_BLOCK = 256 << 10
 
 Decompressor = Callable[[str, bytes, Chunk], bytes]
 
@@ -269,6 +273,21 @@ def coalesce(chunks: Sequence[Chunk], max_span: int) -> list[list[Chunk]]:
     return runs
 
 
+def split_points(offset: int, length: int, piece: int) -> list[int]:
+    """Where ``[offset, offset + length)`` is cut into pieces: the range's ends and every
+    multiple of ``piece`` inside it (``piece`` rounded up to whole IPFS blocks when it is
+    larger than one).
+
+    Cutting on a fixed grid in the blob rather than every ``piece`` bytes from ``offset``
+    keeps the cuts on IPFS block boundaries (``ipfs add`` cuts a blob into leaves of
+    ``IPFS_BLOCK`` bytes), so no two pieces need the same block; a piece at either end of
+    the range may be shorter."""
+    grid = piece if piece <= IPFS_BLOCK else -(-piece // IPFS_BLOCK) * IPFS_BLOCK
+    end = offset + length
+    first = (offset // grid + 1) * grid
+    return [offset, *range(first, end, grid), end]
+
+
 class ChunkFetcher:
     def __init__(
         self,
@@ -297,9 +316,11 @@ class ChunkFetcher:
         self.on_fetched: Callable[[Chunk], None] | None = None
         #: called when a foreground request starts and ends (machine-wide activity stamp)
         self.on_foreground: Callable[[], None] | None = None
-        #: > 0: a foreground request longer than this is sent as concurrent pieces of this
-        #: size (each takes a concurrency slot); the prefetch sets it (a 4 MiB chunk cannot
-        #: be split into smaller runs, but its bytes can be fetched in parallel ranges)
+        #: > 0: a foreground request longer than this is sent as concurrent pieces of about
+        #: this size (each takes a concurrency slot), cut on multiples of it in the blob;
+        #: the prefetch sets it (a 4 MiB chunk cannot be split into smaller runs, but its
+        #: bytes can be fetched in parallel ranges), ``[blob] read_split_size`` sets it for
+        #: on-demand reads
         self.split_size = 0
 
     # -- priority -------------------------------------------------------------------------
@@ -472,6 +493,7 @@ class ChunkFetcher:
         piece = self.split_size
         if background or piece <= 0 or length <= piece:
             return await self._read(offset, length, background)
+        cuts = split_points(offset, length, piece)
         parts: dict[int, bytes] = {}
         errors: list[IpfsnapError] = []
 
@@ -482,8 +504,8 @@ class ChunkFetcher:
                 errors.append(exc)
 
         async with trio.open_nursery() as nursery:
-            for at in range(offset, offset + length, piece):
-                nursery.start_soon(one, at, min(piece, offset + length - at))
+            for at, end in itertools.pairwise(cuts):
+                nursery.start_soon(one, at, end - at)
         if errors:
             raise errors[0]
         return b"".join(parts[at] for at in sorted(parts))
@@ -511,6 +533,12 @@ class ChunkFetcher:
                 ) from None
             finally:
                 took = time.monotonic() - t0
+                # foreground requests are what a cold start waits for: one line each (a
+                # network round trip of tens of ms at least, so a line costs nothing)
+                log.log(logging.DEBUG if background else logging.INFO,
+                        "%s: %s request of %d bytes at offset %d took %.3f s",
+                        self.source.name, "background" if background else "foreground",
+                        length, offset, took)
                 if background:
                     self.stats.background_calls += 1
                 else:

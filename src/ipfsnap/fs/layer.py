@@ -60,6 +60,9 @@ DEFAULT_NEIGHBOUR_SPAN = 0
 #: reference's ``prefetch_chunk_size``), this many at once
 DEFAULT_PREFETCH_SPAN = 1 << 20
 DEFAULT_PREFETCH_CONCURRENCY = 4
+#: on-demand reads longer than this are sent as concurrent range requests of about this
+#: many bytes (0 = one request per coalesced run); see ``[blob] read_split_size``
+DEFAULT_READ_SPLIT_SIZE = 0
 #: while a foreground fetch is in flight the machine-wide activity stamp is refreshed this
 #: often (seconds), so other layers see the activity even during one long request
 HEARTBEAT = 0.5
@@ -166,6 +169,7 @@ class LazyLayer:
         neighbour_span: int = DEFAULT_NEIGHBOUR_SPAN,
         prefetch_span: int = DEFAULT_PREFETCH_SPAN,
         prefetch_concurrency: int = DEFAULT_PREFETCH_CONCURRENCY,
+        read_split_size: int = DEFAULT_READ_SPLIT_SIZE,
         board: ActivityBoard | None = None,
         pacing: BackgroundPacing | None = None,
     ) -> None:
@@ -183,6 +187,8 @@ class LazyLayer:
             max_concurrency=max_concurrency, timeout=timeout, max_span=max_span,
         )
         self.fetcher.on_fetched = self._fetched
+        self.read_split_size = max(0, read_split_size)
+        self.fetcher.split_size = self.read_split_size
         self.max_concurrency = max(1, max_concurrency)
         self.neighbour_span = neighbour_span
         self.prefetch_span = prefetch_span
@@ -463,7 +469,7 @@ class LazyLayer:
                         nursery.start_soon(one, run)
         finally:
             self.fetcher.set_concurrency(self.max_concurrency)
-            self.fetcher.split_size = 0
+            self.fetcher.split_size = self.read_split_size
             self.prefetch_bytes += self.fetcher.stats.foreground_bytes - before
             self.prefetch_seconds += time.monotonic() - t0
         log.info("%s: prefetched %d bytes of the prioritized range in %d requests, %.2f s",

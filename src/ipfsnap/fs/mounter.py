@@ -319,6 +319,8 @@ class LayerMounter:
             neighbour_span=cfg.blob.neighbour_span,
             prefetch_span=cfg.blob.prefetch_chunk_size,
             prefetch_concurrency=max(1, cfg.prefetch_concurrency),
+            read_split_size=cfg.blob.read_split_size,
+            readahead=cfg.blob.readahead_chunks,
             silence_period=cfg.background_fetch.silence_period_msec / 1000.0,
             fetch_period=cfg.background_fetch.fetch_period_msec / 1000.0,
             toc_cache=self.toc_cache,

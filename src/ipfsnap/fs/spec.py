@@ -72,6 +72,8 @@ class WorkerSpec:
     #: prefetch requests: at most this many bytes each, this many at once
     prefetch_span: int = 1 << 20
     prefetch_concurrency: int = 4
+    #: on-demand reads: concurrent range requests of about this many bytes (0 = off)
+    read_split_size: int = 0
     #: background fetch: seconds without foreground reads (any layer) before a request,
     #: and seconds between two background requests (any layer)
     silence_period: float = 5.0

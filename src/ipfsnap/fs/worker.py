@@ -208,7 +208,7 @@ def open_lazy_layer(spec: WorkerSpec, source: BlobSource, *, isolated: bool = Tr
                      max_span=spec.max_span, readahead=spec.readahead,
                      neighbour_span=spec.neighbour_span, prefetch_span=spec.prefetch_span,
                      prefetch_concurrency=spec.prefetch_concurrency, board=board,
-                     pacing=pacing)
+                     pacing=pacing, read_split_size=spec.read_split_size)
 
 
 class Worker:
