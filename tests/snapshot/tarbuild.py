@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import tarfile
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -69,3 +70,38 @@ def raw_header(e: E, claimed_size: int) -> bytes:
     ti = tarinfo(e)
     ti.size = claimed_size
     return ti.tobuf(format=tarfile.PAX_FORMAT)
+
+
+# -- raw headers, byte by byte (for hostile or unusual PAX / GNU headers) ---------------
+BLOCK = 512
+
+
+def pad(data: bytes) -> bytes:
+    return data + bytes(-len(data) % BLOCK)
+
+
+def pax_record(key: bytes, value: bytes) -> bytes:
+    """One ``"%d key=value\\n"`` record, its length counting its own digits."""
+    body = b" " + key + b"=" + value + b"\n"
+    n = len(body) + 1
+    while len(str(n)) + len(body) != n:
+        n += 1
+    return str(n).encode() + body
+
+
+def special_header(typeflag: bytes, body: bytes, name: str = "././@PaxHeader") -> bytes:
+    ti = tarfile.TarInfo(name)
+    ti.type = typeflag
+    ti.size = len(body)
+    return ti.tobuf(format=tarfile.USTAR_FORMAT) + pad(body)
+
+
+def ustar_member(name: str, data: bytes = b"", **kw: Any) -> bytes:
+    ti = tarfile.TarInfo(name)
+    ti.size = len(data)
+    for k, v in kw.items():
+        setattr(ti, k, v)
+    return ti.tobuf(format=tarfile.USTAR_FORMAT) + pad(data)
+
+
+END = bytes(2 * BLOCK)

@@ -15,43 +15,11 @@ from typing import Any
 
 import pytest
 
+from ipfsnap.oci.tarheaders import MAX_SPECIAL_CHAIN, BoundedTarInfo
 from ipfsnap.snapshot import apply_layer
-from ipfsnap.snapshot.apply import MAX_SPECIAL_CHAIN, _BoundedTarInfo
 from ipfsnap.snapshot.errors import LayerFormatError
+from tests.snapshot.tarbuild import END, pad, pax_record, special_header, ustar_member
 from tests.support import require_root
-
-BLOCK = 512
-
-
-def _pad(data: bytes) -> bytes:
-    return data + bytes(-len(data) % BLOCK)
-
-
-def _record(key: bytes, value: bytes) -> bytes:
-    """One ``"%d key=value\\n"`` record, its length counting its own digits."""
-    body = b" " + key + b"=" + value + b"\n"
-    n = len(body) + 1
-    while len(str(n)) + len(body) != n:
-        n += 1
-    return str(n).encode() + body
-
-
-def _special(typeflag: bytes, body: bytes, name: str = "././@PaxHeader") -> bytes:
-    ti = tarfile.TarInfo(name)
-    ti.type = typeflag
-    ti.size = len(body)
-    return ti.tobuf(format=tarfile.USTAR_FORMAT) + _pad(body)
-
-
-def _member(name: str, data: bytes = b"", **kw: Any) -> bytes:
-    ti = tarfile.TarInfo(name)
-    ti.size = len(data)
-    for k, v in kw.items():
-        setattr(ti, k, v)
-    return ti.tobuf(format=tarfile.USTAR_FORMAT) + _pad(data)
-
-
-END = bytes(2 * BLOCK)
 
 
 def _members(raw: bytes, tarinfo: type[tarfile.TarInfo]) -> list[dict[str, Any]]:
@@ -69,22 +37,22 @@ def _members(raw: bytes, tarinfo: type[tarfile.TarInfo]) -> list[dict[str, Any]]
 def _sparse_10(name: str, extents: list[tuple[int, int]], realsize: int) -> bytes:
     """A GNU sparse 1.0 member: the map as text lines at the start of its data."""
     text = f"{len(extents)}\n" + "".join(f"{o}\n{n}\n" for o, n in extents)
-    data = _pad(text.encode()) + b"".join(bytes([65 + i]) * n for i, (_, n) in
+    data = pad(text.encode()) + b"".join(bytes([65 + i]) * n for i, (_, n) in
                                           enumerate(extents))
-    pax = (_record(b"GNU.sparse.major", b"1") + _record(b"GNU.sparse.minor", b"0")
-           + _record(b"GNU.sparse.name", name.encode())
-           + _record(b"GNU.sparse.realsize", str(realsize).encode()))
-    return _special(tarfile.XHDTYPE, pax) + _member(f"GNUSparseFile.0/{name}", data)
+    pax = (pax_record(b"GNU.sparse.major", b"1") + pax_record(b"GNU.sparse.minor", b"0")
+           + pax_record(b"GNU.sparse.name", name.encode())
+           + pax_record(b"GNU.sparse.realsize", str(realsize).encode()))
+    return special_header(tarfile.XHDTYPE, pax) + ustar_member(f"GNUSparseFile.0/{name}", data)
 
 
 def _sparse_00(name: str, extents: list[tuple[int, int]], realsize: int) -> bytes:
-    pax = _record(b"GNU.sparse.size", str(realsize).encode())
-    pax += _record(b"GNU.sparse.numblocks", str(len(extents)).encode())
+    pax = pax_record(b"GNU.sparse.size", str(realsize).encode())
+    pax += pax_record(b"GNU.sparse.numblocks", str(len(extents)).encode())
     for o, n in extents:
-        pax += _record(b"GNU.sparse.offset", str(o).encode())
-        pax += _record(b"GNU.sparse.numbytes", str(n).encode())
+        pax += pax_record(b"GNU.sparse.offset", str(o).encode())
+        pax += pax_record(b"GNU.sparse.numbytes", str(n).encode())
     data = b"".join(bytes([97 + i]) * n for i, (_, n) in enumerate(extents))
-    return _special(tarfile.XHDTYPE, pax) + _member(name, data)
+    return special_header(tarfile.XHDTYPE, pax) + ustar_member(name, data)
 
 
 def _written_by_tarfile() -> bytes:
@@ -106,23 +74,23 @@ def _written_by_tarfile() -> bytes:
 
 def _binary_charset() -> bytes:
     # hdrcharset=BINARY: the path is raw bytes in the tar's encoding, not UTF-8
-    pax = _record(b"hdrcharset", b"BINARY") + _record(b"path", b"caf\xe9")
-    return _special(tarfile.XHDTYPE, pax) + _member("x", b"1")
+    pax = pax_record(b"hdrcharset", b"BINARY") + pax_record(b"path", b"caf\xe9")
+    return special_header(tarfile.XHDTYPE, pax) + ustar_member("x", b"1")
 
 
 def _pax_size() -> bytes:
     # a PAX size overriding the ustar field: the next header is found after that many bytes
-    pax = _record(b"size", b"700")
+    pax = pax_record(b"size", b"700")
     ti = tarfile.TarInfo("big")
     ti.size = 0
-    return (_special(tarfile.XHDTYPE, pax) + ti.tobuf(format=tarfile.USTAR_FORMAT)
-            + _pad(b"z" * 700) + _member("after", b"ok"))
+    return (special_header(tarfile.XHDTYPE, pax) + ti.tobuf(format=tarfile.USTAR_FORMAT)
+            + pad(b"z" * 700) + ustar_member("after", b"ok"))
 
 
 def _nul_padded() -> bytes:
     # records followed by NUL padding inside the stated size (some writers do this)
-    pax = _record(b"path", b"padded") + bytes(20)
-    return _special(tarfile.XHDTYPE, pax) + _member("x", b"1")
+    pax = pax_record(b"path", b"padded") + bytes(20)
+    return special_header(tarfile.XHDTYPE, pax) + ustar_member("x", b"1")
 
 
 CASES: dict[str, Callable[[], bytes]] = {
@@ -131,19 +99,19 @@ CASES: dict[str, Callable[[], bytes]] = {
     "pax-size": _pax_size,
     "nul-padded": _nul_padded,
     "global-then-local": lambda: (
-        _special(tarfile.XGLTYPE, _record(b"uname", b"g"))
-        + _special(tarfile.XHDTYPE, _record(b"gname", b"h")) + _member("a", b"1")
-        + _member("b", b"2")
+        special_header(tarfile.XGLTYPE, pax_record(b"uname", b"g"))
+        + special_header(tarfile.XHDTYPE, pax_record(b"gname", b"h")) + ustar_member("a", b"1")
+        + ustar_member("b", b"2")
     ),
     "gnu-long-and-pax": lambda: (
-        _special(tarfile.GNUTYPE_LONGNAME, b"n" * 300 + b"\0", "././@LongLink")
-        + _special(tarfile.XHDTYPE, _record(b"uid", b"77")) + _member("short", b"d")
+        special_header(tarfile.GNUTYPE_LONGNAME, b"n" * 300 + b"\0", "././@LongLink")
+        + special_header(tarfile.XHDTYPE, pax_record(b"uid", b"77")) + ustar_member("short", b"d")
     ),
     "sparse-0.0": lambda: _sparse_00("s0", [(0, 3), (4096, 5)], 10000),
     "sparse-0.1": lambda: (
-        _special(tarfile.XHDTYPE, _record(b"GNU.sparse.map", b"0,2,8192,3")
-                 + _record(b"GNU.sparse.size", b"9000"))
-        + _member("s1", b"xxyyy")
+        special_header(tarfile.XHDTYPE, pax_record(b"GNU.sparse.map", b"0,2,8192,3")
+                 + pax_record(b"GNU.sparse.size", b"9000"))
+        + ustar_member("s1", b"xxyyy")
     ),
     "sparse-1.0": lambda: _sparse_10("s10", [(0, 4), (5000, 2)], 6000),
 }
@@ -152,7 +120,7 @@ CASES: dict[str, Callable[[], bytes]] = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_pax_members_as_tarfile_reads_them(case: str) -> None:
     raw = CASES[case]() + END
-    assert _members(raw, _BoundedTarInfo) == _members(raw, tarfile.TarInfo)
+    assert _members(raw, BoundedTarInfo) == _members(raw, tarfile.TarInfo)
 
 
 def _apply(tmp_path: Path, raw: bytes, compress: bool = True) -> Path:
@@ -181,7 +149,7 @@ def test_backtracking_record_header_refused(tmp_path: Path) -> None:
     # the header (a 1 MiB one, ~1 KiB of gzip: ~14 minutes); not records, so refused
     require_root()
     body = b"2 " * ((1 << 19) - 1) + b"="
-    _refused(tmp_path, _special(tarfile.XHDTYPE, body) + _member("a") + END,
+    _refused(tmp_path, special_header(tarfile.XHDTYPE, body) + ustar_member("a") + END,
              r"layer L: unreadable tar stream: malformed PAX record at byte 0")
 
 
@@ -189,8 +157,8 @@ def test_million_digit_value_is_read(tmp_path: Path) -> None:
     # a well-formed record whose value is a million digits: tarfile's hdrcharset search
     # backtracked from every digit (64 Ki digits: 11 s); read in one pass now
     require_root()
-    pax = _record(b"comment", b"1" * 1_000_000) + _record(b"path", b"named")
-    dest = _apply(tmp_path, _special(tarfile.XHDTYPE, pax) + _member("a", b"x") + END)
+    pax = pax_record(b"comment", b"1" * 1_000_000) + pax_record(b"path", b"named")
+    dest = _apply(tmp_path, special_header(tarfile.XHDTYPE, pax) + ustar_member("a", b"x") + END)
     assert os.listdir(dest) == ["named"]
 
 
@@ -205,7 +173,7 @@ def test_million_digit_value_is_read(tmp_path: Path) -> None:
 ])
 def test_malformed_pax_records_refused(tmp_path: Path, body: bytes) -> None:
     require_root()
-    _refused(tmp_path, _special(tarfile.XHDTYPE, body) + _member("a") + END,
+    _refused(tmp_path, special_header(tarfile.XHDTYPE, body) + ustar_member("a") + END,
              r"layer L: unreadable tar stream: (malformed PAX record|PAX record at)")
 
 
@@ -213,16 +181,17 @@ def test_malformed_pax_records_refused(tmp_path: Path, body: bytes) -> None:
 def test_long_chains_of_special_headers_refused(tmp_path: Path, typeflag: bytes) -> None:
     # tarfile reads a chain recursively: 500 in a row (2 KiB of gzip) were a RecursionError
     require_root()
-    body = _record(b"a", b"b") if typeflag == tarfile.XHDTYPE else b"name\0"
-    chain = _special(typeflag, body) * 500
-    _refused(tmp_path, chain + _member("a") + END,
+    body = pax_record(b"a", b"b") if typeflag == tarfile.XHDTYPE else b"name\0"
+    chain = special_header(typeflag, body) * 500
+    _refused(tmp_path, chain + ustar_member("a") + END,
              rf"more than {MAX_SPECIAL_CHAIN} PAX or GNU long-name headers in a row")
     # as many as writers put (global, local and a GNU long name) are fine
     ok = tmp_path / "ok"
     ok.mkdir()
-    fine = (_special(tarfile.XGLTYPE, _record(b"a", b"b"))
-            + _special(tarfile.XHDTYPE, _record(b"b", b"c"))
-            + _special(tarfile.GNUTYPE_LONGNAME, b"long\0", "././@LongLink") + _member("x"))
+    fine = (special_header(tarfile.XGLTYPE, pax_record(b"a", b"b"))
+            + special_header(tarfile.XHDTYPE, pax_record(b"b", b"c"))
+            + special_header(tarfile.GNUTYPE_LONGNAME, b"long\0", "././@LongLink")
+            + ustar_member("x"))
     apply_layer(ok, io.BytesIO(fine + END), layer="ok")
     assert os.listdir(ok) == ["long"]
 
@@ -231,12 +200,12 @@ def test_sparse_10_map_is_bounded(tmp_path: Path) -> None:
     # a GNU sparse 1.0 map claiming 10**9 extents, fed by a stream of "0\n" lines: tarfile
     # reads lines until the stream ends (memory grows with the layer): stopped at 1 MiB
     require_root()
-    pax = _record(b"GNU.sparse.major", b"1") + _record(b"GNU.sparse.minor", b"0")
+    pax = pax_record(b"GNU.sparse.major", b"1") + pax_record(b"GNU.sparse.minor", b"0")
     hdr = tarfile.TarInfo("GNUSparseFile.0/s")
     hdr.size = 4 << 20
     lines = b"1000000000\n" + b"0\n" * (2 << 20)
-    raw = _special(tarfile.XHDTYPE, pax) + hdr.tobuf(format=tarfile.USTAR_FORMAT)
-    raw += _pad(lines)[: 4 << 20] + END
+    raw = special_header(tarfile.XHDTYPE, pax) + hdr.tobuf(format=tarfile.USTAR_FORMAT)
+    raw += pad(lines)[: 4 << 20] + END
     dest = tmp_path / "fs"
     dest.mkdir()
     with pytest.raises(LayerFormatError, match="over the 1048576-byte limit"):

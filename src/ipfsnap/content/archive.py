@@ -56,6 +56,7 @@ from ipfsnap.oci import (
     parse_reference,
     sha256_digest,
 )
+from ipfsnap.oci.tarheaders import BoundedTarInfo
 from ipfsnap.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,10 @@ class _TarSource:
     def __init__(self, path: Path) -> None:
         self.label = f"archive {path}"
         try:
-            self.tar = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by close()
+            # bounded headers: an archive is as hostile as a layer (BoundedTarInfo)
+            self.tar = tarfile.open(  # noqa: SIM115 - closed by close()
+                path, "r:*", tarinfo=BoundedTarInfo
+            )
             members = self.tar.getmembers()
         except _ARCHIVE_ERRORS as exc:
             reason = str(exc).strip().splitlines()
