@@ -96,6 +96,18 @@ def run_extent(layer: LazyLayer) -> tuple[int, int]:
     return chunks[0].offset, max(c.end for c in chunks)
 
 
+#: pieces of the fake-source tests: half a test chunk, so a 256 KiB chunk is 8 pieces
+PIECE = CHUNK // 2
+
+
+def split_setup(blob: Blob, tmp_path: Path) -> tuple[TrackingSource, LazyLayer, Any, int, int]:
+    """A layer reading in PIECE pieces: (source, layer, the big file, its run's extent)."""
+    src = TrackingSource(blob.path)
+    layer = split_layer(blob, tmp_path / "c", src, read_split_size=PIECE)
+    start, end = run_extent(layer)
+    return src, layer, big_node(layer), start, end
+
+
 def test_split_read_returns_the_bytes_in_aligned_bounded_pieces(big_blob: Blob,
                                                               tmp_path: Path) -> None:
     piece = CHUNK // 2
@@ -131,12 +143,8 @@ def test_split_off_sends_one_request_per_run(big_blob: Blob, tmp_path: Path) -> 
 
 def test_a_failing_piece_fails_the_read_and_caches_nothing(big_blob: Blob,
                                                           tmp_path: Path) -> None:
-    piece = CHUNK // 2
-    src = TrackingSource(big_blob.path)
-    layer = split_layer(big_blob, tmp_path / "c", src, read_split_size=piece)
-    node = big_node(layer)
-    start, end = run_extent(layer)
-    src.fail_at = split_points(start, end - start, piece)[3]
+    src, layer, node, start, end = split_setup(big_blob, tmp_path)
+    src.fail_at = split_points(start, end - start, PIECE)[3]
     with pytest.raises(FetchError, match=f"injected failure at offset {src.fail_at}"):
         trio.run(layer.read, node, 0, node.size)
     assert layer.cache.digests() == set() and not layer._have
@@ -150,14 +158,10 @@ def test_a_failing_piece_fails_the_read_and_caches_nothing(big_blob: Blob,
 
 def test_verification_catches_a_flipped_byte_in_one_piece(big_blob: Blob,
                                                           tmp_path: Path) -> None:
-    piece = CHUNK // 2
-    src = TrackingSource(big_blob.path)
-    layer = split_layer(big_blob, tmp_path / "c", src, read_split_size=piece)
-    node = big_node(layer)
-    start, end = run_extent(layer)
+    src, layer, node, start, end = split_setup(big_blob, tmp_path)
     chunks = layer.chunk_table.of(node.ino)
     # a piece inside the second chunk: that chunk fails, the others verify
-    src.flip_at = next(p for p in split_points(start, end - start, piece)
+    src.flip_at = next(p for p in split_points(start, end - start, PIECE)
                        if chunks[1].offset < p < chunks[1].end)
     # caught by gzip's CRC or by the chunk digest, whichever sees it first: never served
     with pytest.raises((BadCompression, ChunkDigestMismatch)):
