@@ -585,3 +585,16 @@ def test_unusable_content_length_header_is_ignored(serve: Any, declared: bytes) 
 
     _srv, c = serve(handler)
     assert c.cat(CID, 0, 5000) == DATA[:5000]
+
+
+@pytest.mark.parametrize("reply", [
+    b'{"Hash": "%s", "Size": 1e999}' % CID.encode(),  # inf: int() raised OverflowError
+    b'{"Hash": "%s", "Size": Infinity}' % CID.encode(),
+    b"[" * 100_000 + b"]" * 100_000,  # json.loads raised RecursionError
+])
+def test_hostile_json_replies_are_bad_replies(serve: Any, reply: bytes) -> None:
+    # found reading the code (issue 8): both escaped the client as non-ipfsnap errors
+    _srv, c = serve(lambda s: http_reply(200, reply))
+    with pytest.raises(BadReply) as info:
+        c.files_stat(CID)
+    assert "\n" not in str(info.value)

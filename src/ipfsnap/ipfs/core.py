@@ -159,7 +159,7 @@ def _json_message(resp: Response) -> str:
     text = resp.body.decode("utf-8", "replace").strip()
     try:
         obj = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         return text.splitlines()[0][:500] if text else resp.reason or "no message"
     if isinstance(obj, dict) and isinstance(obj.get("Message"), str):
         return str(obj["Message"])[:500]
@@ -176,7 +176,7 @@ def _server_timeout(seconds: float) -> str:
 def _decode_json(call: Call, api: str, body: bytes) -> Any:
     try:
         return json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         raise BadReply(call.name, api, f"reply is not JSON: {body[:80]!r}", call.cid) from None
 
 
@@ -533,7 +533,7 @@ class RPC:
                 type=str(obj.get("Type", "")),
                 blocks=int(obj.get("Blocks", 0)),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # int(1e999): inf
             raise BadReply("files/stat", self.api, f"unexpected reply {obj!r:.200} ({exc})",
                            cid) from None
 
@@ -567,7 +567,7 @@ class RPC:
             timeout=timeout)
         try:
             return BlockStat(self._norm("block/stat", obj["Key"]), int(obj["Size"]))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # int(1e999): inf
             raise BadReply("block/stat", self.api, f"unexpected reply {obj!r:.200} ({exc})",
                            cid) from None
 
@@ -703,7 +703,7 @@ class RPC:
         cid = self._norm("add", last["Hash"])
         try:
             dag_size = int(last.get("Size", 0))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(1e999), inf
             raise BadReply("add", self.api, f"bad Size in reply {last!r:.200}", cid) from None
         if progress is not None:
             progress.finish(label, f"added {cid}")

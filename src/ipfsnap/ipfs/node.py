@@ -165,14 +165,14 @@ def rpc_call(api_url: str, command: str, *, timeout: float, **params: str) -> An
             body = resp.read()
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode("utf-8", "replace").strip()
-        with contextlib.suppress(ValueError, AttributeError):
+        with contextlib.suppress(ValueError, AttributeError, RecursionError):
             detail = str(json.loads(detail).get("Message", detail))
         raise NodeError(f"IPFS API {api_url}: {command}: HTTP {exc.code}: {detail}") from None
     except (OSError, urllib.error.URLError) as exc:
         raise NodeError(f"IPFS API {api_url}: {command}: unreachable: {exc}") from None
     try:
         return json.loads(body) if body.strip() else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         raise NodeError(f"IPFS API {api_url}: {command}: reply is not JSON") from None
 
 
@@ -203,7 +203,7 @@ def _load_config(repo: Path) -> dict[str, Any]:
     path = repo / "config"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise NodeError(f"{path}: cannot read IPFS repo config: {exc}") from None
     if not isinstance(data, dict):
         raise NodeError(f"{path}: IPFS repo config is not a JSON object")
