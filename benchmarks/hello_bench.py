@@ -18,8 +18,10 @@ Mode suffixes change the lazy configuration (for experiments): ``-nobg``
 MiB, one request at a time), ``-ahead`` (rpull fetches the lazy layers' footers and TOCs
 ahead as soon as the manifest is verified: ``IPFSNAP_TOC_AHEAD=1``, off by default),
 ``-ahead1`` (the same for the first lazy layer only: ``IPFSNAP_TOC_AHEAD=first``),
-``-tail0`` (layer workers read the footer, then the TOC, as two requests:
-``IPFSNAP_TOC_TAIL=0``; a suffix's environment goes to the snapshotter too),
+``-tail1m`` (layer workers read the blob's last 1 MiB in one request to open its TOC:
+``IPFSNAP_TOC_TAIL=1048576``), ``-sp3`` (three warm spares: ``IPFSNAP_WARM_SPARES=3``),
+``-refill0`` (a used spare replaced at once, during the pull: ``IPFSNAP_REFILL_QUIET=0``; a
+suffix's environment goes to the snapshotter too),
 ``-cold`` (this mode's snapshotter started on demand inside the timed pull, as
 ``--cold-snapshotter`` does for every mode), e.g. ``lazy-nobg-nb``.
 
@@ -167,16 +169,22 @@ SUFFIXES = {
     # started on demand inside the timed pull (as --cold-snapshotter, for this mode only)
     "-ahead": ("env", ""),
     "-ahead1": ("env", ""),
-    "-tail0": ("env", ""),
+    "-tail1m": ("env", ""),
+    "-sp3": ("env", ""),
+    "-refill0": ("env", ""),
     "-cold": ("run", ""),
 }
 #: suffixes that set the rpull command's environment instead of the config
 SUFFIX_ENV = {"-ahead": {"IPFSNAP_TOC_AHEAD": "1"},
               # the first lazy layer's footer and TOC only, fetched by rpull ahead
               "-ahead1": {"IPFSNAP_TOC_AHEAD": "first"},
-              # the layer workers read the footer, then the TOC (two requests; before
-              # the one-request tail read): the snapshotter's environment
-              "-tail0": {"IPFSNAP_TOC_TAIL": "0"}}
+              # the layer workers read the blob's last 1 MiB in one request to open the
+              # TOC (default: the footer's block, then what the TOC needs before it)
+              "-tail1m": {"IPFSNAP_TOC_TAIL": "1048576"},
+              # three warm spares (default one): the next layers' warm-ups skip imports
+              "-sp3": {"IPFSNAP_WARM_SPARES": "3"},
+              # used spares replaced at once (during the pull), as before the refill
+              "-refill0": {"IPFSNAP_REFILL_QUIET": "0"}}
 IMPORTS = ("import json, decimal, email.parser, http.client, xml.etree.ElementTree, asyncio, "
            "unittest, argparse, logging, sqlite3; print('imports ok')")
 #: workload -> (command, what its output must contain)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import trio
@@ -23,6 +24,11 @@ from ipfsnap.fs.layer import LazyLayer
 from tests.fs.layers import CHUNK, Blob, CountingSource, Item, build_blob, pseudo_random
 from tests.fs.mounts import labels_for, make_mounter, mounted, wait_status
 from tests.support import require_fuse
+
+if TYPE_CHECKING:
+    import subprocess
+
+    from ipfsnap.fs.mounter import LayerMounter
 
 
 class FakeClock:
@@ -349,6 +355,15 @@ def test_background_fetch_waits_for_foreground_reads_of_any_layer(tmp_path: Path
 # -- the spare worker: started ahead, takes the next mount ----------------------------------
 
 
+def refilled_spare(m: LayerMounter) -> subprocess.Popen[bytes] | None:
+    """The spare, once replaced: not during a pull, after refill_quiet seconds without a
+    mount (fs/mounter.py); the wait is a liveness bound."""
+    deadline = time.monotonic() + 60
+    while m._spare is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return m._spare
+
+
 def test_spare_worker_serves_the_next_mount(tmp_path: Path) -> None:
     require_fuse()
     a_blob, b_blob = bg_blob(tmp_path, 51), bg_blob(tmp_path, 52)
@@ -362,12 +377,12 @@ def test_spare_worker_serves_the_next_mount(tmp_path: Path) -> None:
             assert (tmp_path / "a" / "small").read_bytes() == b"small\n"
             log_text = (m.worker_dir(tmp_path / "a") / "worker.log").read_text()
             assert "mounted" in log_text  # its output went to the layer's log
-            second = m._spare
+            second = refilled_spare(m)
             assert second is not None and second.pid != spare.pid
             with mounted(m, tmp_path / "b", labels_for(b_blob)):
                 assert (tmp_path / "b" / "big").read_bytes() == b_blob.items[0].data
         # a dead spare is replaced by a direct start
-        dead = m._spare
+        dead = refilled_spare(m)
         assert dead is not None
         dead.kill()
         dead.wait()

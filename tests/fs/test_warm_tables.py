@@ -10,12 +10,14 @@ import os
 import select
 import stat
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from ipfsnap.config import Config
-from ipfsnap.fs.mounter import NEXT_LAYERS_LABEL, LayerMounter
+from ipfsnap.fs.mounter import NEXT_LAYERS_LABEL, REFILL_NICE, WARM_SPARES_ENV, LayerMounter
 from ipfsnap.fs.spec import WorkerSpec
 from ipfsnap.fs.tablecache import FORMAT_VERSION, TableCache, TableKey
 from ipfsnap.fs.worker import adopt_tables, load_tables, table_cache_of
@@ -70,8 +72,9 @@ def plant_other_tables(m: LayerMounter, tmp_path: Path, key: TableKey) -> None:
 
 def wait_warm_spare(m: LayerMounter) -> None:
     """Wait until the mounter's warm spare has its imports done (it says so on stdout)."""
-    spare = m._warm_spare
-    assert spare is not None and spare.stdout is not None
+    assert m._warm_spares
+    spare = m._warm_spares[0]
+    assert spare.stdout is not None
     assert select.select([spare.stdout], [], [], 120)[0]
 
 
@@ -302,3 +305,58 @@ def test_tables_are_bounded(every_type_blob: Blob, tmp_path: Path) -> None:
         [small.path(keys[1].layer, keys[1].toc_digest).name]
     tiny = TableCache(tmp_path / "tiny", max_bytes=size // 2)
     assert not tiny.store(keys[0], tables)  # bigger than the bound: not stored at all
+
+
+def _wait_for(pred: Callable[[], bool], what: str, bound: float = 120.0) -> None:
+    """Poll ``pred`` (a liveness bound, not a timing)."""
+    deadline = time.monotonic() + bound
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not after {bound:g} s")
+        time.sleep(0.05)
+
+
+def test_used_spares_are_refilled_after_the_pull_niced_then_woken(
+        every_type_blob: Blob, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pull's mount takes the spare and its warm-up the warm spares; once no request came
+    for refill_quiet seconds the pool is full again, with processes that never exit on idle
+    (``--idle 0``), niced until one is handed a request, then back at the mounter's
+    priority. close() ends them all."""
+    require_fuse()
+    monkeypatch.setenv(WARM_SPARES_ENV, "2")
+    m = make_mounter(tmp_path / "state", background=False)
+    m.refill_quiet = 0.5
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        assert m.warm_spares == 2 and len(m._warm_spares) == 2
+        first_spares = {p.pid for p in m._warm_spares}
+        plain = m._spare
+        assert plain is not None
+        wait_warm_spare(m)
+        warm_next(m, other_blob(tmp_path), every_type_blob, tmp_path / "first")
+        assert m._spare is None or m._spare.pid != plain.pid
+        _wait_for(lambda: m._spare is not None and len(m._warm_spares) == 2, "refill")
+        spare = m._spare
+        assert spare is not None
+        refilled = [p for p in m._warm_spares if p.pid not in first_spares]
+        assert len(refilled) == 1  # one warm spare was used, one replaced
+        for p in (spare, *refilled):
+            assert p.poll() is None and isinstance(p.args, list)
+            assert p.args[-3:] == ["--stdin", "--idle", "0"]
+            assert os.getpriority(os.PRIO_PROCESS, p.pid) == base + REFILL_NICE
+        # the next mount is handed to the refilled spare, at the mounter's priority again
+        out = refilled[0].stdout
+        assert out is not None
+        _wait_for(lambda: bool(select.select([out], [], [], 0)[0]), "imports")
+        third = build_blob([Item("third", "file", b"3\n")], tmp_path / "third.blob")
+        mp = tmp_path / "third"
+        with mounted(m, mp, labels_for(third)):
+            st = m.status(mp)
+            assert st is not None and st["pid"] == spare.pid
+            assert os.getpriority(os.PRIO_PROCESS, spare.pid) == base
+            assert (mp / "third").read_bytes() == b"3\n"
+        alive = [p for p in m._warm_spares] + ([m._spare] if m._spare else [])
+    finally:
+        m.close()
+    for p in alive:
+        assert p.wait(30) is not None  # EOF on stdin: the pool's spares exit

@@ -34,8 +34,7 @@ from ipfsnap.image.unpack import chain_ids
 from ipfsnap.ipfs import IPFSClient
 from ipfsnap.oci import Descriptor, Manifest, mediatypes, sha256_digest
 from ipfsnap.snapshot import Kind, SnapshotStore
-from tests.fs.counting import CountingSource
-from tests.fs.layers import Item, make_tar
+from tests.fs.layers import CountingSource, Item, make_tar
 from tests.image.rpull_helpers import CHUNK, push
 from tests.support import require_root
 
@@ -205,7 +204,8 @@ def test_warm_tocs_reads_each_estargz_footer_and_toc_only(
         layer = image.layers[i]
         cid = layer.urls[0].removeprefix("ipfs://")
         blob = image.blobs[layer.digest]
-        src = CountingSource(blob)
+        (tmp_path / "blob").write_bytes(blob)
+        src = CountingSource(tmp_path / "blob")
         open_layer(TailReader(src, len(blob)), len(blob))
         assert len(src.calls) == 1
         want |= {(cid, *src.calls[0])}

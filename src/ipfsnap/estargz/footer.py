@@ -148,13 +148,17 @@ def parse_zstd_footer(footer: bytes) -> ZstdFooter:
     return ZstdFooter(off, csize, rsize, mtype)
 
 
-#: bytes of a blob's end that a reader should fetch in one request when it opens a layer
-#: over a network source: the footer and, usually, the whole compressed TOC, rather than the
-#: footer and then the TOC (two requests; through IPFS each walks the file's DAG and waits
-#: for bitswap). 1 MiB = 4 IPFS leaves of 256 KiB: gzip TOCs take ~50-60 bytes per entry
-#: (the hello-bench python layers: 131-526 KB for 2-9k entries), so 1 MiB covers ~17k
-#: entries; a TOC that does not fit costs one more request for what lies before
-TAIL_READ_SIZE = 1 << 20
+#: bytes of a blob's end that a reader over a network source should fetch in one request
+#: when it opens a layer, beyond the footer: with ``tail_start``'s alignment to the store's
+#: blocks, 0 means the block holding the footer, whole (a range inside a block fetches that
+#: whole block anyway), which also holds the TOC when the TOC fits there; a TOC that does
+#: not fit costs one more request, for the blocks before. A bigger guess (e.g. 1 MiB: the
+#: hello-bench python layers' gzip TOCs are 131-526 KB) saves that request but fetches
+#: blocks no TOC needs, and between two js-ipfs nodes the blocks cross bitswap one after
+#: the other (~25-45 ms per 256 KiB block idle) while the next layers' warm-ups fetch
+#: theirs: the first layer's mount took longer with 1 MiB (docs/benchmarks.md, "TOC in one
+#: request")
+TAIL_READ_SIZE = 0
 #: bytes every format's footer needs at the blob's end (the zstd:chunked footer and its
 #: skippable frame header are the longest: 40 + 8; gzip's is 51)
 _MIN_TAIL = max(GZIP_FOOTER_SIZE, ZSTD_FOOTER_SIZE + SKIPPABLE_HEADER_SIZE)

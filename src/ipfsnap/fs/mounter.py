@@ -39,7 +39,9 @@ Benchmark switches (environment of the snapshotter): ``IPFSNAP_TOC_CACHE`` sets 
 ``toc_cache`` mode (``wait``, the default; ``adopt``; ``off`` = the behaviour before the
 cache: every worker parses, warm-ups exit when done), ``IPFSNAP_WARM_SERVE=0`` makes warm-ups
 exit when done, ``IPFSNAP_WARM_NICE=N`` runs them N nicer, ``IPFSNAP_TOC_TAIL=N`` sets the
-bytes of a blob's end read in one request to open its TOC (``0``: the footer, then the TOC).
+bytes of a blob's end read in one request to open its TOC (beyond the footer's block),
+``IPFSNAP_WARM_SPARES=N`` the number of warm spares, ``IPFSNAP_REFILL_QUIET=S`` the quiet
+seconds before used spares are replaced (``0``: at once).
 """
 
 from __future__ import annotations
@@ -92,9 +94,24 @@ CHECK_TIMEOUT = 5.0
 EXIT_TIMEOUT = 10.0
 #: environment variable naming the workers' parsed-TOC cache mode (benchmarks)
 TOC_CACHE_ENV = "IPFSNAP_TOC_CACHE"
-#: environment variable: the workers' ``toc_tail`` in bytes, "0" = footer then TOC as two
-#: requests (benchmarks; default estargz.footer.TAIL_READ_SIZE)
+#: environment variable: the workers' ``toc_tail`` in bytes (benchmarks; default
+#: estargz.footer.TAIL_READ_SIZE)
 TOC_TAIL_ENV = "IPFSNAP_TOC_TAIL"
+#: seconds without a mount or warm-up request before used spares are replaced: not during
+#: a pull (a new process's imports, ~0.5 s of CPU idle and several seconds under load, would
+#: compete with the layers being opened on 2 cores), but before the next one
+REFILL_QUIET = 3.0
+#: environment variable: :data:`REFILL_QUIET` in seconds; 0 = replace a used spare at once,
+#: not niced, as before the refill (benchmarks)
+REFILL_QUIET_ENV = "IPFSNAP_REFILL_QUIET"
+#: replacement spares run this much nicer until they are handed a request (their imports
+#: then take only CPU that nothing else wants, e.g. while a container starts)
+REFILL_NICE = 10
+#: warm spares the mounter starts with itself (``worker --stdin``, imports done, ~34 MB
+#: each), each taking one warm-up of the next layers of the first pull
+WARM_SPARES = 1
+#: environment variable: the number of warm spares (benchmarks)
+WARM_SPARES_ENV = "IPFSNAP_WARM_SPARES"
 #: environment variable: niceness increment of warm-up processes (benchmarks)
 WARM_NICE_ENV = "IPFSNAP_WARM_NICE"
 #: warm-ups run this much nicer than the workers: the layer being mounted is waited for
@@ -227,6 +244,14 @@ class LayerMounter:
         #: mount path (it exits by itself after worker.SPARE_IDLE seconds unused)
         self.spare = spare
         self._spare: subprocess.Popen[bytes] | None = None
+        #: the mounter's own priority: a replacement spare gets it back when it is used
+        self._priority = os.getpriority(os.PRIO_PROCESS, 0)
+        self.refill_quiet = REFILL_QUIET
+        with contextlib.suppress(ValueError):
+            self.refill_quiet = max(0.0, float(os.environ.get(REFILL_QUIET_ENV, "")))
+        self._last_request = 0.0
+        self._refiller: threading.Thread | None = None
+        self._closed = False
         self._start_spare()
         #: warm-up processes (``worker --warm``) by layer digest: one per layer, with the
         #: time they started; layers whose warm-up became their worker (not warmed again)
@@ -234,14 +259,22 @@ class LayerMounter:
         self._warm_started: dict[str, float] = {}
         self._handed: set[str] = set()
         self.warm_serve = os.environ.get(WARM_SERVE_ENV, "") != "0"
-        #: a second spare, started with the mounter only, for the first warm-up of the first
-        #: pull it serves (the next layer, whose mount comes first): that warm-up then skips
-        #: the worker's imports, which took ~2 s of the second layer's mount under load
-        #: (docs/benchmarks.md, "Layer mount handoff"). Not replaced once used: a new one
-        #: would import beside the layers being mounted, for nothing in this pull
-        self._warm_spare: subprocess.Popen[bytes] | None = None
-        if spare and self.warm_serve and self.toc_cache != "off":
-            self._warm_spare = self._new_spare(report_ready=True)
+        #: warm spares, started with the mounter only, for the first warm-ups of the first
+        #: pull it serves (the next layers, whose mounts come first): those warm-ups then
+        #: skip the worker's imports, which took ~2 s of the second layer's mount under load
+        #: (docs/benchmarks.md, "Layer mount handoff"). Replaced once used, after the pull
+        #: (:meth:`_refill_later`): a new one would import beside the layers being mounted
+        self._warm_spares: list[subprocess.Popen[bytes]] = []
+        try:
+            count = int(os.environ.get(WARM_SPARES_ENV, "") or WARM_SPARES)
+        except ValueError:
+            count = WARM_SPARES
+        self.warm_spares = max(0, min(count, NEXT_LAYERS_MAX)) if (
+            spare and self.warm_serve and self.toc_cache != "off") else 0
+        for _ in range(self.warm_spares):
+            proc = self._new_spare(report_ready=True)
+            if proc is not None:
+                self._warm_spares.append(proc)
 
     # -- paths ----------------------------------------------------------------------------
     def worker_dir(self, mountpoint: Path) -> Path:
@@ -489,7 +522,7 @@ class LayerMounter:
                 )
             finally:
                 logfile.close()
-        self._start_spare()
+        self._refill_later()
         return proc
 
     # -- warm-up of the next layers -------------------------------------------------------
@@ -579,12 +612,15 @@ class LayerMounter:
         log.info("warming up layer %s (pid %d)", digest, proc.pid)
 
     # -- spare worker ---------------------------------------------------------------------
-    def _new_spare(self, report_ready: bool = False) -> subprocess.Popen[bytes] | None:
+    def _new_spare(self, report_ready: bool = False,
+                   nice: int = 0) -> subprocess.Popen[bytes] | None:
         """A ``worker --stdin`` process; with ``report_ready`` its stdout is a pipe on which
-        it writes one byte once its imports are done (worker.wait_for_request)."""
+        it writes one byte once its imports are done (worker.wait_for_request). It waits
+        for a request until its stdin closes (the mounter closed or died): the pool stays
+        filled between pulls. ``nice``: started that much nicer (:meth:`_wake` undoes it)."""
         try:
-            return subprocess.Popen(
-                [self.python, "-m", "ipfsnap.fs.worker", "--stdin"],
+            proc = subprocess.Popen(
+                [self.python, "-m", "ipfsnap.fs.worker", "--stdin", "--idle", "0"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE if report_ready else subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
@@ -593,27 +629,76 @@ class LayerMounter:
         except OSError as exc:
             log.warning("cannot start a spare layer worker: %s", exc)
             return None
+        if nice > 0:
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, proc.pid, self._priority + nice)
+        return proc
 
-    def _start_spare(self) -> None:
+    def _wake(self, proc: subprocess.Popen[bytes]) -> None:
+        """Give a (replacement, niced) spare the mounter's priority before its request."""
+        with contextlib.suppress(OSError):
+            if os.getpriority(os.PRIO_PROCESS, proc.pid) != self._priority:
+                os.setpriority(os.PRIO_PROCESS, proc.pid, self._priority)
+
+    def _start_spare(self, nice: int = 0) -> None:
         if not self.spare:
             return
         with self._lock:
-            if self._spare is not None and self._spare.poll() is None:
+            if self._closed or (self._spare is not None and self._spare.poll() is None):
                 return
-            self._spare = self._new_spare()
+            self._spare = self._new_spare(nice=nice)
+
+    def _refill_later(self) -> None:
+        """Replace used spares once no mount or warm-up was asked for during
+        :attr:`refill_quiet` seconds (a pull's mounts come within a second of each other),
+        niced (:data:`REFILL_NICE`): the next pull finds the pool full, its imports done."""
+        if not self.spare:
+            return
+        with self._lock:
+            self._last_request = time.monotonic()
+            if self._closed or (self._refiller is not None and self._refiller.is_alive()):
+                return
+            self._refiller = threading.Thread(target=self._refill, name="spare refill",
+                                              daemon=True)
+            self._refiller.start()
+
+    def _refill(self) -> None:
+        nice = REFILL_NICE if self.refill_quiet > 0 else 0
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                wait = self._last_request + self.refill_quiet - time.monotonic()
+            if wait <= 0:
+                break
+            time.sleep(wait)
+        self._start_spare(nice=nice)
+        with self._lock:
+            self._warm_spares = [p for p in self._warm_spares if p.poll() is None]
+            while not self._closed and len(self._warm_spares) < self.warm_spares:
+                proc = self._new_spare(report_ready=True, nice=nice)
+                if proc is None:
+                    break
+                self._warm_spares.append(proc)
+        log.debug("spare layer workers refilled")
 
     def _warm_in_spare(self, digest: str, spec_path: Path) -> bool:
         """Run the warm-up of ``digest`` in the warm spare (it takes the warm-up lock
         itself, then serves the layer as a ``--warm --serve`` process does); whether it
         took it. Its stdin stays open for the layer's mount spec (:meth:`_hand_to_warm`)."""
         with self._lock:
-            proc = self._warm_spare
             # only a spare whose imports are done (it said so): it takes the warm-up lock
             # within milliseconds, so a worker of the layer cannot miss the warm-up
-            if proc is None or proc.stdin is None or proc.stdout is None or \
-                    not select.select([proc.stdout], [], [], 0)[0]:
+            ready = [p for p in self._warm_spares
+                     if p.stdin is not None and p.stdout is not None and
+                     select.select([p.stdout], [], [], 0)[0]]
+            if not ready:
                 return False
-            self._warm_spare = None
+            proc = ready[0]
+            self._warm_spares.remove(proc)
+        assert proc.stdin is not None and proc.stdout is not None
+        self._wake(proc)
+        self._refill_later()
         with contextlib.suppress(OSError):
             proc.stdout.close()
         try:
@@ -676,6 +761,8 @@ class LayerMounter:
         """Give the spec to the spare worker; None if there is none alive."""
         with self._lock:
             proc, self._spare = self._spare, None
+        if proc is not None:
+            self._wake(proc)
         if proc is None or not self._send_spec(proc, spec_path, "spare layer worker"):
             return None
         return proc
@@ -683,10 +770,10 @@ class LayerMounter:
     def close(self) -> None:
         """Stop the spare worker and warm-ups (mounted layers keep being served)."""
         with self._lock:
+            self._closed = True  # no refill after this
             warming = list(self._warming.values())
-            if self._warm_spare is not None:
-                warming.append(self._warm_spare)
-                self._warm_spare = None
+            warming += self._warm_spares
+            self._warm_spares = []
             proc, self._spare = self._spare, None
         for w in warming:
             if w.stdin is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -122,7 +123,9 @@ class TailReader:
     :func:`ipfsnap.estargz.footer.tail_start`, aligned to IPFS's 256 KiB leaves) and later
     reads inside it are served from memory; a read that begins before ``start`` (a TOC
     bigger than the guess) fetches only its part before ``start``. Reads wholly before the
-    tail go to the source unchanged. Used while a layer is opened, by one thread.
+    tail go to the source unchanged. Used while a layer is opened, by one thread. With
+    ``span=0`` the tail is the block holding the footer: the blocks fetched are those of
+    reading the footer and then the TOC, in one request when the TOC lies in that block.
     """
 
     def __init__(self, source: BlobSource, size: int, span: int = TAIL_READ_SIZE, *,
@@ -132,12 +135,17 @@ class TailReader:
         self.size = size
         self.start = tail_start(size, span, align)
         self._tail: bytes | None = None
-        #: requests sent to the source (logs, tests)
+        #: requests sent to the source and the seconds they took (logs, tests)
         self.requests = 0
+        self.seconds = 0.0
 
     def _fetch(self, offset: int, length: int) -> bytes:
         self.requests += 1
-        return self.source.read_at(offset, length)
+        t0 = time.monotonic()
+        try:
+            return self.source.read_at(offset, length)
+        finally:
+            self.seconds += time.monotonic() - t0
 
     def read_at(self, offset: int, length: int) -> bytes:
         end = offset + length

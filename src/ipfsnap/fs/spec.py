@@ -91,8 +91,8 @@ class WorkerSpec:
     direct_io: bool = False
     #: extra FUSE mount options
     fuse_options: list[str] = field(default_factory=list)
-    #: bytes of the blob's end read in one request when the TOC is opened (footer and
-    #: TOC together, see source.TailReader); 0 = the footer, then the TOC
+    #: bytes of the blob's end read in one request when the TOC is opened, beyond the
+    #: IPFS block holding the footer (source.TailReader, estargz.footer.TAIL_READ_SIZE)
     toc_tail: int = TAIL_READ_SIZE
     #: parsed-TOC cache (fs/tablecache.py): "wait" = adopt the tables a warm-up stored,
     #: waiting for a warm-up still running; "adopt" = adopt stored tables, never wait

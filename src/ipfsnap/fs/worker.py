@@ -88,15 +88,15 @@ def load_tables(spec: WorkerSpec) -> LayerTables:
     try:
         t0 = time.monotonic()
         size = spec.blob_size if spec.blob_size is not None else source.size()
-        reader: BlobSource | TailReader = source
-        if spec.toc_tail > 0:
-            reader = TailReader(source, size, spec.toc_tail)
+        reader = TailReader(source, size, spec.toc_tail)
         index = open_layer(reader, size, toc_digest=spec.toc_digest, limits=limits_of(spec),
                            name=source.name)
-        log.info("%s: footer and TOC read%s, verified and parsed in %.2f s", source.name,
-                 f" in {reader.requests} request(s)" if isinstance(reader, TailReader) else "",
-                 time.monotonic() - t0)
-        return LayerTables.from_index(index)
+        t1 = time.monotonic()
+        tables = LayerTables.from_index(index)
+        log.info("%s: footer and TOC read in %d request(s), %.2f s; verified and parsed in "
+                 "%.2f s; tables built in %.2f s", source.name, reader.requests,
+                 reader.seconds, t1 - t0 - reader.seconds, time.monotonic() - t1)
+        return tables
     finally:
         source.close()
 
@@ -395,9 +395,9 @@ class Worker:
                 return
 
 
-#: a spare worker (``--stdin``) exits after this many seconds without a spec: the mounter
-#: starts one right after each mount for the next layer of the same pull, which comes within
-#: seconds; an idle one must not linger
+#: a spare worker (``--stdin``) exits after this many seconds without a spec, unless given
+#: ``--idle 0`` (the mounter's pool: it keeps a bounded number and closes their stdin when
+#: it closes or dies); a finished warm-up waiting for its layer's mount (``--serve``) too
 SPARE_IDLE = 60.0
 
 
@@ -419,10 +419,11 @@ def _read_line(fd: int) -> bytes:
     return bytes(out)
 
 
-def wait_for_request(idle: float = SPARE_IDLE, *, announce: bool = False
+def wait_for_request(idle: float | None = SPARE_IDLE, *, announce: bool = False
                      ) -> tuple[Path, bool] | None:
     """As a spare: the spec path the mounter writes on stdin, and whether it asks for a
-    warm-up (``warm PATH``) rather than a mount (None: EOF or idle timeout).
+    warm-up (``warm PATH``) rather than a mount (None: EOF or idle timeout; ``idle`` None:
+    no timeout, the mounter's pool spares wait until it closes their stdin).
 
     Then stdout/stderr go to the ``worker.log`` next to the spec; for a mount stdin becomes
     /dev/null, as for a worker started with the spec on its command line (a warm-up keeps
@@ -496,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", type=Path, nargs="?", help="JSON worker spec")
     parser.add_argument("--stdin", action="store_true",
                         help="spare: import everything, then wait for the spec path on stdin")
+    parser.add_argument("--idle", type=float, default=SPARE_IDLE,
+                        help="with --stdin: exit after this many seconds without a request "
+                             "(0: wait until stdin closes)")
     parser.add_argument("--warm", action="store_true",
                         help="open the layer and prefetch into the cache, do not mount")
     parser.add_argument("--lock-fd", type=int, default=None,
@@ -508,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     spec_path: Path | None = args.spec
     if args.stdin:
-        request = wait_for_request(announce=True)
+        request = wait_for_request(args.idle if args.idle > 0 else None, announce=True)
         if request is None:
             return 0
         spec_path, warm = request

@@ -54,6 +54,8 @@ WARM_TOC_MAX = 16 << 20
 #: first layer's worker waits for its own, and that worker starts its reads only ~0.1-0.3 s
 #: after the manifest anyway (the config fetch)
 TOC_AHEAD_ENV = "IPFSNAP_TOC_AHEAD"
+#: the layer workers' tail read size (fs.mounter.TOC_TAIL_ENV: image must not import fs)
+TOC_TAIL_ENV = "IPFSNAP_TOC_TAIL"
 
 
 def toc_ahead_layers(layers: Sequence[Descriptor], mode: str) -> list[Descriptor]:
@@ -93,7 +95,12 @@ def warm_tocs(fetcher: BlobFetcher, layers: Sequence[Descriptor]) -> list[thread
 
 
 def _warm_toc(fetcher: BlobFetcher, layer: Descriptor) -> None:
-    from ipfsnap.estargz.footer import GZIP_FOOTER_SIZE, parse_gzip_footer, tail_start
+    from ipfsnap.estargz.footer import (
+        GZIP_FOOTER_SIZE,
+        TAIL_READ_SIZE,
+        parse_gzip_footer,
+        tail_start,
+    )
     from ipfsnap.ipfs.unixfs import CHUNK_SIZE
 
     t0 = time.monotonic()
@@ -102,7 +109,13 @@ def _warm_toc(fetcher: BlobFetcher, layer: Descriptor) -> None:
         cid = ipfs_cid(layer, "layer")
         if layer.size < GZIP_FOOTER_SIZE:
             return
-        start = tail_start(layer.size, align=CHUNK_SIZE)
+        # the range the layer worker reads first (its spec's toc_tail: the snapshotter's
+        # IPFSNAP_TOC_TAIL, which a benchmark sets for this command too)
+        try:
+            span = max(0, int(os.environ.get(TOC_TAIL_ENV, "") or TAIL_READ_SIZE))
+        except ValueError:
+            span = TAIL_READ_SIZE
+        start = tail_start(layer.size, span, CHUNK_SIZE)
         tail = fetcher.client.cat(cid, start, layer.size - start)
         # eStargz (gzip) only: others are left as they are
         toc_offset = parse_gzip_footer(tail[-GZIP_FOOTER_SIZE:])
