@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ipfsnap.oci.tarheaders import MAX_SPECIAL_CHAIN, BoundedTarInfo
+from ipfsnap.oci.tarheaders import MAX_SPECIAL_CHAIN, BoundedTarInfo, _pax_records
 from ipfsnap.snapshot import apply_layer
 from ipfsnap.snapshot.errors import LayerFormatError
 from tests.snapshot.tarbuild import END, pad, pax_record, special_header, ustar_member
@@ -170,6 +172,10 @@ def test_million_digit_value_is_read(tmp_path: Path) -> None:
     b"x7 a=bc\n",  # not a number
     b"00000000009 a=bcd\n",  # more length digits than a 1 MiB header needs
     b"\xb2 a=bcd\n",  # a superscript two is not an ASCII digit
+    # a good record, then one with no space: the parser looped on it forever (found by
+    # the fuzz campaign: tests/fuzz/crashes/snapshot_apply/finding-timeout-4ff06d76bd952a2b)
+    b"8 a=bcd\nabc",
+    b"8 a=bcd\n77",
 ])
 def test_malformed_pax_records_refused(tmp_path: Path, body: bytes) -> None:
     require_root()
@@ -210,3 +216,23 @@ def test_sparse_10_map_is_bounded(tmp_path: Path) -> None:
     dest.mkdir()
     with pytest.raises(LayerFormatError, match="over the 1048576-byte limit"):
         apply_layer(dest, io.BytesIO(gzip.compress(raw, 1)), layer="L")
+
+
+_PIECES = st.sampled_from([b"1", b"8", b"12", b" ", b"=", b"\n", b"a", b"\0", b"\xb2"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.one_of(_PIECES, st.builds(pax_record, st.binary(max_size=5),
+                                            st.binary(max_size=5))), max_size=12))
+def test_pax_record_parser_ends_and_reads_what_it_is_given(pieces: list[bytes]) -> None:
+    # any bytes: the records read, which written back are the header up to its end or
+    # padding, or ReadError (the loop that never ended was one of these)
+    buf = b"".join(pieces)
+    try:
+        records = _pax_records(buf)
+    except tarfile.ReadError:
+        return
+    again = b"".join(pax_record(k, v) for k, v in records)
+    # records end at the header's end or at a NUL (padding: what follows is not read)
+    assert buf.startswith(again) and buf[len(again):len(again) + 1] in (b"", b"\0")
+    assert all(k and b"=" not in k for k, _ in records)

@@ -147,9 +147,10 @@ def _pax_records(buf: bytes) -> list[tuple[bytes, bytes]]:
     while pos < len(buf) and buf[pos] != 0:
         sp = buf.find(b" ", pos, pos + _PAX_LENGTH_DIGITS + 1)
         digits = buf[pos:sp] if sp > pos else b""
-        # bytes.isdigit: ASCII digits only; the slice bounds the text int() sees
-        length = int(digits) if digits.isdigit() else 0
-        end = pos + length
+        # bytes.isdigit: ASCII digits only; the find's bound bounds the text int() sees.
+        # A record ends past its length's space, so each step moves on (fuzzing found the
+        # loop that did not when a record after the first had no space)
+        end = pos + int(digits) if digits.isdigit() else -1
         if end <= sp + 1 or end > len(buf) or buf[end - 1] != 0x0A:
             raise tarfile.ReadError(f"malformed PAX record at byte {pos} of the header")
         key, eq, value = buf[sp + 1 : end - 1].partition(b"=")
