@@ -354,30 +354,41 @@ class LayerIndex:
         return tuple(chunks)
 
     def _resolve_links(self, hardlinks: list[str]) -> None:
+        """Each hardlink's final target (through links to links). Every hardlink on a
+        walked chain takes that chain's target, so each is walked once: walking each
+        chain from its own start took 14.6 s for a 0.5 MB TOC of 8000 hardlinks in a row
+        (quadratic; found reading the code, issue 8)."""
         entries = self._entries
+        links = self._links
         for name in dict.fromkeys(hardlinks):  # a name may repeat; count it once
             e = entries.get(name)
-            if e is None or e.type != "hardlink":
-                continue  # replaced by a later entry of the same name
+            if e is None or e.type != "hardlink" or name in links:
+                continue  # replaced by a later entry of the same name, or resolved already
+            chain = [name]
             seen = {name}
             target = e.link_name
             while True:
-                t = entries.get(target)
-                if t is None:
+                if target in links:  # the rest of this chain is resolved
+                    target = links[target]
+                found: TOCEntry | None = entries.get(target)
+                if found is None:
                     raise UnsafeEntry(
                         f"{self.name}: hardlink {name!r} points to {e.link_name!r}, "
                         "which is not in the layer"
                     )
+                t = found
                 if t.type != "hardlink":
                     break
                 if target in seen:
                     raise InvalidTOC(f"{self.name}: hardlink {name!r} is part of a cycle")
                 seen.add(target)
+                chain.append(target)
                 target = t.link_name
             if t.type == "dir":
                 raise UnsafeEntry(f"{self.name}: hardlink {name!r} points to a directory")
-            self._links[name] = target
-            self._link_count[target] = self._link_count.get(target, 0) + 1
+            for link in chain:
+                links[link] = target
+            self._link_count[target] = self._link_count.get(target, 0) + len(chain)
 
     def _make_tree(self) -> None:
         entries = self._entries
