@@ -149,10 +149,12 @@ def _parse_modtime(text: str) -> int:
         # datetime keeps microseconds only: take the fraction apart to keep nanoseconds
         if "." in s:
             head, _, rest = s.partition(".")
-            digits = ""
-            while rest and rest[0].isdigit():
-                digits += rest[0]
-                rest = rest[1:]
+            # one scan, one cut: cutting a character at a time copied the rest each time,
+            # quadratic in a hostile TOC's fraction (80,000 digits: 0.66 s; issue 8)
+            n = 0
+            while n < len(rest) and rest[n].isdigit():
+                n += 1
+            digits, rest = rest[:n], rest[n:]
             frac_ns = int((digits + "000000000")[:9]) if digits else 0
             s = head + rest
         dt = datetime.fromisoformat(s)
