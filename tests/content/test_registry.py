@@ -117,6 +117,8 @@ class Fake:
     basic: str = ""
     token_requests: list[str] = field(default_factory=list)
     port: int = 0
+    #: the token server's reply body as is (default: the token as JSON)
+    token_body: bytes | None = None
 
 
 def _handler(fake: Fake) -> type[http.server.BaseHTTPRequestHandler]:
@@ -135,7 +137,9 @@ def _handler(fake: Fake) -> type[http.server.BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             if self.path.startswith("/token"):
                 fake.token_requests.append(self.path)
-                self._send(200, json.dumps({"token": fake.token}).encode())
+                body = fake.token_body
+                self._send(200, json.dumps({"token": fake.token}).encode() if body is None
+                           else body)
                 return
             m = re.fullmatch(r"/storage/(sha256:[0-9a-f]{64})", self.path)
             if m:
@@ -217,6 +221,13 @@ def test_token_auth_and_redirects(
 
 def test_bad_token_is_refused(fake_registry: Fake, state_dir: Path) -> None:
     fake_registry.token = ""  # token endpoint answers with no token
+    with pytest.raises(RegistryAuthError, match="sent no token"):
+        pull_image(ImageStore(state_dir), f"127.0.0.1:{fake_registry.port}/test/app:multi")
+
+
+def test_token_reply_nested_deep_is_refused(fake_registry: Fake, state_dir: Path) -> None:
+    # json.loads raised RecursionError out of the pull (found reading the code, issue 8)
+    fake_registry.token_body = b"[" * 100_000 + b"]" * 100_000
     with pytest.raises(RegistryAuthError, match="sent no token"):
         pull_image(ImageStore(state_dir), f"127.0.0.1:{fake_registry.port}/test/app:multi")
 

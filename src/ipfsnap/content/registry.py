@@ -165,7 +165,7 @@ class RegistryClient:
         try:
             obj = json.loads(body)
             token = obj.get("token") or obj.get("access_token")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):  # JSON nested thousands deep
             token = None
         if not isinstance(token, str) or not token:
             raise RegistryAuthError(f"{what}: token server {realm} sent no token")
@@ -209,7 +209,8 @@ class RegistryClient:
             body = r.resp.read(64 << 10)
             errors = json.loads(body).get("errors") or []
             detail = "; ".join(str(e.get("message") or e.get("code")) for e in errors)
-        except (ValueError, AttributeError, OSError, http.client.HTTPException):
+        except (ValueError, AttributeError, RecursionError, OSError,
+                http.client.HTTPException):  # RecursionError: JSON nested thousands deep
             detail = ""
         finally:
             r.conn.close()
