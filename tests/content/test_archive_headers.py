@@ -38,3 +38,12 @@ def test_hostile_archive_headers_refused(tmp_path: Path, case: str) -> None:
     text = str(info.value)
     assert "\n" not in text and f"archive {archive}: not a readable tar archive" in text, text
     assert store.list() == [] and list(store.blobs.list()) == []
+
+
+def test_docker_manifest_nested_deep_is_refused(tmp_path: Path) -> None:
+    # a docker-archive manifest.json nested 100,000 deep: json.loads raised RecursionError
+    nested = b"[" * 100_000 + b"]" * 100_000
+    archive = tmp_path / "deep.tar"
+    archive.write_bytes(ustar_member("manifest.json", nested) + END)
+    with pytest.raises(ArchiveError, match=r"manifest\.json is not valid JSON"):
+        import_image(ImageStore(tmp_path / "state"), archive, "victim:1")

@@ -104,6 +104,12 @@ def test_framing() -> None:
         read_message(io.BytesIO(b"[1]\n"), peer="t")
 
 
+def test_deeply_nested_message_is_refused() -> None:
+    # json.loads raised RecursionError out of read_message (found reading the code, issue 8)
+    with pytest.raises(ProtocolError, match="not JSON"):
+        read_message(io.BytesIO(b"[" * 100_000 + b"]" * 100_000 + b"\n"), peer="t")
+
+
 def test_oversized_message_is_refused() -> None:
     stream = io.BytesIO(b"x" * (MAX_MESSAGE + 10) + b"\n")
     with pytest.raises(ProtocolError, match="larger than"):

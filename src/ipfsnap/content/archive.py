@@ -386,7 +386,7 @@ def _import_docker(imp: _Importer, name: str | None) -> list[tuple[str, Descript
     raw = _read_small(src, "manifest.json")
     try:
         entries = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # nested thousands deep
         raise ArchiveError(f"{src.label}: manifest.json is not valid JSON: {exc}") from None
     if not isinstance(entries, list) or not entries:
         raise ArchiveError(f"{src.label}: manifest.json must be a non-empty list")

@@ -122,7 +122,7 @@ def read_message(stream: IO[bytes], *, peer: str) -> dict[str, Any] | None:
         raise ProtocolError(f"{peer}: connection closed in the middle of a message")
     try:
         data = json.loads(line)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested thousands deep
         raise ProtocolError(f"{peer}: message is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ProtocolError(f"{peer}: message is not a JSON object")
