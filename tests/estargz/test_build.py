@@ -401,7 +401,10 @@ def test_gnu_long_names_and_links() -> None:
     assert tar_names(gzip.decompress(blob))[1:-1] == [i.name for i in items]
 
 
-def test_global_pax_header_applies_to_later_entries() -> None:
+def test_global_pax_header_is_kept_but_not_applied() -> None:
+    # as Go's archive/tar reader (so containerd's unpacker and ours) reads it: a global
+    # header is an entry of its own, not merged into later ones (merging made a 1 MiB one
+    # cost ~40,000 records per entry: 21 s for 1000 entries; issue 8)
     buf = io.BytesIO()
     with tarfile.open(
         fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"uname": "globaluser"}
@@ -413,5 +416,5 @@ def test_global_pax_header_applies_to_later_entries() -> None:
     raw = buf.getvalue()
     blob, _ = build_bytes(raw)
     e = next(e for e in toc_of(blob)["entries"] if e["name"] == "f")
-    assert e["userName"] == "globaluser"
+    assert "userName" not in e
     assert gzip.decompress(blob).count(b"uname=globaluser") == 1  # the global header is kept
