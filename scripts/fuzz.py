@@ -308,8 +308,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        results = list(pool.map(lambda n: run_target(n, args, work), names))
+    def cost(name: str) -> float:
+        t = TARGETS[name]
+        return t.idle_seconds * (t.ci_cases if args.ci else args.cases)
+
+    order = list(TARGETS)
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # the longest first: jobs end together
+        results = list(pool.map(lambda n: run_target(n, args, work),
+                                sorted(names, key=cost, reverse=True)))
+    results.sort(key=lambda r: order.index(r.target))
     total = round(time.monotonic() - t0, 1)
     print(f"{'target':22} {'cases':>8} {'crashes':>8} {'distinct':>8} {'time s':>8}  status")
     for r in results:
