@@ -40,7 +40,9 @@ _S_IFMT, _S_IFREG = stat.S_IFMT(0o177777), stat.S_IFREG
 #: chunks a sequential reader gets fetched ahead; off by default: in lazy_bench (100 MiB over
 #: bitswap, 2026-11-28) 2 chunks did not raise the cold rate (0.54-0.61x of a plain cat, vs
 #: 0.61-0.67x without), and a read at offset 0 that stops early (ld.so reading an ELF
-#: header, ``file``) would fetch up to 2 chunks (8 MiB) it never needs
+#: header, ``file``) would fetch up to 2 chunks (8 MiB) it never needs. hello-bench (fourth
+#: session, ``[blob] readahead_chunks = 1``): python's second binary chunk came with the
+#: first, but the run medians did not move at load 5-7 (docs/benchmarks.md)
 DEFAULT_READAHEAD = 0
 #: how far a read may start from where the file's previous read ended and still count as
 #: sequential: 1 MiB, the split of a typical 1 MiB read(2) into concurrent 128 KiB requests
@@ -54,7 +56,9 @@ BACKGROUND_SPAN = 2 << 20
 #: on-demand reads also fetch the uncached chunks next to them in the blob, up to the
 #: boundaries of the aligned windows of this many bytes they touch (0 = off). 256 KiB is
 #: the IPFS block size (add's fixed chunker): those bytes cross bitswap in any case, so the
-#: neighbours cost no network transfer, only a local cat, inflate and sha256
+#: neighbours cost no network transfer, only a local cat, inflate and sha256. Off: the
+#: requests it saves are those whose blocks node B already holds (~10-30 ms each), the
+#: bitswap-bound ones stay (hello-bench, docs/benchmarks.md)
 DEFAULT_NEIGHBOUR_SPAN = 0
 #: prefetch of the prioritized range: requests of at most this many bytes (the
 #: reference's ``prefetch_chunk_size``), this many at once
