@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from scripts.fuzz import CI_SEED, target_seed
+from scripts.fuzz import CI_SEED, _stop_message, target_seed
 from tests.fuzz.targets import CRASHES_DIR, TARGETS
 from tests.fuzz.test_campaign import _describe
 from tests.support import ROOT, require
@@ -80,3 +80,28 @@ def test_replay_runs_one_input() -> None:
     proc = _fuzz("--replay", "config_toml", str(repro))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith(f"config_toml on {repro} ({repro.stat().st_size} bytes): ok")
+
+
+def test_hang_message_is_the_error_and_the_stack_down_to_the_target(tmp_path: Path) -> None:
+    # what libFuzzer (through atheris) writes when an input times out, as seen in the
+    # snapshot_apply hang of this session
+    log = tmp_path / "libfuzzer.log"
+    log.write_text("\n".join([
+        "INFO: Seed: 1111",
+        "#4096\tpulse  cov: 240 ft: 546 corp: 42/141Kb",
+        "",
+        " === Timeout: 85s elapsed, timeout=60s ===",
+        "Current thread 0x00007f8089849b80 (most recent call first):",
+        f'  File "{ROOT}/src/ipfsnap/oci/tarheaders.py", line 158 in _pax_records',
+        '  File "/usr/lib/python3.11/tarfile.py", line 1317 in _proc_member',
+        f'  File "{ROOT}/tests/fuzz/targets.py", line 360 in fuzz_apply',
+        f'  File "{ROOT}/tests/fuzz/targets.py", line 594 in check',
+        '  File "<frozen runpy>", line 88 in _run_code',
+        "ALARM: working on the last Unit for 84 seconds",
+        "==19879== ERROR: libFuzzer: timeout after 84 seconds",
+        "SUMMARY: libFuzzer: timeout",
+    ]))
+    msg = _stop_message(log)
+    assert msg.startswith("==19879== ERROR: libFuzzer: timeout after 84 seconds | ")
+    assert '"src/ipfsnap/oci/tarheaders.py", line 158 in _pax_records' in msg
+    assert msg.endswith('"tests/fuzz/targets.py", line 360 in fuzz_apply')
