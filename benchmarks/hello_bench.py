@@ -15,11 +15,12 @@ every run starts from nothing local:
 Mode suffixes change the lazy configuration (for experiments): ``-nobg``
 (``no_background_fetch = true``), ``-nb`` (``[blob] neighbour_span = 262144``), ``-nonb``
 (``neighbour_span = 0``), ``-seqpf`` (the prefetch as before 2026-11-28: spans of up to 8
-MiB, one request at a time), ``-ahead`` (rpull fetches the lazy layers' footers and TOCs
-ahead as soon as the manifest is verified: ``IPFSNAP_TOC_AHEAD=1``, off by default),
-``-ahead1`` (the same for the first lazy layer only: ``IPFSNAP_TOC_AHEAD=first``),
+MiB, one request at a time), ``-ahead`` (rpull fetches every lazy layer's footer and TOC
+ahead as soon as the manifest is verified: ``IPFSNAP_TOC_AHEAD=1``), ``-ahead1`` (the first
+lazy layer's only, the default: ``IPFSNAP_TOC_AHEAD=first``), ``-noahead`` (none),
 ``-tail1m`` (layer workers read the blob's last 1 MiB in one request to open its TOC:
-``IPFSNAP_TOC_TAIL=1048576``), ``-sp3`` (three warm spares: ``IPFSNAP_WARM_SPARES=3``),
+``IPFSNAP_TOC_TAIL=1048576``), ``-sp3``/``-sp1`` (three/one warm spares:
+``IPFSNAP_WARM_SPARES``, default 3),
 ``-refill0`` (a used spare replaced at once, during the pull: ``IPFSNAP_REFILL_QUIET=0``; a
 suffix's environment goes to the snapshotter too),
 ``-cold`` (this mode's snapshotter started on demand inside the timed pull, as
@@ -169,20 +170,26 @@ SUFFIXES = {
     # started on demand inside the timed pull (as --cold-snapshotter, for this mode only)
     "-ahead": ("env", ""),
     "-ahead1": ("env", ""),
+    "-noahead": ("env", ""),
     "-tail1m": ("env", ""),
     "-sp3": ("env", ""),
+    "-sp1": ("env", ""),
     "-refill0": ("env", ""),
     "-cold": ("run", ""),
 }
 #: suffixes that set the rpull command's environment instead of the config
 SUFFIX_ENV = {"-ahead": {"IPFSNAP_TOC_AHEAD": "1"},
-              # the first lazy layer's footer and TOC only, fetched by rpull ahead
+              # the first lazy layer's footer and TOC only, fetched by rpull ahead (default
+              # since 2026-11-28's fourth session); -noahead: none
               "-ahead1": {"IPFSNAP_TOC_AHEAD": "first"},
+              "-noahead": {"IPFSNAP_TOC_AHEAD": "0"},
               # the layer workers read the blob's last 1 MiB in one request to open the
               # TOC (default: the footer's block, then what the TOC needs before it)
               "-tail1m": {"IPFSNAP_TOC_TAIL": "1048576"},
-              # three warm spares (default one): the next layers' warm-ups skip imports
+              # three warm spares (the default since the fourth session), one (before):
+              # the next layers' warm-ups in spares skip the imports
               "-sp3": {"IPFSNAP_WARM_SPARES": "3"},
+              "-sp1": {"IPFSNAP_WARM_SPARES": "1"},
               # used spares replaced at once (during the pull), as before the refill
               "-refill0": {"IPFSNAP_REFILL_QUIET": "0"}}
 IMPORTS = ("import json, decimal, email.parser, http.client, xml.etree.ElementTree, asyncio, "
@@ -578,7 +585,7 @@ def _children(pid: int) -> list[int]:
 
 def spare_waiting(snapshotter_pid: int) -> bool:
     """Whether the snapshotter's spare layer workers (children ``python -m ipfsnap.fs.worker
-    --stdin``: the mounter starts one for mounts and one for the first warm-up) all wait for
+    --stdin``: the mounter starts one for mounts and three for warm-ups) all wait for
     a request, blocked in select (imports done); False while there is none."""
     calls = _SELECT_SYSCALLS.get(os.uname().machine, ())
     spares = waiting = 0

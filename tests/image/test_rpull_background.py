@@ -1,6 +1,7 @@
 """rpull's critical path: the snapshotter is opened in the background while the documents
 are resolved, and used only once they are all fetched and verified; the lazy layers' TOCs
-can be fetched ahead as soon as the manifest is known (``IPFSNAP_TOC_AHEAD=1``).
+are fetched ahead as soon as the manifest is known (the first lazy layer's by default,
+``IPFSNAP_TOC_AHEAD``).
 
 The CLI hands :func:`ipfsnap.image.rpull.rpull` a factory (``EnteredInBackground.get``)
 instead of a snapshotter; these tests check both halves: the background helper (runs at
@@ -29,7 +30,7 @@ from ipfsnap.estargz import TOC_DIGEST_ANNOTATION, BuildOptions, build, open_lay
 from ipfsnap.fs.source import TailReader
 from ipfsnap.image.errors import RemoteImageFormatError
 from ipfsnap.image.resolve import BlobFetcher, resolve_remote
-from ipfsnap.image.rpull import rpull, toc_ahead_layers, warm_tocs
+from ipfsnap.image.rpull import DEFAULT_TOC_AHEAD, rpull, toc_ahead_layers, warm_tocs
 from ipfsnap.image.unpack import chain_ids
 from ipfsnap.ipfs import IPFSClient
 from ipfsnap.oci import Descriptor, Manifest, mediatypes, sha256_digest
@@ -221,7 +222,8 @@ def test_toc_ahead_layers_by_mode() -> None:
     layers = [layer(0, False), layer(1, True, urls=False), layer(2, True), layer(3, True)]
     assert toc_ahead_layers(layers, "first") == [layers[2]]
     assert toc_ahead_layers(layers, "1") == toc_ahead_layers(layers, "all") == layers[2:]
-    assert toc_ahead_layers(layers, "") == toc_ahead_layers(layers, "no") == []
+    assert toc_ahead_layers(layers, "0") == toc_ahead_layers(layers, "no") == []
+    assert toc_ahead_layers(layers, DEFAULT_TOC_AHEAD) == [layers[2]]
 
 
 def test_warm_tocs_never_fails_the_pull(tmp_path: Path) -> None:

@@ -97,19 +97,25 @@ TOC_CACHE_ENV = "IPFSNAP_TOC_CACHE"
 #: environment variable: the workers' ``toc_tail`` in bytes (benchmarks; default
 #: estargz.footer.TAIL_READ_SIZE)
 TOC_TAIL_ENV = "IPFSNAP_TOC_TAIL"
-#: seconds without a mount or warm-up request before used spares are replaced: not during
-#: a pull (a new process's imports, ~0.5 s of CPU idle and several seconds under load, would
-#: compete with the layers being opened on 2 cores), but before the next one
-REFILL_QUIET = 3.0
+#: seconds after the last mount (none in progress) before used spares are replaced: not
+#: during a pull (a new process's imports, ~0.5 s of CPU idle and 1.5-2.7 s at load 6-8,
+#: would compete with the layers being opened on 2 cores) nor while the container it was
+#: for starts (with 3 s, four niced replacements ran during hello-bench's run phase: run
+#: 6.85 vs 4.45 s medians), but well before a next pull
+REFILL_QUIET = 10.0
 #: environment variable: :data:`REFILL_QUIET` in seconds; 0 = replace a used spare at once,
 #: not niced, as before the refill (benchmarks)
 REFILL_QUIET_ENV = "IPFSNAP_REFILL_QUIET"
-#: replacement spares run this much nicer until they are handed a request (their imports
-#: then take only CPU that nothing else wants, e.g. while a container starts)
-REFILL_NICE = 10
-#: warm spares the mounter starts with itself (``worker --stdin``, imports done, ~34 MB
-#: each), each taking one warm-up of the next layers of the first pull
-WARM_SPARES = 1
+#: replacement spares run this much nicer until they are handed a request: their imports
+#: take only CPU that nothing else wants
+REFILL_NICE = 19
+#: warm spares the mounter keeps (``worker --stdin``, imports done, ~34 MB each), each
+#: taking one warm-up of the next layers of a pull. 3 = the next layers of the hello-bench
+#: image (4 layers): a warm-up in a new process first spends 1.5-2.7 s on imports at load
+#: 6-8 (0.5 s idle) before it fetches its TOC, so the third layer's mount waited for it
+#: (0.6-1.7 s); from a spare the fetch starts at once (third layer mounted in ~0.1 s).
+#: Measured in docs/benchmarks.md, "TOC in one request, first layer ahead, spare pool"
+WARM_SPARES = 3
 #: environment variable: the number of warm spares (benchmarks)
 WARM_SPARES_ENV = "IPFSNAP_WARM_SPARES"
 #: environment variable: niceness increment of warm-up processes (benchmarks)
@@ -250,6 +256,7 @@ class LayerMounter:
         with contextlib.suppress(ValueError):
             self.refill_quiet = max(0.0, float(os.environ.get(REFILL_QUIET_ENV, "")))
         self._last_request = 0.0
+        self._mounting = 0
         self._refiller: threading.Thread | None = None
         self._closed = False
         self._start_spare()
@@ -375,6 +382,17 @@ class LayerMounter:
 
     # -- RemoteFileSystem -----------------------------------------------------------------
     def mount(self, mountpoint: Path, labels: Mapping[str, str]) -> None:
+        # a pull is in progress while a mount is: used spares are replaced after it
+        with self._lock:
+            self._mounting += 1
+        try:
+            self._mount(mountpoint, labels)
+        finally:
+            with self._lock:
+                self._mounting -= 1
+                self._last_request = time.monotonic()
+
+    def _mount(self, mountpoint: Path, labels: Mapping[str, str]) -> None:
         mountpoint = Path(os.path.abspath(mountpoint))
         t0 = time.monotonic()
         self.reap()
@@ -649,8 +667,8 @@ class LayerMounter:
             self._spare = self._new_spare(nice=nice)
 
     def _refill_later(self) -> None:
-        """Replace used spares once no mount or warm-up was asked for during
-        :attr:`refill_quiet` seconds (a pull's mounts come within a second of each other),
+        """Replace used spares once no mount is in progress and none ended or took a spare
+        during :attr:`refill_quiet` seconds (a pull's mounts follow each other at once),
         niced (:data:`REFILL_NICE`): the next pull finds the pool full, its imports done."""
         if not self.spare:
             return
@@ -669,6 +687,8 @@ class LayerMounter:
                 if self._closed:
                     return
                 wait = self._last_request + self.refill_quiet - time.monotonic()
+                if self._mounting:  # a mount in progress (it may wait for a warm-up)
+                    wait = max(wait, min(self.refill_quiet, 0.1))
             if wait <= 0:
                 break
             time.sleep(wait)

@@ -46,13 +46,16 @@ SnapshotterSource = Snapshotter | Callable[[], Snapshotter]
 #: gzipped (37 MB of JSON, docs/benchmarks.md "TOC open"), python's 2-9k-entry layers'
 #: a few hundred KB; a bigger TOC is left to the layer worker alone
 WARM_TOC_MAX = 16 << 20
-#: environment switch (hello_bench's ``-ahead`` modes): "1" (or "all") turns
-#: :func:`warm_tocs` on for every lazy layer, "first" for the first lazy layer only (the
-#: others are warmed by the snapshotter while it mounts the first). Off by default: in two
-#: hello-bench rounds under load (2026-11-28, docs/benchmarks.md) pulls were not faster
-#: with it (2.91 vs 2.76 s, 5.91 vs 3.53 s): the node serves four TOCs at once while the
-#: first layer's worker waits for its own, and that worker starts its reads only ~0.1-0.3 s
-#: after the manifest anyway (the config fetch)
+#: which lazy layers' footers and TOCs :func:`warm_tocs` fetches as soon as the manifest is
+#: known: "first" (default) = the first lazy layer only, whose mount the pull waits for
+#: first; the others are warmed by the snapshotter while it mounts the first. Fetching all
+#: of them here ("1"/"all") made the first layer's mount slower (3.64 vs 2.47 s, 2026-11-28,
+#: docs/benchmarks.md "TOC in one request"): the blocks of all four TOCs then cross bitswap
+#: at once, one after the other, and the first layer's wait behind the others'. The first
+#: layer alone: its worker's footer and TOC read took 0.46-0.83 s instead of 1.04-1.44 s.
+DEFAULT_TOC_AHEAD = "first"
+#: environment switch (hello_bench's ``-ahead``/``-noahead`` modes): "first", "1"/"all",
+#: or anything else (e.g. "0") for none
 TOC_AHEAD_ENV = "IPFSNAP_TOC_AHEAD"
 #: the layer workers' tail read size (fs.mounter.TOC_TAIL_ENV: image must not import fs)
 TOC_TAIL_ENV = "IPFSNAP_TOC_TAIL"
@@ -173,7 +176,7 @@ def rpull(
     with images.lease():
         t0 = time.monotonic()
         warm = None
-        ahead = os.environ.get(TOC_AHEAD_ENV, "")
+        ahead = os.environ.get(TOC_AHEAD_ENV, "") or DEFAULT_TOC_AHEAD
         if snapshotter is not None and lazy and ahead:
             def warm(manifest: Manifest) -> None:
                 warm_tocs(fetcher, toc_ahead_layers(manifest.layers, ahead))
