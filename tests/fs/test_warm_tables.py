@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 
 from ipfsnap.config import Config
-from ipfsnap.fs.mounter import NEXT_LAYERS_LABEL, REFILL_NICE, WARM_SPARES_ENV, LayerMounter
+from ipfsnap.fs.mounter import (
+    NEXT_LAYERS_LABEL,
+    REFILL_NICE,
+    WARM_SPARES_ENV,
+    LayerMounter,
+    pid_alive,
+)
 from ipfsnap.fs.spec import WorkerSpec
 from ipfsnap.fs.tablecache import FORMAT_VERSION, TableCache, TableKey
 from ipfsnap.fs.worker import adopt_tables, load_tables, table_cache_of
@@ -360,3 +366,31 @@ def test_used_spares_are_refilled_after_the_pull_niced_then_woken(
         m.close()
     for p in alive:
         assert p.wait(30) is not None  # EOF on stdin: the pool's spares exit
+
+
+def test_pool_spares_exit_when_the_mounter_dies(tmp_path: Path) -> None:
+    """Spares wait without an idle timeout (``--idle 0``), so they must end with the
+    snapshotter that holds their stdin: killed with SIGKILL, its spares read EOF and exit."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys, time\n"
+            "from pathlib import Path\n"
+            "from ipfsnap.config import Config\n"
+            "from ipfsnap.fs.mounter import LayerMounter\n"
+            "m = LayerMounter(Config(state_dir=Path(sys.argv[1])))\n"
+            "pids = [p.pid for p in m._warm_spares] + [m._spare.pid]\n"
+            "print(' '.join(map(str, pids)), flush=True)\n"
+            "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "state")],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 4  # the spare and three warm spares, by default
+        assert all(pid_alive(p) for p in pids)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    _wait_for(lambda: not any(pid_alive(p) for p in pids), "spares exiting")
