@@ -218,6 +218,50 @@ _SPEC_CONTAINERS: list[dict[str, object]] = [
 ]
 
 
+def _archive_seeds() -> list[bytes]:
+    """A one-layer image as an oci-archive and a docker-archive (a few KiB each)."""
+    import tempfile
+    from pathlib import Path
+
+    from ipfsnap.content.sample import (
+        TarEntry,
+        build_tar,
+        gzip_bytes,
+        tar_directory,
+        write_docker_archive,
+        write_layout_index,
+    )
+    from ipfsnap.oci import Descriptor, mediatypes, sha256_digest
+
+    layer = build_tar([TarEntry("etc", "dir", mode=0o755), TarEntry("etc/hosts", data=b"x\n")])
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["sh"]},
+                         "rootfs": {"type": "layers",
+                                    "diff_ids": [sha256_digest(layer)]}}).encode()
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        layout = root / "layout"
+        blobs = layout / "blobs" / "sha256"
+        blobs.mkdir(parents=True)
+        gz = gzip_bytes(layer)
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": mediatypes.OCI_MANIFEST,
+            "config": {"mediaType": mediatypes.OCI_CONFIG, "digest": sha256_digest(config),
+                       "size": len(config)},
+            "layers": [{"mediaType": mediatypes.OCI_LAYER_GZIP, "digest": sha256_digest(gz),
+                        "size": len(gz)}],
+        }).encode()
+        for blob in (gz, config, manifest):
+            (blobs / sha256_digest(blob).removeprefix("sha256:")).write_bytes(blob)
+        target = Descriptor(mediatypes.OCI_MANIFEST, sha256_digest(manifest), len(manifest))
+        write_layout_index(layout, "fuzz/oci:1", target)
+        tar_directory(layout, root / "oci.tar")
+        write_docker_archive(root / "docker.tar", "fuzz/docker:1", config, [layer])
+        for name in ("oci.tar", "docker.tar"):
+            out.append((root / name).read_bytes())
+    return out
+
+
 def _cid_seeds() -> list[bytes]:
     mh = bytes([SHA2_256, 32]) + hashlib.sha256(b"x").digest()
     raw = CID(1, RAW, mh)
@@ -310,6 +354,7 @@ def seeds() -> dict[str, list[bytes]]:
         "ipfs_api_file": [*_addr_seeds(), b"/ip4/127.0.0.1/tcp/5001\n", b"\xff\xfe"],
         "ipfs_swarm_key": _swarm_key_seeds(),
         "config_toml": _config_seeds(),
+        "content_archive": _archive_seeds(),
     }
     out.update(_oci_seeds())
     return out

@@ -25,12 +25,13 @@ import hashlib
 import io
 import json
 import logging
+import lzma
 import os
 import posixpath
 import tarfile
 import zlib
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Protocol, cast
+from typing import IO, Any, BinaryIO, Literal, Protocol, cast
 
 import zstandard
 
@@ -64,7 +65,13 @@ log = logging.getLogger(__name__)
 #: annotation buildkit puts on attestation manifests inside an index; their blobs are copied
 #: as they are, without media-type checks
 ATTESTATION_ANNOTATION = "vnd.docker.reference.type"
-_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, OSError)
+_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, OSError,
+                   lzma.LZMAError, MemoryError)
+#: an archive's compression by its magic bytes (as docker load detects it); anything else is
+#: read as a plain tar. tarfile's "r:*" also took LZMA-alone data, whose 13-byte header may
+#: claim a 4 GiB dictionary (MemoryError under an address-space limit: found by fuzzing)
+_ARCHIVE_MAGIC: tuple[tuple[bytes, Literal["r:gz", "r:bz2", "r:xz"]], ...] = (
+    (b"\x1f\x8b", "r:gz"), (b"BZh", "r:bz2"), (b"\xfd7zXZ\x00", "r:xz"))
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -112,9 +119,13 @@ class _TarSource:
     def __init__(self, path: Path) -> None:
         self.label = f"archive {path}"
         try:
+            with open(path, "rb") as f:
+                head = f.read(6)
+            mode: Literal["r:", "r:gz", "r:bz2", "r:xz"] = next(
+                (m for magic, m in _ARCHIVE_MAGIC if head.startswith(magic)), "r:")
             # bounded headers: an archive is as hostile as a layer (BoundedTarInfo)
             self.tar = tarfile.open(  # noqa: SIM115 - closed by close()
-                path, "r:*", tarinfo=BoundedTarInfo
+                path, mode, tarinfo=BoundedTarInfo
             )
             members = self.tar.getmembers()
         except _ARCHIVE_ERRORS as exc:
