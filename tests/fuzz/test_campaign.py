@@ -25,7 +25,7 @@ from tests.fuzz.targets import TARGETS
 from tests.support import ROOT, require, require_root
 
 
-# a guard against a stuck run only: ~5 minutes on an idle 2-core machine, far more when shared
+# a guard against a stuck run only: ~4 minutes on an idle 2-core machine, far more when shared
 @pytest.mark.timeout(1800)
 def test_fuzz_campaign_ci_size(tmp_path: Path) -> None:
     require_root()  # snapshot_apply creates device nodes and chowns
@@ -49,6 +49,8 @@ def test_fuzz_campaign_ci_size(tmp_path: Path) -> None:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+    # shown by pytest when the test fails: the table and each finding's replay block
+    sys.stdout.write(stdout)
     assert out.exists(), stdout[-3000:] + stderr[-3000:]
     summary = json.loads(out.read_text())
     results = {r["target"]: r for r in summary["targets"]}
