@@ -519,11 +519,17 @@ def fault_flipped_bytes(setup: FaultSetup) -> FaultResult:
         m = layer_mounter(work / "state", proxy.url, setup, background=False)
         mp = work / "mp"
         reader = RandomReads(mp, layer.files)
-        # a mount while every reply is damaged: the footer and TOC checks refuse it
+        # a mount while every reply is damaged: the footer and TOC checks refuse it, unless
+        # every flipped byte fell outside them (the worker reads the blob's end from the
+        # start of the footer's IPFS block, fs.source.TailReader): then it must hold only
+        # verified bytes, so every file reads back exactly
         proxy.flip_probability = 1.0
         try:
             with mounted(m, mp, ipfs_labels(layer.blob, layer.cid)):
-                refused = False
+                proxy.flip_probability = 0.0
+                refused = not reader.verify_all()
+                res.notes.append("mount while flipping: the damaged bytes were not the "
+                                 f"footer's or the TOC's; files exact: {refused}")
         except LayerMountError as exc:
             refused = True
             res.notes.append(f"mount while flipping: refused: {str(exc)[-160:]}")
