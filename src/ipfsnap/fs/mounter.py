@@ -22,8 +22,8 @@ Per mountpoint a run directory ``<state>/fs/workers/<sha256(mountpoint)[:16]>`` 
 ``spec.json``, ``status.json`` and ``worker.log``; chunks are cached in
 ``<state>/fs/cache/<layer digest hex>/``. Workers run in their own session, so they outlive
 a restart of the snapshotter; a new ``LayerMounter`` finds them again by their status file.
-A warm-up of a next layer runs ``worker --warm --serve`` (the first one of a pull in the
-warm spare, a second spare started with the mounter, so it skips the imports) in
+A warm-up of a next layer runs ``worker --warm --serve`` (the first ``WARM_SPARES`` of a
+pull in warm spares, processes kept ready by the mounter, so they skip the imports) in
 ``<state>/fs/workers/warm-<digest prefix>/``, holding the layer's warm-up lock, and leaves
 the layer's parsed TOC in ``<state>/fs/cache/.tables/`` (fs/tablecache.py). Once done it
 waits, like a spare, for its layer's mount: the mounter hands that mount's spec to it, and
