@@ -42,8 +42,9 @@ class BlobConfig:
     #: at most this many bytes (whole eStargz chunks), run ``prefetch_concurrency`` at once
     prefetch_chunk_size: int = 1 << 20
     #: on-demand reads also fetch the uncached chunks next to them, within the aligned
-    #: windows of this many bytes they touch (0 = off; 262144 = one IPFS block)
-    neighbour_span: int = 0
+    #: windows of this many bytes they touch (0 = off; 262144 = one IPFS block: bytes that
+    #: cross bitswap anyway; measured in docs/benchmarks.md, hello-bench)
+    neighbour_span: int = 262144
     #: on-demand reads longer than this are sent as concurrent range requests cut on
     #: multiples of it (0 = one request per coalesced run)
     read_split_size: int = 0

@@ -33,6 +33,7 @@ def make_mounter(state: Path, *, background: bool = True, **extra: Any) -> Layer
     cfg = Config(state_dir=state)
     cfg.no_background_fetch = not background
     cfg.blob.fetching_timeout_sec = 20
+    cfg.blob.neighbour_span = 0  # tests count the bytes of exactly the chunks they read
     opts: dict[str, Any] = {"status_interval": 0.1, "log_level": "DEBUG"}
     opts.update(extra)
     return LayerMounter(cfg, ready_timeout=60, extra=opts)

@@ -244,3 +244,4 @@ def test_config_keys_reach_the_worker_spec(tmp_path: Path) -> None:
     default = LayerMounter(Config(state_dir=tmp_path / "s2"))
     spec = default.spec_for(tmp_path / "mp", labels)
     assert (spec.read_split_size, spec.readahead) == (0, 0)
+    assert spec.neighbour_span == 262144  # one IPFS block by default

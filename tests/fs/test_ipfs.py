@@ -36,6 +36,7 @@ def ipfs_mounter(state: Path, api: str, *, background: bool, timeout: int = 20) 
     cfg.no_background_fetch = not background
     cfg.blob.fetching_timeout_sec = timeout
     cfg.blob.max_retries = 2
+    cfg.blob.neighbour_span = 0  # tests count the bytes of exactly the chunks they read
     opts: dict[str, Any] = {"status_interval": 0.1, "log_level": "DEBUG"}
     return LayerMounter(cfg, ready_timeout=120, extra=opts)
 

@@ -116,6 +116,7 @@ def lazy_config(state: Path, api: str, *, timeout: int = 30) -> Config:
     cfg.noprefetch = True
     cfg.blob.fetching_timeout_sec = timeout
     cfg.blob.max_retries = 2
+    cfg.blob.neighbour_span = 0  # only the chunks read are fetched
     return cfg
 
 

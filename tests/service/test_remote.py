@@ -28,7 +28,8 @@ from tests.fs.test_ipfs import extents
 from tests.service.conftest import Svc, remote_labels
 from tests.support import require_fuse
 
-NO_FETCH_AHEAD = "noprefetch = true\nno_background_fetch = true\n"
+#: exactly the chunks read are fetched: no prefetch, no background fetch, no neighbours
+NO_FETCH_AHEAD = "noprefetch = true\nno_background_fetch = true\n[blob]\nneighbour_span = 0\n"
 
 
 def _gone(pid: int) -> bool:
