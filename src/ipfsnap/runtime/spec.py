@@ -46,6 +46,7 @@ import socket
 import stat
 import struct
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn, Protocol
@@ -615,7 +616,28 @@ def resolve_user(
         raise fail(f"{what}: more than one ':' (expected uid[:gid] or name[:group])")
     uid = _spec_id(uname, what, fail)
     g = _spec_id(gname, what, fail) if gname else None
-    passwd = _read_account_file(rootfs, "/etc/passwd", where)
+    # /etc/group is read beside /etc/passwd: on a lazily pulled rootfs each first read is
+    # a round trip to IPFS (0.1-0.3 s through bitswap), and both are needed for every
+    # container. Its errors still come after passwd's, as if read in turn.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="etc-group") as pool:
+        pending_groups = pool.submit(_read_account_file, rootfs, "/etc/group", where)
+        passwd = _read_account_file(rootfs, "/etc/passwd", where)
+        return _resolve_user_rows(
+            passwd, pending_groups, uid, uname, g, gname, what=what, source=source
+        )
+
+
+def _resolve_user_rows(
+    passwd: list[list[str]],
+    pending_groups: Future[list[list[str]]],
+    uid: int | None,
+    uname: str,
+    g: int | None,
+    gname: str,
+    *,
+    what: str,
+    source: str,
+) -> ResolvedUser:
     entry: list[str] | None = None
     for row in passwd:
         if len(row) < 4:
@@ -642,7 +664,7 @@ def resolve_user(
         # HOME of a hostile passwd goes into the environment: keep it a plain absolute path
         log.warning("%s: home %s of %s is unusable, using /", source, show(home), show(login))
         home = "/"
-    groups = _read_account_file(rootfs, "/etc/group", where)
+    groups = pending_groups.result()
     if gname:
         if g is None:
             for row in groups:
