@@ -527,11 +527,11 @@ def fault_flipped_bytes(setup: FaultSetup) -> FaultResult:
         try:
             with mounted(m, mp, ipfs_labels(layer.blob, layer.cid)):
                 proxy.flip_probability = 0.0
-                refused = not reader.verify_all()
+                first_safe = not reader.verify_all()
                 res.notes.append("mount while flipping: the damaged bytes were not the "
-                                 f"footer's or the TOC's; files exact: {refused}")
+                                 f"footer's or the TOC's; files exact: {first_safe}")
         except LayerMountError as exc:
-            refused = True
+            first_safe = True
             res.notes.append(f"mount while flipping: refused: {str(exc)[-160:]}")
         proxy.flip_probability = 0.0
         with mounted(m, mp, ipfs_labels(layer.blob, layer.cid)):
@@ -542,7 +542,7 @@ def fault_flipped_bytes(setup: FaultSetup) -> FaultResult:
             res.notes.append(f"{proxy.flipped} bytes flipped")
             reader.run(res.phase("clean"), setup.reads_of(0.3), threads=setup.threads,
                        seed=setup.seed + 1)
-            res.recovered = refused and not reader.verify_all() and proxy.flipped > 0
+            res.recovered = first_safe and not reader.verify_all() and proxy.flipped > 0
             wlog = m.worker_dir(mp) / "worker.log"
             res.log = log_lines(wlog, "ERROR", "digest", limit=1) + \
                 log_lines(wlog, "ERROR", "EIO", limit=1)
