@@ -157,7 +157,8 @@ def test_busybox_lazy(nodes: Nodes, busybox_image: SampleImage) -> None:
     assert run.stdout.splitlines() == [GREETING, "Hello from layer 2"]
     assert_removed(nodes.b, "hello")
 
-    # the layers are FUSE mounts (lazy) and the unread numbers.txt was never fetched
+    # the layers are FUSE mounts (lazy) and only part of the image was fetched (the files
+    # read, plus neighbour chunks inside the same IPFS blocks: [blob] neighbour_span)
     assert any(f == "fuse.ipfsnap" for _, f in _mounts_under(nodes.b.state))
     fetched, size = lazy_status(nodes.b)
     assert 0 < fetched < size
