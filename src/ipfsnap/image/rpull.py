@@ -177,7 +177,7 @@ def rpull(
         t0 = time.monotonic()
         warm = None
         ahead = os.environ.get(TOC_AHEAD_ENV, "") or DEFAULT_TOC_AHEAD
-        if snapshotter is not None and lazy and ahead:
+        if snapshotter is not None and lazy:  # toc_ahead_layers: none for "0"
             def warm(manifest: Manifest) -> None:
                 warm_tocs(fetcher, toc_ahead_layers(manifest.layers, ahead))
         remote = resolve_remote(fetcher, cid, platform, on_manifest=warm)
