@@ -9,11 +9,11 @@ same; ipfsnap's own keys live beside them. Every default is documented in
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ipfsnap.docparse import MalformedDocument, parse_toml
 from ipfsnap.errors import ConfigError
 
 DEFAULT_STATE_DIR = Path("/var/lib/ipfsnap")
@@ -158,12 +158,10 @@ def load_config(
     cfg = Config(config_path=path)
     if path.exists():
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            data = parse_toml(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config {path}: cannot read: {exc}") from exc
-        except (ValueError, RecursionError) as exc:
-            # TOMLDecodeError, and the plain ValueError tomllib lets through for an integer
-            # over Python's 4300-digit limit; RecursionError: arrays nested thousands deep
+        except MalformedDocument as exc:
             raise ConfigError(f"config {path}: invalid TOML: {exc}") from exc
         try:
             _coerce("", cfg, data)

@@ -276,3 +276,20 @@ def test_basic_auth_from_environment(
         pull_image(ImageStore(state_dir), ref)
     monkeypatch.setenv("IPFSNAP_REGISTRY_PASSWORD", "pw")
     assert pull_image(ImageStore(state_dir), ref).name == ref
+
+
+@pytest.mark.parametrize("body, want", [
+    (b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}', "manifest unknown"),
+    (b'{"errors":[{"code":"DENIED"},{"code":"X","message":"m"}]}', "DENIED; m"),
+    (b'{"errors":[7,{"code":"DENIED"}]}', "DENIED"),  # odd items skipped, not fatal
+    (b'{"errors":5}', ""),  # raised TypeError out of the pull before
+    (b'["errors"]', ""),
+    (b"", ""),  # a HEAD reply has no body
+    (b"<html>502 Bad Gateway</html>", ""),
+    (b'{"errors":' * 100_000, ""),  # nested too deep for the parser
+    (b'{"errors":[{"message":"\xff"}]}', ""),  # not UTF-8
+])
+def test_error_detail_of_any_body(body: bytes, want: str) -> None:
+    from ipfsnap.content.registry import error_detail
+
+    assert error_detail(body) == want

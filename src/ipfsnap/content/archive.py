@@ -23,7 +23,6 @@ import contextlib
 import gzip
 import hashlib
 import io
-import json
 import logging
 import lzma
 import os
@@ -37,6 +36,7 @@ import zstandard
 
 from ipfsnap.content.errors import AmbiguousImport, ArchiveError, IncompleteImage
 from ipfsnap.content.store import MAX_DEPTH, ImageRecord, ImageStore
+from ipfsnap.docparse import MalformedDocument, parse_json
 from ipfsnap.errors import IpfsnapError
 from ipfsnap.oci import (
     ANNOTATION_CONTAINERD_NAME,
@@ -396,8 +396,8 @@ def _import_docker(imp: _Importer, name: str | None) -> list[tuple[str, Descript
     src = imp.src
     raw = _read_small(src, "manifest.json")
     try:
-        entries = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # nested thousands deep
+        entries = parse_json(raw)
+    except MalformedDocument as exc:
         raise ArchiveError(f"{src.label}: manifest.json is not valid JSON: {exc}") from None
     if not isinstance(entries, list) or not entries:
         raise ArchiveError(f"{src.label}: manifest.json must be a non-empty list")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import http.client
 import ipaddress
-import json
 import logging
 import os
 import re
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 
 from ipfsnap.content.errors import ImageNotFound, RegistryAuthError, RegistryError
 from ipfsnap.content.store import ImageRecord, ImageStore
+from ipfsnap.docparse import MalformedDocument, parse_json
 from ipfsnap.errors import IpfsnapError, NotFoundError, UsageError
 from ipfsnap.oci import (
     MAX_DOCUMENT_SIZE,
@@ -76,6 +76,21 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     """``Bearer realm="...",service="..."`` -> ("bearer", {realm, service, ...})."""
     scheme, _, rest = header.strip().partition(" ")
     return scheme.lower(), dict(_CHALLENGE_PARAM.findall(rest))
+
+
+def error_detail(body: bytes) -> str:
+    """The messages of a registry's error reply (``{"errors": [{"code": .., "message": ..}]}``,
+    the distribution spec's shape) joined with "; ", or "" when the body has none."""
+    try:
+        doc = parse_json(body)
+    except MalformedDocument:
+        return ""
+    errors = doc.get("errors") if isinstance(doc, dict) else None
+    if not isinstance(errors, list):
+        return ""
+    return "; ".join(
+        str(e.get("message") or e.get("code")) for e in errors if isinstance(e, dict)
+    )
 
 
 @dataclass
@@ -163,10 +178,12 @@ class RegistryClient:
         if r.status != 200:
             raise RegistryAuthError(f"{what}: token server {realm} answered HTTP {r.status}")
         try:
-            obj = json.loads(body)
-            token = obj.get("token") or obj.get("access_token")
-        except (ValueError, AttributeError, RecursionError):  # JSON nested thousands deep
-            token = None
+            obj = parse_json(body)
+        except MalformedDocument as exc:
+            raise RegistryAuthError(
+                f"{what}: token server {realm} sent no token (reply is not JSON: {exc})"
+            ) from None
+        token = (obj.get("token") or obj.get("access_token")) if isinstance(obj, dict) else None
         if not isinstance(token, str) or not token:
             raise RegistryAuthError(f"{what}: token server {realm} sent no token")
         return "Bearer " + token
@@ -206,11 +223,8 @@ class RegistryClient:
     @staticmethod
     def _error(r: _Response, what: str) -> IpfsnapError:
         try:
-            body = r.resp.read(64 << 10)
-            errors = json.loads(body).get("errors") or []
-            detail = "; ".join(str(e.get("message") or e.get("code")) for e in errors)
-        except (ValueError, AttributeError, RecursionError, OSError,
-                http.client.HTTPException):  # RecursionError: JSON nested thousands deep
+            detail = error_detail(r.resp.read(64 << 10))
+        except (OSError, http.client.HTTPException):
             detail = ""
         finally:
             r.conn.close()

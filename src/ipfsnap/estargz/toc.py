@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from ipfsnap.docparse import MalformedDocument, parse_json
 from ipfsnap.estargz.errors import InvalidTOC
 from ipfsnap.estargz.types import ENTRY_TYPES, INT_MAX, TOCEntry
 
@@ -278,8 +279,8 @@ def decode_entries(text: str, blob: str, max_entries: int) -> list[TOCEntry]:
     hook = _entry_hook(blob, max_entries, shared)
     try:
         try:
-            doc = json.loads(text, parse_constant=_reject_constant, object_hook=hook)
-        except (ValueError, RecursionError) as exc:
+            doc = parse_json(text, parse_constant=_reject_constant, object_hook=hook)
+        except MalformedDocument as exc:
             raise InvalidTOC(f"{blob}: TOC is not valid JSON: {exc}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
             raise InvalidTOC(f"{blob}: TOC JSON has no entries list")

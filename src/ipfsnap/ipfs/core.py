@@ -9,7 +9,6 @@ trailer handling and JSON parsing.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -23,6 +22,7 @@ from typing import IO, Any, Protocol, Self
 from urllib.parse import quote, urlencode
 
 from ipfsnap.config import BlobConfig, Config
+from ipfsnap.docparse import MalformedDocument, parse_json
 from ipfsnap.ipfs.cid import SHA2_256, parse_cid
 from ipfsnap.ipfs.errors import (
     BadCID,
@@ -158,8 +158,8 @@ class Call:
 def _json_message(resp: Response) -> str:
     text = resp.body.decode("utf-8", "replace").strip()
     try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
+        obj = parse_json(text)
+    except MalformedDocument:
         return text.splitlines()[0][:500] if text else resp.reason or "no message"
     if isinstance(obj, dict) and isinstance(obj.get("Message"), str):
         return str(obj["Message"])[:500]
@@ -175,8 +175,8 @@ def _server_timeout(seconds: float) -> str:
 
 def _decode_json(call: Call, api: str, body: bytes) -> Any:
     try:
-        return json.loads(body)
-    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
+        return parse_json(body)
+    except MalformedDocument:
         raise BadReply(call.name, api, f"reply is not JSON: {body[:80]!r}", call.cid) from None
 
 

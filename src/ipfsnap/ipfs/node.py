@@ -35,6 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal
 
+from ipfsnap.docparse import MalformedDocument, parse_json
 from ipfsnap.errors import IPFSError
 from ipfsnap.ipfs.pnet import ENV_FORCE_PNET, SWARM_KEY_FILE, force_pnet, repo_swarm_key
 
@@ -165,14 +166,16 @@ def rpc_call(api_url: str, command: str, *, timeout: float, **params: str) -> An
             body = resp.read()
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode("utf-8", "replace").strip()
-        with contextlib.suppress(ValueError, AttributeError, RecursionError):
-            detail = str(json.loads(detail).get("Message", detail))
+        with contextlib.suppress(MalformedDocument):
+            reply = parse_json(detail)
+            if isinstance(reply, dict):
+                detail = str(reply.get("Message", detail))
         raise NodeError(f"IPFS API {api_url}: {command}: HTTP {exc.code}: {detail}") from None
     except (OSError, urllib.error.URLError) as exc:
         raise NodeError(f"IPFS API {api_url}: {command}: unreachable: {exc}") from None
     try:
-        return json.loads(body) if body.strip() else None
-    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
+        return parse_json(body) if body.strip() else None
+    except MalformedDocument:
         raise NodeError(f"IPFS API {api_url}: {command}: reply is not JSON") from None
 
 
@@ -202,8 +205,8 @@ def read_api_file(repo: Path) -> str | None:
 def _load_config(repo: Path) -> dict[str, Any]:
     path = repo / "config"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
+        data = parse_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, MalformedDocument) as exc:
         raise NodeError(f"{path}: cannot read IPFS repo config: {exc}") from None
     if not isinstance(data, dict):
         raise NodeError(f"{path}: IPFS repo config is not a JSON object")

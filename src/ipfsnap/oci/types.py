@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ipfsnap.docparse import MalformedDocument, parse_json
 from ipfsnap.oci import mediatypes as mt
 from ipfsnap.oci.digest import validate_digest
 from ipfsnap.oci.errors import DocumentTooLarge, OCIFormatError, UnknownMediaType
@@ -65,10 +66,9 @@ def load_json(data: bytes, what: str, max_size: int = MAX_DOCUMENT_SIZE) -> dict
         raise DocumentTooLarge(f"{what}: document is {len(data)} bytes, limit {max_size}")
     try:
         # NaN/Infinity (also as 1e400) are not JSON (RFC 8259; Go refuses them, and
-        # canonical_json cannot write them back); ValueError also covers integers over
-        # Python's 4300-digit limit
-        obj = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
-    except (ValueError, RecursionError) as exc:
+        # canonical_json cannot write them back)
+        obj = parse_json(data, parse_constant=_reject_constant, parse_float=_finite_float)
+    except MalformedDocument as exc:
         raise OCIFormatError(f"{what}: not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise OCIFormatError(f"{what}: JSON document must be an object")

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import IO, Any
 
+from ipfsnap.docparse import MalformedDocument, parse_json
 from ipfsnap.errors import IpfsnapError
 from ipfsnap.service.errors import ProtocolError, RemoteInternalError
 from ipfsnap.snapshot.types import Info, Kind, Mount, Usage
@@ -121,8 +122,8 @@ def read_message(stream: IO[bytes], *, peer: str) -> dict[str, Any] | None:
             raise ProtocolError(f"{peer}: message larger than {MAX_MESSAGE} bytes")
         raise ProtocolError(f"{peer}: connection closed in the middle of a message")
     try:
-        data = json.loads(line)
-    except (ValueError, RecursionError) as exc:  # RecursionError: nested thousands deep
+        data = parse_json(line)
+    except MalformedDocument as exc:
         raise ProtocolError(f"{peer}: message is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ProtocolError(f"{peer}: message is not a JSON object")
