@@ -21,7 +21,13 @@ import pytest
 from ipfsnap.config import Config
 from ipfsnap.estargz import FileRangeReader, open_layer
 from ipfsnap.estargz.errors import BadFooter
-from ipfsnap.estargz.footer import GZIP_FOOTER_SIZE, TAIL_READ_SIZE, tail_start
+from ipfsnap.estargz.footer import (
+    GZIP_FOOTER_SIZE,
+    TAIL_READ_SIZE,
+    TOC_TAIL_ENV,
+    tail_read_size,
+    tail_start,
+)
 from ipfsnap.fs.errors import FetchError
 from ipfsnap.fs.layer import LayerTables
 from ipfsnap.fs.mounter import SIZE_LABEL, LayerMounter
@@ -70,6 +76,22 @@ def test_tail_start_is_aligned_and_covers_the_span() -> None:
     assert tail_start(size, 1000) == size - 1000
     # never less than the longest footer, whatever span is asked for
     assert size - tail_start(size, 0) >= GZIP_FOOTER_SIZE
+
+
+@pytest.mark.parametrize("value, want", [
+    (None, TAIL_READ_SIZE), ("", TAIL_READ_SIZE), ("junk", TAIL_READ_SIZE),
+    ("1.5", TAIL_READ_SIZE), ("0", 0), ("4096", 4096), (" 1048576 ", MIB), ("-5", 0),
+])
+def test_tail_read_size_from_the_environment(value: str | None, want: int) -> None:
+    environ = {} if value is None else {TOC_TAIL_ENV: value}
+    assert tail_read_size(environ) == want
+
+
+def test_tail_read_size_reads_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IPFSNAP_TOC_TAIL", "12345")
+    assert tail_read_size() == 12345
+    monkeypatch.delenv("IPFSNAP_TOC_TAIL")
+    assert tail_read_size() == TAIL_READ_SIZE
 
 
 def test_toc_in_the_tail_is_one_request(big_blob: Blob, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ import pytest
 from ipfsnap.cli.rpull import EnteredInBackground
 from ipfsnap.content import ImageStore
 from ipfsnap.estargz import TOC_DIGEST_ANNOTATION, BuildOptions, build, open_layer
+from ipfsnap.estargz.footer import TAIL_READ_SIZE
 from ipfsnap.fs.source import TailReader
 from ipfsnap.image.errors import RemoteImageFormatError
 from ipfsnap.image.resolve import BlobFetcher, resolve_remote
@@ -246,6 +247,42 @@ def test_warm_tocs_never_fails_the_pull(tmp_path: Path) -> None:
     finally:
         threading.excepthook = hook
     assert escaped == []
+
+
+class _TailClient:
+    """Records the range each ``cat`` asks for; answers zeros (no footer: the warm-up stops
+    there, quietly)."""
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[str, int, int]] = []
+
+    def cat(self, cid: str, offset: int, length: int) -> bytes:
+        self.reads.append((cid, offset, length))
+        return bytes(length)
+
+
+@pytest.mark.parametrize("value, span", [
+    ("", TAIL_READ_SIZE), ("junk", TAIL_READ_SIZE), ("0", 0), ("1048576", 1 << 20),
+])
+def test_warm_tocs_reads_the_tail_the_worker_reads(monkeypatch: pytest.MonkeyPatch,
+                                                  value: str, span: int) -> None:
+    """The range follows IPFSNAP_TOC_TAIL as the layer workers' spec does (one parser:
+    estargz.footer.tail_read_size), so the blocks fetched ahead are the ones asked next."""
+    from ipfsnap.estargz.footer import tail_start
+    from ipfsnap.ipfs.unixfs import CHUNK_SIZE
+
+    monkeypatch.setenv("IPFSNAP_TOC_TAIL", value)
+    size = 40 * CHUNK_SIZE + 1234
+    layer = Descriptor(mediatypes.OCI_LAYER_GZIP, sha256_digest(b"layer"), size,
+                       urls=(f"ipfs://{NO_SUCH_CID}",),
+                       annotations={TOC_DIGEST_ANNOTATION: sha256_digest(b"toc")})
+    client = _TailClient()
+    fetcher: Any = type("Fetcher", (), {"client": client})()
+    for t in warm_tocs(fetcher, [layer]):
+        t.join(WAIT)
+        assert not t.is_alive()
+    start = tail_start(size, span, CHUNK_SIZE)
+    assert client.reads == [(NO_SUCH_CID, start, size - start)]
 
 
 @pytest.mark.integration

@@ -15,8 +15,10 @@ offset, compressed TOC size, uncompressed TOC size, manifest type (1), then ``Gn
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ipfsnap.estargz.errors import BadFooter
@@ -159,9 +161,30 @@ def parse_zstd_footer(footer: bytes) -> ZstdFooter:
 #: theirs: the first layer's mount took longer with 1 MiB (docs/benchmarks.md, "TOC in one
 #: request")
 TAIL_READ_SIZE = 0
+#: environment variable overriding :data:`TAIL_READ_SIZE` (benchmarks, e.g. hello-bench's
+#: ``-tail1m``): the snapshotter's layer workers (fs.mounter) and rpull's TOC-ahead fetch
+#: (image.rpull) both read it through :func:`tail_read_size`, so they read the same range
+#: and the blocks rpull fetched ahead are the ones the worker asks for
+TOC_TAIL_ENV = "IPFSNAP_TOC_TAIL"
 #: bytes every format's footer needs at the blob's end (the zstd:chunked footer and its
 #: skippable frame header are the longest: 40 + 8; gzip's is 51)
 _MIN_TAIL = max(GZIP_FOOTER_SIZE, ZSTD_FOOTER_SIZE + SKIPPABLE_HEADER_SIZE)
+
+
+def tail_read_size(environ: Mapping[str, str] | None = None) -> int:
+    """The tail read size: ``$IPFSNAP_TOC_TAIL`` (:data:`TOC_TAIL_ENV`) in bytes, a negative
+    value read as 0; :data:`TAIL_READ_SIZE` when it is unset, empty or not an integer.
+
+    The two parsers this replaces agreed on every value but spelled the fallback
+    differently: rpull used :data:`TAIL_READ_SIZE` itself, the mounter kept None ("leave the
+    WorkerSpec default", which is :data:`TAIL_READ_SIZE` too). rpull's explicit form is kept:
+    one int, the same for every caller. A bad value is ignored silently, as before (a
+    benchmark switch; rpull reads it for each layer it warms, so a warning would repeat)."""
+    env = os.environ if environ is None else environ
+    try:
+        return max(0, int(env.get(TOC_TAIL_ENV, "") or TAIL_READ_SIZE))
+    except ValueError:
+        return TAIL_READ_SIZE
 
 
 def tail_start(size: int, span: int = TAIL_READ_SIZE, align: int = 1) -> int:

@@ -65,6 +65,7 @@ from typing import Any
 
 from ipfsnap.config import Config
 from ipfsnap.errors import IpfsnapError
+from ipfsnap.estargz.footer import tail_read_size
 from ipfsnap.fs.errors import LayerMountError, WorkerSpecError
 from ipfsnap.fs.fetcher import ActivityBoard
 from ipfsnap.fs.spec import SourceSpec, WorkerSpec, read_status
@@ -94,9 +95,6 @@ CHECK_TIMEOUT = 5.0
 EXIT_TIMEOUT = 10.0
 #: environment variable naming the workers' parsed-TOC cache mode (benchmarks)
 TOC_CACHE_ENV = "IPFSNAP_TOC_CACHE"
-#: environment variable: the workers' ``toc_tail`` in bytes (benchmarks; default
-#: estargz.footer.TAIL_READ_SIZE)
-TOC_TAIL_ENV = "IPFSNAP_TOC_TAIL"
 #: seconds after the last mount (none in progress) before used spares are replaced: not
 #: during a pull (a new process's imports, ~0.5 s of CPU idle and 1.5-2.7 s at load 6-8,
 #: would compete with the layers being opened on 2 cores) nor while the container it was
@@ -225,9 +223,8 @@ class LayerMounter:
         #: parsed TOCs handed from warm-ups to workers (fs/tablecache.py)
         self.tables = TableCache(self.cache_root)
         self.toc_cache = os.environ.get(TOC_CACHE_ENV, "") or "wait"
-        self.toc_tail: int | None = None
-        with contextlib.suppress(ValueError):
-            self.toc_tail = max(0, int(os.environ.get(TOC_TAIL_ENV, "")))
+        #: the workers' ``toc_tail`` (``IPFSNAP_TOC_TAIL``, benchmarks)
+        self.toc_tail = tail_read_size()
         try:
             self.warm_nice = int(os.environ.get(WARM_NICE_ENV, "") or WARM_NICE)
         except ValueError:
@@ -365,8 +362,7 @@ class LayerMounter:
             fetch_period=cfg.background_fetch.fetch_period_msec / 1000.0,
             toc_cache=self.toc_cache,
         )
-        if self.toc_tail is not None:
-            spec.toc_tail = self.toc_tail
+        spec.toc_tail = self.toc_tail
         for key, value in self.extra.items():
             if not hasattr(spec, key):
                 raise WorkerSpecError(f"layer worker: unknown option {key!r}")

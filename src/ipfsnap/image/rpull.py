@@ -57,8 +57,6 @@ DEFAULT_TOC_AHEAD = "first"
 #: environment switch (hello_bench's ``-ahead``/``-noahead`` modes): "first", "1"/"all",
 #: or anything else (e.g. "0") for none
 TOC_AHEAD_ENV = "IPFSNAP_TOC_AHEAD"
-#: the layer workers' tail read size (fs.mounter.TOC_TAIL_ENV: image must not import fs)
-TOC_TAIL_ENV = "IPFSNAP_TOC_TAIL"
 
 
 def toc_ahead_layers(layers: Sequence[Descriptor], mode: str) -> list[Descriptor]:
@@ -100,8 +98,8 @@ def warm_tocs(fetcher: BlobFetcher, layers: Sequence[Descriptor]) -> list[thread
 def _warm_toc(fetcher: BlobFetcher, layer: Descriptor) -> None:
     from ipfsnap.estargz.footer import (
         GZIP_FOOTER_SIZE,
-        TAIL_READ_SIZE,
         parse_gzip_footer,
+        tail_read_size,
         tail_start,
     )
     from ipfsnap.ipfs.unixfs import CHUNK_SIZE
@@ -114,11 +112,7 @@ def _warm_toc(fetcher: BlobFetcher, layer: Descriptor) -> None:
             return
         # the range the layer worker reads first (its spec's toc_tail: the snapshotter's
         # IPFSNAP_TOC_TAIL, which a benchmark sets for this command too)
-        try:
-            span = max(0, int(os.environ.get(TOC_TAIL_ENV, "") or TAIL_READ_SIZE))
-        except ValueError:
-            span = TAIL_READ_SIZE
-        start = tail_start(layer.size, span, CHUNK_SIZE)
+        start = tail_start(layer.size, tail_read_size(), CHUNK_SIZE)
         tail = fetcher.client.cat(cid, start, layer.size - start)
         # eStargz (gzip) only: others are left as they are
         toc_offset = parse_gzip_footer(tail[-GZIP_FOOTER_SIZE:])
