@@ -24,7 +24,9 @@ lazy layer's only, the default: ``IPFSNAP_TOC_AHEAD=first``), ``-noahead`` (none
 ``-refill0`` (a used spare replaced at once, during the pull: ``IPFSNAP_REFILL_QUIET=0``; a
 suffix's environment goes to the snapshotter too),
 ``-cold`` (this mode's snapshotter started on demand inside the timed pull, as
-``--cold-snapshotter`` does for every mode), e.g. ``lazy-nobg-nb``.
+``--cold-snapshotter`` does for every mode), ``-mc4`` (``max_concurrency = 4``),
+``-nowarm`` (``run`` reads nothing of the command's executable and libraries ahead:
+``[run] warm_bytes = 0``), e.g. ``lazy-nobg-nb``.
 
 Workloads (``--workload``, default ``hello``): ``hello`` = ``python3 -c
 'print("Hello, World!")'``; ``imports`` = ``python3 -c`` importing several stdlib packages
@@ -176,7 +178,13 @@ SUFFIXES = {
     "-sp1": ("env", ""),
     "-refill0": ("env", ""),
     "-cold": ("run", ""),
+    # four concurrent fetches per layer (default 2, the reference's value)
+    "-mc4": ("", "max_concurrency = 4"),
+    # run reads nothing ahead of the command's exec (as before the fifth session)
+    "-nowarm": ("config.run", "warm_bytes = 0"),
 }
+#: the config tables of suffix kinds ("run" is taken: a suffix that changes the run itself)
+CONFIG_TABLES = {"blob": "[blob]", "config.run": "[run]"}
 #: suffixes that set the rpull command's environment instead of the config
 SUFFIX_ENV = {"-ahead": {"IPFSNAP_TOC_AHEAD": "1"},
               # the first lazy layer's footer and TOC only, fetched by rpull ahead (default
@@ -227,12 +235,13 @@ def mode_config(mode: str) -> str:
     # a suffix that opens a table goes last, so plain top-level keys stay above it
     top = sorted((SUFFIXES[s][1] for s in sufs if SUFFIXES[s][0] == ""),
                  key=lambda line: "[" in line)
-    blob = [SUFFIXES[s][1] for s in sufs if SUFFIXES[s][0] == "blob"]
     text = "".join(f"{line}\n" for line in top)
-    if blob:
-        if "[blob]" not in text:
-            text += "[blob]\n"
-        text += "".join(f"{line}\n" for line in blob)
+    for kind, header in CONFIG_TABLES.items():
+        lines = [SUFFIXES[s][1] for s in sufs if SUFFIXES[s][0] == kind]
+        if lines:
+            if header not in text:
+                text += f"{header}\n"
+            text += "".join(f"{line}\n" for line in lines)
     return text
 
 

@@ -39,3 +39,16 @@ def test_valid_config_loads(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text("[blob]\nchunk_size = 12345\n")
     assert load_config(path, state_dir=tmp_path).blob.chunk_size == 12345
+
+
+def test_run_table(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    # no file at the default path (the environment names none): the default
+    assert load_config(state_dir=tmp_path, environ={}).run.warm_bytes == 32 << 20
+    path.write_text("[run]\nwarm_bytes = 0\n")
+    assert load_config(path, state_dir=tmp_path).run.warm_bytes == 0
+    for bad, problem in (("warm_bytes = -1", "must not be negative"),
+                         ("warm_bytes = 'x'", "must be int"), ("warm = 1", "unknown key")):
+        path.write_text(f"[run]\n{bad}\n")
+        with pytest.raises(ConfigError, match=problem):
+            load_config(path, state_dir=tmp_path)

@@ -71,6 +71,17 @@ class FuseConfig:
 
 
 @dataclass
+class RunConfig:
+    """``[run]``: starting containers."""
+
+    #: bytes ``run --snapshotter=stargz`` reads ahead from the command's executable, its
+    #: interpreter and shared libraries while runc starts the container (0 = off): python3
+    #: with its libraries is ~10 MB, so 32 MiB covers a big program's start
+    #: (runtime/warm.py; measured in docs/benchmarks.md, hello-bench)
+    warm_bytes: int = 32 << 20
+
+
+@dataclass
 class Config:
     """All settings. Build with :func:`load_config`."""
 
@@ -98,6 +109,7 @@ class Config:
     blob: BlobConfig = field(default_factory=BlobConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
     background_fetch: BackgroundFetchConfig = field(default_factory=BackgroundFetchConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     @property
     def ipfs_repo(self) -> Path:
@@ -111,7 +123,7 @@ def _coerce(section: str, obj: Any, data: dict[str, Any]) -> None:
         if key not in known:
             raise ConfigError(f"config: unknown key {section}{key!r}")
         current = getattr(obj, key)
-        if isinstance(current, (BlobConfig, FuseConfig, BackgroundFetchConfig)):
+        if isinstance(current, (BlobConfig, FuseConfig, BackgroundFetchConfig, RunConfig)):
             if not isinstance(value, dict):
                 raise ConfigError(f"config: [{key}] must be a table")
             _coerce(f"{key}.", current, value)

@@ -338,6 +338,20 @@ entry_timeout = 1
     ]
 
 
+def _elf_seeds() -> list[bytes]:
+    """Small executables and shared objects of both classes and byte orders."""
+    from tests.runtime.elfs import ElfSpec, build_elf
+
+    return [
+        build_elf(ElfSpec(interpreter="/lib64/ld-linux-x86-64.so.2",
+                          needed=("libm.so.6", "libc.so.6"), runpath="$ORIGIN/../lib")),
+        build_elf(ElfSpec(elf_class=1, byte_order=2, machine=40, needed=("libc.so.6",),
+                          rpath="/opt/lib")),
+        build_elf(ElfSpec()),
+        build_elf(ElfSpec(needed=("a.so",), strtab_addr=1)),
+    ]
+
+
 def seeds() -> dict[str, list[bytes]]:
     out = {
         "estargz_footer": _footer_seeds(),
@@ -355,6 +369,7 @@ def seeds() -> dict[str, list[bytes]]:
         "ipfs_swarm_key": _swarm_key_seeds(),
         "config_toml": _config_seeds(),
         "content_archive": _archive_seeds(),
+        "runtime_elf": _elf_seeds(),
     }
     out.update(_oci_seeds())
     return out

@@ -68,6 +68,7 @@ from ipfsnap.oci import (
     parse_manifest,
 )
 from ipfsnap.runtime import build_spec
+from ipfsnap.runtime.elf import MAX_NEEDED, parse_elf
 from ipfsnap.runtime.spec import image_container_config
 from ipfsnap.snapshot.apply import ApplyLimits, apply_layer
 
@@ -441,6 +442,23 @@ def fuzz_oci_config_spec(data: bytes) -> None:
         expect(dest.startswith("/") and ".." not in dest.split("/"), f"mount at {dest!r}")
 
 
+def fuzz_runtime_elf(data: bytes) -> None:
+    """An image's executable or shared object as ``run``'s warm-up parses it (program
+    headers, PT_INTERP, the dynamic section and its strings): its fields, or one clean
+    error, from a few bounded reads."""
+    reads: list[int] = []
+
+    def read(at: int, n: int) -> bytes:
+        reads.append(n)
+        return data[at:at + n]
+
+    info = parse_elf(read, len(data), "fuzz")
+    names = [*info.needed, *info.search_path, info.interpreter or ""]
+    expect(all("\x00" not in n for n in names), "NUL in a name")
+    expect(len(info.needed) <= MAX_NEEDED, f"{len(info.needed)} DT_NEEDED names kept")
+    expect(len(reads) <= 5, f"{len(reads)} reads")
+
+
 def fuzz_oci_document(data: bytes) -> None:
     parse_document(data, "fuzz")
 
@@ -580,6 +598,7 @@ TARGETS: dict[str, Target] = {
                idle_seconds=21),
         # an import writes an archive and a store per input (~2 ms, loaded: 10,000 took
         # 26 s): 5,000 in CI (coverage grew from 393 to 396 lines between 4,096 and 8,192)
+        Target("runtime_elf", fuzz_runtime_elf, 4096, idle_seconds=10),
         Target("content_archive", fuzz_content_archive, 20480, ci_cases=5_000, tokens="tar",
                idle_seconds=180),
         Target("ipfs_cid", fuzz_cid, 256, idle_seconds=14),

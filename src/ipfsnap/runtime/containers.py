@@ -46,6 +46,7 @@ from ipfsnap.runtime.errors import (
 )
 from ipfsnap.runtime.runc import FORWARDED_SIGNALS, Runc
 from ipfsnap.runtime.spec import ContainerConfig, write_bundle
+from ipfsnap.runtime.warm import ExecWarmer
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +338,7 @@ class ContainerStore:
         stdin: IO[Any] | int | None = None,
         stdout: IO[Any] | int | None = None,
         stderr: IO[Any] | int | None = None,
+        warm_bytes: int = 0,
     ) -> int:
         """Mount the rootfs, write the bundle and run the container created by :meth:`create`.
 
@@ -344,9 +346,14 @@ class ContainerStore:
         ``record.rm`` everything is removed afterwards, also when a step fails or the run is
         interrupted. Detached: returns 0 once runc has started the container; a failure to
         start removes it again.
+
+        ``warm_bytes`` > 0: once the rootfs is mounted, up to that many bytes of the files the
+        command's exec reads (executable, interpreter, shared libraries) are read ahead, while
+        the bundle is written and runc starts (runtime/warm.py; for lazily mounted rootfs).
         """
         d = self.path(record.id)
         started = False
+        warmer: ExecWarmer | None = None
         with signals_raise():
             try:
                 if record.detached and cfg.tty:
@@ -354,6 +361,9 @@ class ContainerStore:
                 if record.detached and record.rm:
                     raise BadRunOption("-d with --rm: no monitor would remove it; use rm later")
                 mount_rootfs(d / "rootfs")
+                if warm_bytes > 0:
+                    warmer = ExecWarmer(d / "rootfs", warm_bytes, name=f"container {record.id}")
+                    warmer.start(cfg.args, cfg.env, cfg.cwd)
                 write_bundle(
                     d,
                     cfg,
@@ -374,6 +384,9 @@ class ContainerStore:
                 self.save(record)
                 return code
             finally:
+                if warmer is not None:
+                    # its open files would keep the rootfs busy at removal
+                    warmer.stop()
                 if record.rm or not started:
                     with signals_deferred():
                         self.destroy(record.id, release, force=True)

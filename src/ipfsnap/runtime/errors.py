@@ -54,3 +54,12 @@ class Interrupted(KeyboardInterrupt):
 class ImageConfigError(FormatError):
     """An image's config (or a file the runtime reads from its rootfs, as /etc/passwd) holds
     a value that cannot be run safely; the message names the image and the field."""
+
+
+class ElfFormatError(FormatError):
+    """An ELF file's headers are malformed or point outside it (runtime/elf.py)."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name}: {problem}")
+        #: the problem alone, for callers that name the file themselves
+        self.problem = problem

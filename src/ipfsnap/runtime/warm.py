@@ -1,0 +1,361 @@
+"""Warm a lazily mounted rootfs with the files the container's first exec will read.
+
+On a lazily pulled rootfs every first read of a file waits for IPFS, and a program's start
+reads its files one after the other: the kernel reads the executable's headers, then the
+program interpreter (ld.so), which opens each shared object in turn. Each of those is a round
+trip to the IPFS node (over bitswap to a remote peer: ~0.1 s for one 256 KiB block, while a
+bigger read costs only ~26 ms more per block; docs/benchmarks.md), taken in series.
+
+``run`` knows the command before runc starts it, so :class:`ExecWarmer` reads those files
+itself, concurrently, while the bundle is written and runc creates the container: the
+executable (found through the container's PATH, as runc does), a ``#!`` script's interpreter,
+the ELF program interpreter and every ``DT_NEEDED`` shared object, recursively (runtime/elf.py).
+Their data lands in the layer filesystem's chunk cache and the page cache, so the exec finds
+it there. The reference has no counterpart (without a prefetch landmark in the image it
+fetches nothing before the container reads it).
+
+Bounds: at most ``budget`` bytes are read in all (``[run] warm_bytes``, a file's first bytes
+first), at most :data:`MAX_FILES` files; the warm-up never fails a run (a file it cannot find,
+open or parse is skipped, logged at debug level) and stops when the container exits.
+
+Only regular files are opened, with ``O_PATH`` first (opening a device node of the image as
+root could act on the host's device) and paths are resolved inside the rootfs
+(spec.resolve_in_root). The container runs while the warm-up reads and could swap a directory
+for a symlink between the lookup and the open: the worst it gets is this process reading (and
+discarding) some host file's bytes, bounded by the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import stat
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path, PurePosixPath
+
+from ipfsnap.errors import IpfsnapError
+from ipfsnap.runtime.elf import ElfInfo, is_elf, parse_elf
+from ipfsnap.runtime.spec import resolve_in_root
+
+log = logging.getLogger(__name__)
+
+#: runc's PATH when the container's environment has none (and docker's default)
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: bytes one read task covers: a quarter of the usual 4 MiB eStargz chunk, so a big file's
+#: chunks are requested concurrently (the layer filesystem merges reads of one chunk)
+WINDOW = 1 << 20
+#: reader threads: enough to ask for all of the executable's windows and the libraries at
+#: once (python3.11: 7 windows, + ld.so + 4 libraries, ~16 MiB); a thread mostly waits on a
+#: read. The layer filesystem bounds its own concurrency per layer (max_concurrency)
+THREADS = 16
+#: files looked at at most (a program with ~100 shared objects is big; a dependency loop or
+#: a crafted image stops here)
+MAX_FILES = 128
+#: ``#!`` interpreters followed at most: the kernel's BINPRM_MAX_RECURSION
+MAX_SCRIPT_DEPTH = 4
+#: bytes of a ``#!`` line read (the kernel's BINPRM_BUF_SIZE)
+SHEBANG_BYTES = 256
+#: seconds :meth:`ExecWarmer.stop` waits for reads in flight before leaving them to their
+#: (daemon) threads
+STOP_TIMEOUT = 2.0
+
+#: Debian's multiarch library directories by ELF machine (e_machine)
+MULTIARCH: dict[int, tuple[str, ...]] = {
+    62: ("x86_64-linux-gnu",),  # EM_X86_64
+    183: ("aarch64-linux-gnu",),  # EM_AARCH64
+    3: ("i386-linux-gnu",),  # EM_386
+    40: ("arm-linux-gnueabihf", "arm-linux-gnueabi"),  # EM_ARM
+    21: ("powerpc64le-linux-gnu",),  # EM_PPC64
+    22: ("s390x-linux-gnu",),  # EM_S390
+    243: ("riscv64-linux-gnu",),  # EM_RISCV
+}
+
+
+@dataclass
+class WarmStats:
+    """What a warm-up did."""
+
+    files: int = 0
+    bytes: int = 0
+    #: files that were skipped: missing, not regular, unreadable or malformed
+    skipped: int = 0
+    seconds: float = 0.0
+    #: container paths warmed, in the order they were first opened
+    paths: tuple[str, ...] = ()
+
+
+def _env_value(env: Sequence[str], key: str) -> str | None:
+    """The last ``key=`` entry of ``env`` (the one a process sees), or None."""
+    value = None
+    for item in env:
+        k, sep, v = item.partition("=")
+        if sep and k == key:
+            value = v
+    return value
+
+
+def library_dirs(info: ElfInfo, origin: str, env: Sequence[str]) -> list[str]:
+    """Directories searched for ``info``'s DT_NEEDED names, in the loader's order.
+
+    ``origin`` is the container directory of the object (``$ORIGIN``). Search-path entries
+    with other dynamic string tokens ($LIB, $PLATFORM) are left out: they name
+    per-machine directories this process cannot expand for certain.
+    """
+    dirs: list[str] = []
+    for entry in info.search_path:
+        entry = entry.replace("${ORIGIN}", origin).replace("$ORIGIN", origin)
+        if "$" not in entry:
+            dirs.append(entry)
+    dirs.extend(p for p in (_env_value(env, "LD_LIBRARY_PATH") or "").split(":") if p)
+    for triplet in MULTIARCH.get(info.machine, ()):
+        dirs += [f"/lib/{triplet}", f"/usr/lib/{triplet}"]
+    if info.elf_class == 2:
+        dirs += ["/lib64", "/usr/lib64"]
+    dirs += ["/lib", "/usr/lib", "/usr/local/lib"]
+    return [d for d in dirs if d.startswith("/")]
+
+
+class ExecWarmer:
+    """Reads, concurrently, the files the exec of a command in ``root`` needs.
+
+    ``start`` returns at once; ``stop`` ends it (call it when the container has exited, or
+    once the warm-up is no longer useful); ``wait`` is for tests and benchmarks.
+    """
+
+    def __init__(self, root: Path, budget: int, *, threads: int = THREADS,
+                 window: int = WINDOW, name: str = "") -> None:
+        self.root = root
+        self.name = name or str(root)
+        self._budget = budget
+        self._window = window
+        self._threads = [threading.Thread(target=self._work, name=f"warm-{i}", daemon=True)
+                         for i in range(max(1, threads))]
+        self._tasks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
+        self._pending = 0
+        self._stopping = threading.Event()
+        self._seen: set[Path] = set()
+        self._paths: list[str] = []
+        self._bytes = 0
+        self._skipped = 0
+        self._started = 0.0
+        self._ended: float | None = None
+
+    # -- public -----------------------------------------------------------------------------
+
+    def start(self, args: Sequence[str], env: Sequence[str], cwd: str = "/") -> None:
+        """Begin warming for the process ``args`` with environment ``env`` in ``cwd``."""
+        self._started = time.monotonic()
+        if not args or self._budget <= 0:
+            self._ended = self._started
+            return
+        for t in self._threads:
+            t.start()
+        self._submit(lambda: self._command(args[0], env, cwd))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Whether every read finished within ``timeout`` seconds."""
+        with self._done:
+            return self._done.wait_for(lambda: self._pending == 0, timeout)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> WarmStats:
+        """Drop the reads not begun, wait up to ``timeout`` s for those in flight."""
+        self._stopping.set()
+        for t in self._threads:
+            if t.is_alive():
+                self._tasks.put(None)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            if t.is_alive():
+                t.join(max(0.0, deadline - time.monotonic()))
+        stats = self.stats()
+        log.info("%s: warmed %d files of the command (%d bytes, %d skipped) in %.2f s",
+                 self.name, stats.files, stats.bytes, stats.skipped, stats.seconds)
+        return stats
+
+    def stats(self) -> WarmStats:
+        with self._lock:
+            end = self._ended if self._ended is not None else time.monotonic()
+            return WarmStats(files=len(self._paths), bytes=self._bytes, skipped=self._skipped,
+                             seconds=end - self._started, paths=tuple(self._paths))
+
+    # -- the task queue ---------------------------------------------------------------------
+
+    def _submit(self, task: Callable[[], None]) -> None:
+        if self._stopping.is_set():
+            return
+        with self._lock:
+            self._pending += 1
+        self._tasks.put(task)
+
+    def _work(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            try:
+                if not self._stopping.is_set():
+                    task()
+            except (OSError, IpfsnapError) as exc:
+                # best effort: a file that cannot be read is read by the container itself
+                # (which then gets the error, if any, itself)
+                log.debug("%s: warm-up step skipped: %s", self.name, exc)
+                with self._lock:
+                    self._skipped += 1
+            except Exception:  # a warm-up must never end the run
+                log.exception("%s: warm-up step failed", self.name)
+            finally:
+                with self._done:
+                    self._pending -= 1
+                    if self._pending == 0:
+                        self._ended = time.monotonic()
+                        self._done.notify_all()
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def _command(self, argv0: str, env: Sequence[str], cwd: str) -> None:
+        if "/" in argv0:
+            self._visit(str(PurePosixPath(cwd, argv0)), depth=0, program=None, env=env)
+            return
+        for d in (_env_value(env, "PATH") or DEFAULT_PATH).split(":"):
+            # runc's lookup: a relative PATH entry is relative to the working directory
+            candidate = str(PurePosixPath(cwd, d or ".", argv0))
+            real = resolve_in_root(self.root, candidate)
+            try:
+                st = real.stat()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
+                self._visit(candidate, depth=0, program=None, env=env)
+                return
+        self._skip(f"{argv0}: not found in the container's PATH")
+
+    def _lib(self, name: str, dirs: Sequence[str], program: ElfInfo,
+             env: Sequence[str]) -> None:
+        for d in dirs:
+            path = str(PurePosixPath(d, name))
+            fd = self._open(resolve_in_root(self.root, path))
+            if fd is None:
+                continue
+            try:
+                size = os.fstat(fd).st_size
+                info = parse_elf(_reader(fd), size, path)
+            except IpfsnapError:
+                continue  # not a loadable object here: ld.so goes on to the next directory
+            finally:
+                os.close(fd)
+            if program.same_kind(info):
+                self._visit(path, depth=0, program=program, env=env)
+                return
+        self._skip(f"shared object {name}: not found")
+
+    def _visit(self, path: str, *, depth: int, program: ElfInfo | None,
+               env: Sequence[str]) -> None:
+        """Open the file at container ``path``, queue what it needs, then its reads."""
+        real = resolve_in_root(self.root, path)
+        with self._lock:
+            if real in self._seen or len(self._seen) >= MAX_FILES:
+                return
+            self._seen.add(real)
+        fd = self._open(real)
+        if fd is None:
+            self._skip(f"{path}: not a regular file")
+            return
+        try:
+            size = os.fstat(fd).st_size
+            # the container path of the file itself, for $ORIGIN and messages
+            here = "/" + str(real.relative_to(self.root))
+            with self._lock:
+                self._paths.append(here)
+            # every part of the file is asked for before its headers are parsed: the
+            # headers' chunk is one of many the exec needs, and the parse waits for it
+            self._queue_reads(real, size)
+            head = os.pread(fd, SHEBANG_BYTES, 0)
+            if head.startswith(b"#!") and depth < MAX_SCRIPT_DEPTH:
+                interp = _shebang(head)
+                if interp:
+                    self._submit(lambda: self._visit(interp, depth=depth + 1, program=None,
+                                                     env=env))
+            elif is_elf(head):
+                info = parse_elf(_reader(fd), size, here)
+                self._dependencies(info, here, program or info, env)
+        finally:
+            os.close(fd)
+
+    def _dependencies(self, info: ElfInfo, here: str, program: ElfInfo,
+                      env: Sequence[str]) -> None:
+        if info.interpreter:
+            interp = info.interpreter
+            self._submit(lambda: self._visit(interp, depth=0, program=program, env=env))
+        if info.needed:
+            dirs = library_dirs(info, str(PurePosixPath(here).parent), env)
+            for name in info.needed:
+                if "/" in name:  # a path, loaded as given
+                    self._submit(partial(self._visit, name, depth=0, program=program, env=env))
+                else:
+                    self._submit(partial(self._lib, name, dirs, program, env))
+
+    def _queue_reads(self, real: Path, size: int) -> None:
+        with self._lock:
+            take = min(size, self._budget - self._bytes)
+            if take <= 0:
+                return
+            self._bytes += take
+        for offset in range(0, take, self._window):
+            length = min(self._window, take - offset)
+            self._submit(partial(self._read, real, offset, length))
+
+    def _read(self, real: Path, offset: int, length: int) -> None:
+        fd = self._open(real)
+        if fd is None:
+            return
+        try:
+            end = offset + length
+            while offset < end and not self._stopping.is_set():
+                got = len(os.pread(fd, min(end - offset, self._window), offset))
+                if not got:
+                    break
+                offset += got
+        finally:
+            os.close(fd)
+
+    def _open(self, real: Path) -> int | None:
+        """A read-only descriptor of ``real`` if it is a regular file, else None.
+
+        Opened as ``O_PATH`` first and checked: opening a device node or fifo for reading
+        could act on the host's device or block.
+        """
+        try:
+            pfd = os.open(real, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(pfd).st_mode):
+                return None
+            return os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            os.close(pfd)
+
+    def _skip(self, why: str) -> None:
+        log.debug("%s: warm-up: %s", self.name, why)
+        with self._lock:
+            self._skipped += 1
+
+
+def _reader(fd: int) -> Callable[[int, int], bytes]:
+    return lambda offset, length: os.pread(fd, length, offset)
+
+
+def _shebang(head: bytes) -> str | None:
+    """The interpreter path of a ``#!`` line (the kernel's rules: first word, after blanks)."""
+    line = head[2:].split(b"\n", 1)[0]
+    words = line.replace(b"\t", b" ").split()
+    if not words or not words[0].startswith(b"/"):
+        return None
+    return os.fsdecode(words[0])
