@@ -6,6 +6,7 @@ mount test runs two real layer workers and a reader.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -440,3 +441,45 @@ def test_mount_warms_the_next_layers_into_the_cache(tmp_path: Path) -> None:
             assert (tmp_path / "c" / "small").read_bytes() == b"small\n"
     finally:
         m.close()
+
+
+# a nesting depth far past the interpreter's recursion limit (1000): json.loads raises
+# RecursionError, not ValueError, for it; containerd allows a label of 4096 bytes
+DEEP = 4000
+
+
+@pytest.mark.parametrize(("value", "why"), [
+    ("[" * DEEP, "nested too deeply"),
+    ("[" * DEEP + "]" * DEEP, "nested too deeply"),
+    ("{bad", "not JSON"),
+    ('{"containerd.io/snapshot/remote/stargz.digest": "sha256:00"}', "a JSON dict, not a list"),
+    ("5", "a JSON int, not a list"),
+])
+def test_bad_next_layers_label_is_logged_and_gives_no_layers(
+        value: str, why: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A bad label never fails the mount (``LayerMounter.warm`` warms what this gives)."""
+    from ipfsnap.fs.mounter import NEXT_LAYERS_LABEL, next_layer_labels
+
+    with caplog.at_level(logging.WARNING, logger="ipfsnap.fs.mounter"):
+        assert next_layer_labels(value) == []
+    assert f"ignoring label {NEXT_LAYERS_LABEL}: " in caplog.text
+    assert why in caplog.text
+
+
+def test_next_layers_label_keeps_the_good_entries_up_to_the_bound(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import json
+
+    from ipfsnap.fs.mounter import NEXT_LAYERS_MAX, next_layer_labels
+
+    good = [{"k": f"v{i}"} for i in range(NEXT_LAYERS_MAX + 2)]
+    # bad entries count towards the bound: they are dropped, not replaced by later ones
+    value = json.dumps([good[0], 5, {"k": 1}, [[["x"]]], *good[1:]])
+    with caplog.at_level(logging.WARNING, logger="ipfsnap.fs.mounter"):
+        assert next_layer_labels(value) == good[:NEXT_LAYERS_MAX - 3]
+    assert caplog.text.count("not an object of strings") == 3
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ipfsnap.fs.mounter"):
+        assert next_layer_labels("") == []  # no label: nothing to warm, nothing logged
+    assert caplog.text == ""
+    assert next_layer_labels(json.dumps(good)) == good[:NEXT_LAYERS_MAX]

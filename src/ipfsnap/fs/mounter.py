@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import select
@@ -64,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from ipfsnap.config import Config
+from ipfsnap.docparse import MalformedDocument, parse_json
 from ipfsnap.errors import IpfsnapError
 from ipfsnap.estargz.footer import tail_read_size
 from ipfsnap.fs.errors import LayerMountError, WorkerSpecError
@@ -201,6 +201,34 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def next_layer_labels(value: str) -> list[dict[str, str]]:
+    """The label maps listed in a :data:`NEXT_LAYERS_LABEL` value (the first
+    :data:`NEXT_LAYERS_MAX` entries). The label may come from any snapshotter client, so
+    nothing in it fails the mount: a value that is not a JSON list (bad syntax, nested too
+    deeply, another type) is logged and gives none, an entry that is not an object of strings
+    is logged and skipped."""
+    if not value:
+        return []
+    try:
+        items = parse_json(value)
+    except MalformedDocument as exc:
+        log.warning("ignoring label %s: not JSON: %s", NEXT_LAYERS_LABEL, exc)
+        return []
+    if not isinstance(items, list):
+        log.warning("ignoring label %s: a JSON %s, not a list", NEXT_LAYERS_LABEL,
+                    type(items).__name__)
+        return []
+    out: list[dict[str, str]] = []
+    for item in items[:NEXT_LAYERS_MAX]:
+        if not isinstance(item, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in item.items()):
+            log.warning("ignoring an entry of label %s: not an object of strings",
+                        NEXT_LAYERS_LABEL)
+            continue
+        out.append(dict(item))
+    return out
 
 
 class LayerMounter:
@@ -544,22 +572,7 @@ class LayerMounter:
         """Start a warm-up process for each next layer (JSON list of label objects) that is
         neither warming nor already has chunks in the cache. Never fails the mount: a bad
         list is logged and ignored."""
-        if not next_layers:
-            return
-        try:
-            items = json.loads(next_layers)
-            if not isinstance(items, list):
-                raise ValueError("not a list")
-        except ValueError as exc:
-            log.warning("ignoring label %s: %s", NEXT_LAYERS_LABEL, exc)
-            return
-        for item in items[:NEXT_LAYERS_MAX]:
-            if not isinstance(item, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in item.items()):
-                log.warning("ignoring an entry of label %s: not an object of strings",
-                            NEXT_LAYERS_LABEL)
-                continue
-            lbls = dict(item)
+        for lbls in next_layer_labels(next_layers):
             if IPFS_API_LABEL in labels and IPFS_API_LABEL not in lbls:
                 lbls[IPFS_API_LABEL] = labels[IPFS_API_LABEL]
             digest = lbls.get(LAYER_DIGEST_LABEL, "")
