@@ -99,6 +99,20 @@ def test_parse_command_json_or_shell() -> None:
         parse_command("'unterminated", "--args")
 
 
+@pytest.mark.parametrize(("text", "why"), [
+    # past the recursion limit (1000): json.loads raised RecursionError, a traceback
+    ("[" * 4000, "not a JSON array: nested too deeply"),
+    ("[" * 4000 + "]" * 4000, "not a JSON array: nested too deeply"),  # well-formed, as deep
+    ('["x", ["y"]]', "must be a JSON array of strings"),
+    ('["x"', "not a JSON array: "),
+])
+def test_parse_command_refuses_bad_json_arrays_with_a_usage_error(text: str, why: str) -> None:
+    with pytest.raises(UsageError, match=r"^--entrypoint '\[") as info:
+        parse_command(text, "--entrypoint")
+    assert why in str(info.value)
+    assert "\n" not in str(info.value)  # one line
+
+
 @pytest.fixture
 def busybox_store(state_dir: Path, busybox_image: SampleImage) -> tuple[ImageStore, str]:
     store = ImageStore(state_dir)

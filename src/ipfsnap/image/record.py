@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gzip
-import json
 import logging
 import posixpath
 import re
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ipfsnap.content import ImageStore, ResolvedImage
+from ipfsnap.docparse import MalformedDocument, parse_json
 from ipfsnap.errors import UsageError
 from ipfsnap.image.errors import RecordError
 from ipfsnap.image.snapshotters import OVERLAYFS, snapshotter_root
@@ -125,8 +125,8 @@ def parse_command(text: str, what: str) -> tuple[str, ...]:
     stripped = text.strip()
     if stripped.startswith("["):
         try:
-            value: Any = json.loads(stripped)
-        except ValueError as exc:
+            value: Any = parse_json(stripped)
+        except MalformedDocument as exc:  # also an array nested past the recursion limit
             raise UsageError(f"{what} {text!r}: not a JSON array: {exc}") from None
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise UsageError(f"{what} {text!r}: must be a JSON array of strings")
