@@ -25,7 +25,7 @@ from ipfsnap.fs.mounter import (
     pid_alive,
 )
 from ipfsnap.fs.spec import WorkerSpec
-from ipfsnap.fs.tablecache import FORMAT_VERSION, TableCache, TableKey
+from ipfsnap.fs.tablecache import FORMAT_VERSION, MAX_HEADER, TableCache, TableKey
 from ipfsnap.fs.worker import adopt_tables, load_tables, table_cache_of
 from tests.fs.layers import Blob, Item, build_blob, every_type_items, expected_tree, snapshot_tree
 from tests.fs.mounts import labels_for, make_mounter, mounted, wait_status
@@ -184,6 +184,11 @@ def _header(path: Path, **changes: object) -> None:
     path.write_bytes(json.dumps(header).encode() + data[nl:])
 
 
+def _replace_header(path: Path, header: bytes) -> None:
+    data = path.read_bytes()
+    path.write_bytes(header + data[data.index(b"\n"):])
+
+
 def _mode(path: Path) -> None:
     path.chmod(0o644)
 
@@ -196,6 +201,10 @@ CORRUPTIONS = {
     "other limits": (lambda p: _header(p, limits="1/2/3/4"), "limits"),
     "not ours": (_mode, "not ours and 0600"),
     "garbage": (lambda p: p.write_bytes(b"\x80\x04garbage"), "no header line"),
+    # nested past the recursion limit (1000) within MAX_HEADER: json.loads raised
+    # RecursionError, which load() let escape
+    "deep header": (lambda p: _replace_header(p, b"[" * (MAX_HEADER - 1)), "nested too deeply"),
+    "header not JSON": (lambda p: _replace_header(p, b"{bad"), "header is not JSON"),
 }
 
 

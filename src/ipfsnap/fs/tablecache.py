@@ -70,6 +70,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ipfsnap.docparse import MalformedDocument, parse_json
 from ipfsnap.estargz.types import Limits
 
 if TYPE_CHECKING:  # the mounter (snapshotter process) needs no tables code
@@ -190,9 +191,11 @@ class TableCache:
         if nl < 0:
             return self._refuse(path, "no header line")
         try:
-            header = json.loads(data[:nl])
-        except ValueError:
-            return self._refuse(path, "header is not JSON")
+            # a header of MAX_HEADER "[" is nested past the recursion limit: docparse turns
+            # that RecursionError into a refusal too
+            header = parse_json(data[:nl])
+        except MalformedDocument as exc:
+            return self._refuse(path, f"header is not JSON: {exc}")
         payload = memoryview(data)[nl + 1:]
         if not isinstance(header, dict) or header.get("magic") != MAGIC:
             return self._refuse(path, "not a parsed-TOC cache file")
