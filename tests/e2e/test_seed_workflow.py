@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -192,10 +193,14 @@ def test_python_lazy_hello_world(nodes: Nodes, python_image: SampleImage) -> Non
 
     nodes.b("image", "rpull", "--ipfs", cid)
     fetched_after_pull, size = lazy_status(nodes.b)
-    run = nodes.b("run", "--snapshotter=stargz", "--rm", "-t", cid, "foo",
+    run = nodes.b("-v", "run", "--snapshotter=stargz", "--rm", "-t", cid, "foo",
                   "python3", "-c", 'print("Hello, World!")')
     assert run.stdout == GREETING + "\n"
     assert_removed(nodes.b, "foo")
+    # run read python's executable, ld.so, ld.so.cache and libraries ahead (runtime/warm.py)
+    warmed = re.search(r"container foo: warmed (\d+) files of the command \((\d+) bytes",
+                       run.stderr)
+    assert warmed and int(warmed.group(1)) >= 4 and int(warmed.group(2)) > 1 << 20, run.stderr
     fetched, size_after = lazy_status(nodes.b)
     assert size_after == size
     # python3 -c reads 8-10 MB of a ~65 MB image (FACTS.md 5): far from all of it

@@ -34,13 +34,14 @@ def program_files(body: int = 0) -> dict[str, bytes]:
         f"{MULTIARCH[1:]}/libbar.so": build_elf(ElfSpec(needed=("libc.so.6",))),
         f"{MULTIARCH[1:]}/libc.so.6": build_elf(ElfSpec(needed=(LD,))),
         f"{MULTIARCH[1:]}/{LD}": build_elf(ElfSpec()),
+        "etc/ld.so.cache": b"glibc-ld.so.cache1.1" + bytes(300),
         "usr/share/unrelated": pseudo_random(4096, 2),
     }
 
 
-#: what warming ``prog`` must open, in container paths
+#: what warming ``prog`` must open, in container paths (ld.so reads its cache first)
 PROG_CLOSURE = {"/usr/bin/prog", "/usr/lib/prog/libfoo.so.1", f"{MULTIARCH}/libbar.so",
-                f"{MULTIARCH}/libc.so.6", f"{MULTIARCH}/{LD}"}
+                f"{MULTIARCH}/libc.so.6", f"{MULTIARCH}/{LD}", "/etc/ld.so.cache"}
 
 
 def make_rootfs(root: Path, files: dict[str, bytes]) -> Path:
@@ -171,7 +172,7 @@ def test_on_a_lazy_mount_exactly_the_execs_chunks_are_fetched(tmp_path: Path) ->
     files = program_files(body=300 << 10)  # several of the tests' 64 KiB chunks
     files["usr/share/unrelated"] = pseudo_random(400 << 10, 3)
     items = [Item(d, "dir", mode=0o755) for d in
-             ("usr", "usr/bin", "usr/lib", "usr/lib/prog", "usr/lib/x86_64-linux-gnu",
+             ("etc", "usr", "usr/bin", "usr/lib", "usr/lib/prog", "usr/lib/x86_64-linux-gnu",
               "usr/share")]
     items += [Item(rel, "file", data, mode=0o755) for rel, data in files.items()]
     items.append(Item("lib64", "symlink", link=MULTIARCH, mode=0o777))

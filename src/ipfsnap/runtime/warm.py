@@ -64,6 +64,10 @@ SHEBANG_BYTES = 256
 #: (daemon) threads
 STOP_TIMEOUT = 2.0
 
+#: glibc's ld.so's cache of library paths (ldconfig writes it), read by every dynamic
+#: program's start
+LD_SO_CACHE = "/etc/ld.so.cache"
+
 #: Debian's multiarch library directories by ELF machine (e_machine)
 MULTIARCH: dict[int, tuple[str, ...]] = {
     62: ("x86_64-linux-gnu",),  # EM_X86_64
@@ -291,8 +295,11 @@ class ExecWarmer:
     def _dependencies(self, info: ElfInfo, here: str, program: ElfInfo,
                       env: Sequence[str]) -> None:
         if info.interpreter:
-            interp = info.interpreter
-            self._submit(lambda: self._visit(interp, depth=0, program=program, env=env))
+            self._submit(partial(self._visit, info.interpreter, depth=0, program=program,
+                                 env=env))
+            # glibc's ld.so reads its cache before it looks for a library in the directories
+            # (musl's has none: then a file not found, skipped)
+            self._submit(partial(self._visit, LD_SO_CACHE, depth=0, program=program, env=env))
         if info.needed:
             dirs = library_dirs(info, str(PurePosixPath(here).parent), env)
             for name in info.needed:
