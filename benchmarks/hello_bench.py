@@ -126,8 +126,11 @@ IPFSNAP = ROOT / ".venv" / "bin" / "ipfsnap"
 GREETING = "Hello, World!"
 HELLO_CMD = ["python3", "-c", f'print("{GREETING}")']
 
-#: bump when the recipe changes, so the cached image is rebuilt
-BIG_IMAGE_VERSION = "1"
+#: bump when the recipe changes, so the cached image is rebuilt. 2 (2026-11-28, fifth
+#: session): the layers' .pyc files match their sources again (version 1's archives set every
+#: mtime to a fixed value, so all its bytecode was stale: python read each module's source
+#: too and compiled it at every start, in every mode; content/sample.py clamp_pyc)
+BIG_IMAGE_VERSION = "2"
 BIG_IMAGE_NAME = "ipfsnap-bench/python:bookworm-build"
 
 #: layers 2..4 of the big image, as the official python image stacks them: buildpack-deps'

@@ -6,7 +6,10 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import py_compile
+import struct
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -14,8 +17,11 @@ from ipfsnap.content import ImageStore, import_image
 from ipfsnap.content.sample import (
     BUSYBOX_APPLETS,
     REMOVED_FILE,
+    SAMPLE_MTIME,
     SampleImage,
     build_busybox,
+    pyc_source,
+    tar_directory,
     upperdir_to_tar,
 )
 from ipfsnap.oci import digest_hex, parse_config, sha256_digest
@@ -114,3 +120,86 @@ def test_python_image(python_image: SampleImage, tmp_path: Path) -> None:
         lower = set(t.getnames())
     assert ("usr/bin/python3" not in lower and "bin/bash" in lower) or "usr/bin/bash" in lower
     assert not any(n.endswith(".deb") for n in lower)
+    # the standard library's bytecode matches its sources in the image (Debian compiles it
+    # at install; the archive's fixed mtimes must not make it stale)
+    with store.blobs.open(res.layers[1].digest) as f, tarfile.open(fileobj=f, mode="r:gz") as t:
+        stamps = [struct.unpack("<I", t.extractfile(m).read(16)[8:12])[0]  # type: ignore[union-attr]
+                  for m in t.getmembers()
+                  if m.name.startswith("usr/lib/python3.11/__pycache__/") and m.isfile()]
+    assert len(stamps) > 10 and set(stamps) == {SAMPLE_MTIME}
+
+
+def _pyc_state(root: Path, module: str) -> str:
+    """What Python says of ``module``'s cached bytecode under ``root`` ("valid"/"stale")."""
+    proc = subprocess.run([sys.executable, "-v", "-B", "-c", f"import {module}"], cwd=root,
+                          capture_output=True, text=True, check=True,
+                          env={"PYTHONPATH": str(root)})
+    if f"matches {root}" in proc.stderr:
+        return "valid"
+    if "bytecode is stale" in proc.stderr:
+        return "stale"
+    raise AssertionError(proc.stderr[-2000:])
+
+
+def _compile(src: Path, *, checked_hash: bool = False) -> Path:
+    mode = (py_compile.PycInvalidationMode.CHECKED_HASH if checked_hash
+            else py_compile.PycInvalidationMode.TIMESTAMP)
+    return Path(py_compile.compile(str(src), doraise=True, invalidation_mode=mode))
+
+
+def test_pyc_source_names() -> None:
+    assert pyc_source(Path("/a/__pycache__/m.cpython-311.pyc")) == Path("/a/m.py")
+    assert pyc_source(Path("/a/__pycache__/m.cpython-311.opt-2.pyc")) == Path("/a/m.py")
+    assert pyc_source(Path("/a/m.pyc")) == Path("/a/m.py")
+    assert pyc_source(Path("/a/m.py")) is None
+
+
+def test_archives_keep_valid_pyc_files_valid(tmp_path: Path) -> None:
+    """Every mtime becomes SAMPLE_MTIME in an archive; a .pyc that matched its source still
+    matches it there (else Python reads and compiles the source at every start); a stale or
+    hash-based one is left as it is."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("good", "stale", "hashed"):
+        (src / f"{name}.py").write_text(f"NAME = {name!r}\n")
+        os.utime(src / f"{name}.py", (1_750_000_000, 1_750_000_000))
+    pycs = {"good": _compile(src / "good.py"), "stale": _compile(src / "stale.py"),
+            "hashed": _compile(src / "hashed.py", checked_hash=True)}
+    (src / "stale.py").write_text("NAME = 'edited after compiling'\n")
+    hashed_before = pycs["hashed"].read_bytes()
+    assert _pyc_state(src, "good") == "valid"  # the oracle: Python's own check
+
+    out = tmp_path / "layer.tar"
+    tar_directory(src, out)
+    extracted = tmp_path / "x"
+    with tarfile.open(out) as tar:
+        tar.extractall(extracted, filter="fully_trusted")
+    assert os.stat(extracted / "good.py").st_mtime == SAMPLE_MTIME
+    assert _pyc_state(extracted, "good") == "valid"
+    assert _pyc_state(extracted, "stale") == "stale"
+    rel = pycs["hashed"].relative_to(src)
+    assert (extracted / rel).read_bytes() == hashed_before
+    header = (extracted / pycs["good"].relative_to(src)).read_bytes()[8:12]
+    assert struct.unpack("<I", header)[0] == SAMPLE_MTIME
+
+
+def test_upperdir_pyc_of_a_source_below(tmp_path: Path) -> None:
+    """A layer's .pyc compiled for a source of a lower layer matches it in the image."""
+    require_root()
+    lower, upper, work, merged = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
+    for d in (lower, upper, work, merged):
+        d.mkdir()
+    (lower / "mod.py").write_text("X = 1\n")
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)],
+                   check=True)
+    try:
+        _compile(merged / "mod.py")
+    finally:
+        subprocess.run(["umount", str(merged)], check=True)
+    out = tmp_path / "layer.tar"
+    upperdir_to_tar(upper, lower, out)
+    with tarfile.open(out) as tar:
+        member = tar.extractfile("__pycache__/mod." + sys.implementation.cache_tag + ".pyc")
+        assert member is not None
+        assert struct.unpack("<I", member.read()[8:12])[0] == SAMPLE_MTIME

@@ -20,10 +20,11 @@ import logging
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,6 +193,66 @@ def write_layout_index(layout: Path, name: str, target: Descriptor) -> None:
     (layout / "index.json").write_bytes(index.to_bytes())
 
 
+#: a .pyc's header (PEP 552): magic, flags (0 = checked against the source's mtime and size),
+#: the source's mtime and size when it was compiled
+_PYC_HEADER = struct.Struct("<4sIII")
+
+
+def pyc_source(pyc: Path) -> Path | None:
+    """The source file a .pyc was compiled from: ``d/__pycache__/m.<tag>[.opt-N].pyc`` (PEP
+    3147) or a legacy ``d/m.pyc`` beside it; None for other files."""
+    if pyc.suffix != ".pyc":
+        return None
+    if pyc.parent.name == "__pycache__":
+        # module names have no dots: the name ends at the first one
+        return pyc.parent.parent / (pyc.name.split(".", 1)[0] + ".py")
+    return pyc.with_suffix(".py")
+
+
+def clamp_pyc(data: bytes, source: os.stat_result | None) -> bytes:
+    """``data`` (a .pyc) recording :data:`SAMPLE_MTIME` as its source's mtime, when it was
+    valid for ``source`` as compiled.
+
+    Archives here set every mtime to SAMPLE_MTIME (reproducible digests). A timestamp-checked
+    .pyc records its source's real mtime, so in the archive it no longer matches: Python then
+    reads the source too and compiles it again at every start (in the benchmark image, two
+    file reads instead of one per module imported, each a round trip on a lazy rootfs).
+    Stale, hash-based or unreadable .pyc files are left as they are.
+    """
+    if source is None or len(data) < _PYC_HEADER.size:
+        return data
+    _magic, flags, mtime, size = _PYC_HEADER.unpack_from(data)
+    if flags != 0 or mtime != int(source.st_mtime) & 0xFFFFFFFF:
+        return data
+    if size != source.st_size & 0xFFFFFFFF:
+        return data
+    return data[:8] + struct.pack("<I", SAMPLE_MTIME) + data[12:]
+
+
+def _add_regular(tar: tarfile.TarFile, info: tarfile.TarInfo, full: Path,
+                 source_stat: Callable[[Path], os.stat_result | None]) -> None:
+    """Add the regular file ``full`` as ``info``; a .pyc valid for its source (found by
+    ``source_stat``) keeps matching it at :data:`SAMPLE_MTIME` (see :func:`clamp_pyc`)."""
+    source = pyc_source(full)
+    if source is None:
+        with open(full, "rb") as f:
+            tar.addfile(info, f)
+        return
+    data = clamp_pyc(full.read_bytes(), source_stat(source))
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _stat_regular(*paths: Path) -> os.stat_result | None:
+    """The stat of the first of ``paths`` that is a regular file (symlinks not followed)."""
+    for p in paths:
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        return st if stat.S_ISREG(st.st_mode) else None
+    return None
+
+
 def tar_directory(src: Path, out: Path, *, prefix: str = "", root_owned: bool = True) -> None:
     """Reproducible tar of a directory tree (sorted, fixed mtime), atomically.
 
@@ -210,8 +271,7 @@ def tar_directory(src: Path, out: Path, *, prefix: str = "", root_owned: bool = 
                     info.uid = info.gid = 0
                     info.uname = info.gname = "root"
                 if info.isreg():
-                    with open(full, "rb") as f:
-                        tar.addfile(info, f)
+                    _add_regular(tar, info, full, _stat_regular)
                 else:
                     tar.addfile(info)
     tmp.replace(out)
@@ -371,7 +431,7 @@ def build_busybox(
 # -- Debian bookworm + python3 (slow, cached) -----------------------------------------------
 
 #: bump when the recipe changes, so cached builds are rebuilt
-PYTHON_IMAGE_VERSION = "3"
+PYTHON_IMAGE_VERSION = "4"
 PYTHON_NAME = "ipfsnap-test/python:3-bookworm"
 DEFAULT_CACHE = Path("/var/cache/ipfsnap-test")
 
@@ -432,8 +492,9 @@ def upperdir_to_tar(upper: Path, lower: Path, out: Path) -> None:
                 info = tar.gettarinfo(str(full), str(rel))
                 info.mtime = SAMPLE_MTIME
                 if info.isreg():
-                    with open(full, "rb") as f:
-                        tar.addfile(info, f)
+                    # a .pyc's source may be in this layer or below it
+                    _add_regular(tar, info, full, lambda src: _stat_regular(
+                        src, lower / src.relative_to(upper)))
                 else:
                     tar.addfile(info)
                 if stat.S_ISDIR(st.st_mode):
