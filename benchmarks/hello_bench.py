@@ -102,6 +102,7 @@ from ipfsnap.content.sample import (
     SAMPLE_CREATED,
     apt_mirror,
     build_python,
+    chroot_mounts,
     gzip_bytes,
     tar_directory,
     upperdir_to_tar,
@@ -290,17 +291,15 @@ def _apt_layer(work: Path, n: int, lowers: list[Path], packages: Sequence[str]) 
         d.mkdir()
     _mount_overlay(lowers, merged, upper, ovwork)
     try:
-        for sub in ("proc", "sys", "dev"):
-            _sh(["mount", "--bind", f"/{sub}", str(merged / sub)], f"bind /{sub}")
-        shutil.copy("/etc/resolv.conf", merged / "etc/resolv.conf")
-        env = ["/usr/bin/env", "DEBIAN_FRONTEND=noninteractive"]
-        _sh(["chroot", str(merged), *env, "apt-get", "update", "-q"], "apt-get update")
-        _sh(["chroot", str(merged), *env, "apt-get", "install", "-y", "-q",
-             "--no-install-recommends", *packages], f"apt-get install ({n})")
-        _sh(["chroot", str(merged), "apt-get", "clean"], "apt-get clean")
+        # the chroot's own /dev and read-only /proc, /sys: maintainer scripts run as root
+        with chroot_mounts(merged):
+            shutil.copy("/etc/resolv.conf", merged / "etc/resolv.conf")
+            env = ["/usr/bin/env", "DEBIAN_FRONTEND=noninteractive"]
+            _sh(["chroot", str(merged), *env, "apt-get", "update", "-q"], "apt-get update")
+            _sh(["chroot", str(merged), *env, "apt-get", "install", "-y", "-q",
+                 "--no-install-recommends", *packages], f"apt-get install ({n})")
+            _sh(["chroot", str(merged), "apt-get", "clean"], "apt-get clean")
     finally:
-        for sub in ("dev", "sys", "proc"):
-            _umount(merged / sub)
         _umount(merged)
     # images ship neither the package lists nor the .deb cache
     for junk in ("var/lib/apt/lists", "var/cache/apt", "etc/resolv.conf", "var/log/apt",

@@ -3,15 +3,20 @@ Debian + python3 image."""
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import os
 import py_compile
+import shutil
+import stat
 import struct
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
+
+import pytest
 
 from ipfsnap.content import ImageStore, import_image
 from ipfsnap.content.sample import (
@@ -20,6 +25,7 @@ from ipfsnap.content.sample import (
     SAMPLE_MTIME,
     SampleImage,
     build_busybox,
+    chroot_mounts,
     pyc_source,
     tar_directory,
     upperdir_to_tar,
@@ -166,6 +172,17 @@ def test_archives_keep_valid_pyc_files_valid(tmp_path: Path) -> None:
     pycs = {"good": _compile(src / "good.py"), "stale": _compile(src / "stale.py"),
             "hashed": _compile(src / "hashed.py", checked_hash=True)}
     (src / "stale.py").write_text("NAME = 'edited after compiling'\n")
+    # sources that are symlinks (Debian's sitecustomize.py -> /etc/python3.11/...): Python
+    # checks the file they lead to, inside the image
+    (src / "impl.py").write_text("NAME = 'impl'\n")
+    os.utime(src / "impl.py", (1_750_000_000, 1_750_000_000))
+    os.symlink("impl.py", src / "linked.py")
+    os.symlink("/impl.py", src / "abslinked.py")
+    pycs["linked"] = _compile(src / "linked.py")
+    # what compiling abslinked.py inside the image gives: impl.py's stamp (same file)
+    pycs["abslinked"] = pycs["linked"].with_name(
+        pycs["linked"].name.replace("linked", "abslinked", 1))
+    shutil.copy(pycs["linked"], pycs["abslinked"])
     hashed_before = pycs["hashed"].read_bytes()
     assert _pyc_state(src, "good") == "valid"  # the oracle: Python's own check
 
@@ -177,6 +194,10 @@ def test_archives_keep_valid_pyc_files_valid(tmp_path: Path) -> None:
     assert os.stat(extracted / "good.py").st_mtime == SAMPLE_MTIME
     assert _pyc_state(extracted, "good") == "valid"
     assert _pyc_state(extracted, "stale") == "stale"
+    assert _pyc_state(extracted, "linked") == "valid"
+    for name in ("linked", "abslinked"):
+        stamp = (extracted / pycs[name].relative_to(src)).read_bytes()[8:12]
+        assert struct.unpack("<I", stamp)[0] == SAMPLE_MTIME, name
     rel = pycs["hashed"].relative_to(src)
     assert (extracted / rel).read_bytes() == hashed_before
     header = (extracted / pycs["good"].relative_to(src)).read_bytes()[8:12]
@@ -203,3 +224,28 @@ def test_upperdir_pyc_of_a_source_below(tmp_path: Path) -> None:
         member = tar.extractfile("__pycache__/mod." + sys.implementation.cache_tag + ".pyc")
         assert member is not None
         assert struct.unpack("<I", member.read()[8:12])[0] == SAMPLE_MTIME
+
+
+def test_chroot_mounts_keep_the_host_out_of_reach(tmp_path: Path) -> None:
+    """A package script in the chroot may chmod /dev/null or write /proc/sys: neither
+    reaches the host (a bind-mounted host /dev once left the machine's /dev/null 0644)."""
+    require_root()
+    root = tmp_path / "root"
+    root.mkdir()
+    host_null = os.stat("/dev/null")
+    with chroot_mounts(root):
+        null = root / "dev" / "null"
+        st = os.stat(null)
+        assert stat.S_ISCHR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o666
+        assert os.major(st.st_rdev) == 1 and os.minor(st.st_rdev) == 3
+        assert os.stat(root / "dev" / "zero").st_rdev == os.makedev(1, 5)
+        os.chmod(null, 0o600)
+        assert stat.S_IMODE(os.stat("/dev/null").st_mode) == stat.S_IMODE(host_null.st_mode)
+        with pytest.raises(OSError) as err:
+            (root / "proc/sys/kernel/hostname").write_text("changed-by-a-package\n")
+        assert err.value.errno == errno.EROFS
+        assert (root / "proc/self/status").read_text()  # readable
+        assert os.readlink(root / "dev" / "fd") == "/proc/self/fd"
+    mounts = Path("/proc/self/mounts").read_text()
+    assert str(root) not in mounts
+    assert os.stat("/dev/null").st_mode == host_null.st_mode

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gzip
 import io
@@ -24,7 +25,7 @@ import struct
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -229,27 +230,45 @@ def clamp_pyc(data: bytes, source: os.stat_result | None) -> bytes:
     return data[:8] + struct.pack("<I", SAMPLE_MTIME) + data[12:]
 
 
-def _add_regular(tar: tarfile.TarFile, info: tarfile.TarInfo, full: Path,
-                 source_stat: Callable[[Path], os.stat_result | None]) -> None:
-    """Add the regular file ``full`` as ``info``; a .pyc valid for its source (found by
-    ``source_stat``) keeps matching it at :data:`SAMPLE_MTIME` (see :func:`clamp_pyc`)."""
-    source = pyc_source(full)
+def _add_regular(tar: tarfile.TarFile, info: tarfile.TarInfo, full: Path, rel: Path,
+                 roots: Sequence[Path]) -> None:
+    """Add the regular file ``full`` (image path ``rel``) as ``info``; a .pyc valid for its
+    source keeps matching it at :data:`SAMPLE_MTIME` (see :func:`clamp_pyc`). ``roots``: the
+    directories holding the image's tree, top first (a layer's upperdir, then the layers
+    below)."""
+    source = pyc_source(rel)
     if source is None:
         with open(full, "rb") as f:
             tar.addfile(info, f)
         return
-    data = clamp_pyc(full.read_bytes(), source_stat(source))
+    data = clamp_pyc(full.read_bytes(), _image_stat(str(source), roots))
     tar.addfile(info, io.BytesIO(data))
 
 
-def _stat_regular(*paths: Path) -> os.stat_result | None:
-    """The stat of the first of ``paths`` that is a regular file (symlinks not followed)."""
-    for p in paths:
-        try:
-            st = os.lstat(p)
-        except OSError:
-            continue
-        return st if stat.S_ISREG(st.st_mode) else None
+#: symlinks followed at most when looking for a .pyc's source (the kernel's own limit is 40)
+_MAX_LINKS = 8
+
+
+def _image_stat(path: str, roots: Sequence[Path]) -> os.stat_result | None:
+    """The stat of the regular file the image path ``path`` names, as Python's import sees
+    it: symlinks followed inside the image (absolute ones from its root), the first root
+    holding a name wins. None when there is none (or a whiteout, a loop)."""
+    for _ in range(_MAX_LINKS + 1):
+        rel = os.path.normpath("/" + path).lstrip("/")
+        for root in roots:
+            try:
+                st = os.lstat(root / rel)
+            except OSError:
+                continue
+            break
+        else:
+            return None
+        if stat.S_ISREG(st.st_mode):
+            return st
+        if not stat.S_ISLNK(st.st_mode):
+            return None
+        target = os.readlink(root / rel)
+        path = target if target.startswith("/") else os.path.join(os.path.dirname(rel), target)
     return None
 
 
@@ -271,7 +290,7 @@ def tar_directory(src: Path, out: Path, *, prefix: str = "", root_owned: bool = 
                     info.uid = info.gid = 0
                     info.uname = info.gname = "root"
                 if info.isreg():
-                    _add_regular(tar, info, full, _stat_regular)
+                    _add_regular(tar, info, full, full.relative_to(src), [src])
                 else:
                     tar.addfile(info)
     tmp.replace(out)
@@ -493,8 +512,7 @@ def upperdir_to_tar(upper: Path, lower: Path, out: Path) -> None:
                 info.mtime = SAMPLE_MTIME
                 if info.isreg():
                     # a .pyc's source may be in this layer or below it
-                    _add_regular(tar, info, full, lambda src: _stat_regular(
-                        src, lower / src.relative_to(upper)))
+                    _add_regular(tar, info, full, rel, [upper, lower])
                 else:
                     tar.addfile(info)
                 if stat.S_ISDIR(st.st_mode):
@@ -525,6 +543,47 @@ def build_python(cache_dir: Path = DEFAULT_CACHE, *, name: str = PYTHON_NAME) ->
         if meta.is_file():
             return _load_cached(base, meta)
         return _build_python(base, meta, name)
+
+
+#: device nodes a package's maintainer scripts may open, made in a chroot's own /dev
+#: (name, major, minor: the kernel's numbers, Documentation/admin-guide/devices.txt)
+CHROOT_DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
+                  ("urandom", 1, 9), ("tty", 5, 0))
+
+
+@contextlib.contextmanager
+def chroot_mounts(root: Path) -> Iterator[None]:
+    """/proc and /sys (read-only) and a private /dev for running apt-get in chroot ``root``.
+
+    Never the host's own /dev, /proc/sys or /sys read-write: a package's maintainer script
+    runs as root in the chroot and would change the host (a bind-mounted /dev/null left with
+    mode 0644 broke every later apt-get run on the machine, whose _apt user could no longer
+    redirect to it; procps applies /etc/sysctl.d to the running kernel through /proc/sys).
+    """
+    mounts = (("proc", ["-t", "proc", "-o", "ro,nosuid,nodev,noexec", "proc"]),
+              ("sys", ["-t", "sysfs", "-o", "ro,nosuid,nodev,noexec", "sysfs"]),
+              ("dev", ["-t", "tmpfs", "-o", "mode=755,nosuid,size=1m", "tmpfs"]))
+    done: list[Path] = []
+    try:
+        for sub, args in mounts:
+            target = root / sub
+            target.mkdir(exist_ok=True)
+            _run(["mount", *args, str(target)], f"mount {sub} in the chroot")
+            done.append(target)
+        dev = root / "dev"
+        for name, major, minor in CHROOT_DEVICES:
+            os.mknod(dev / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+            os.chmod(dev / name, 0o666)  # mknod's mode went through the umask
+        for name, target_name in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                                  ("stdout", "/proc/self/fd/1"),
+                                  ("stderr", "/proc/self/fd/2")):
+            os.symlink(target_name, dev / name)
+        (dev / "pts").mkdir()
+        (dev / "shm").mkdir(mode=0o1777)
+        yield
+    finally:
+        for target in reversed(done):
+            subprocess.run(["umount", "-l", str(target)], capture_output=True)
 
 
 def _build_python(base: Path, meta: Path, name: str) -> SampleImage:
@@ -564,33 +623,30 @@ def _build_python(base: Path, meta: Path, name: str) -> SampleImage:
             "overlay",
         )
         try:
-            for sub in ("proc", "sys", "dev"):
-                _run(["mount", "--bind", f"/{sub}", str(merged / sub)], f"bind /{sub}")
-            shutil.copy("/etc/resolv.conf", merged / "etc/resolv.conf")
-            env = "DEBIAN_FRONTEND=noninteractive"
-            _run(
-                ["chroot", str(merged), "/usr/bin/env", env, "apt-get", "update", "-q"],
-                "apt-get update",
-            )
-            _run(
-                [
-                    "chroot",
-                    str(merged),
-                    "/usr/bin/env",
-                    env,
-                    "apt-get",
-                    "install",
-                    "-y",
-                    "-q",
-                    "--no-install-recommends",
-                    "python3",
-                ],
-                "apt-get install python3",
-            )
-            _run(["chroot", str(merged), "apt-get", "clean"], "apt-get clean")
+            with chroot_mounts(merged):
+                shutil.copy("/etc/resolv.conf", merged / "etc/resolv.conf")
+                env = "DEBIAN_FRONTEND=noninteractive"
+                _run(
+                    ["chroot", str(merged), "/usr/bin/env", env, "apt-get", "update", "-q"],
+                    "apt-get update",
+                )
+                _run(
+                    [
+                        "chroot",
+                        str(merged),
+                        "/usr/bin/env",
+                        env,
+                        "apt-get",
+                        "install",
+                        "-y",
+                        "-q",
+                        "--no-install-recommends",
+                        "python3",
+                    ],
+                    "apt-get install python3",
+                )
+                _run(["chroot", str(merged), "apt-get", "clean"], "apt-get clean")
         finally:
-            for sub in ("dev", "sys", "proc"):
-                subprocess.run(["umount", str(merged / sub)], capture_output=True)
             subprocess.run(["umount", str(merged)], capture_output=True)
         for junk in ("var/lib/apt/lists", "var/cache/apt", "etc/resolv.conf"):
             p = upper / junk
