@@ -25,6 +25,8 @@ lazy layer's only, the default: ``IPFSNAP_TOC_AHEAD=first``), ``-noahead`` (none
 suffix's environment goes to the snapshotter too),
 ``-cold`` (this mode's snapshotter started on demand inside the timed pull, as
 ``--cold-snapshotter`` does for every mode), ``-mc4`` (``max_concurrency = 4``),
+``-nbnow`` (neighbour chunks stored before the read that fetched them is answered:
+``IPFSNAP_NEIGHBOURS_LATER=0``),
 ``-nowarm`` (``run`` reads nothing of the command's executable and libraries ahead:
 ``[run] warm_bytes = 0``), e.g. ``lazy-nobg-nb``.
 
@@ -181,6 +183,7 @@ SUFFIXES = {
     "-sp3": ("env", ""),
     "-sp1": ("env", ""),
     "-refill0": ("env", ""),
+    "-nbnow": ("env", ""),
     "-cold": ("run", ""),
     # four concurrent fetches per layer (default 2, the reference's value)
     "-mc4": ("", "max_concurrency = 4"),
@@ -203,7 +206,10 @@ SUFFIX_ENV = {"-ahead": {"IPFSNAP_TOC_AHEAD": "1"},
               "-sp3": {"IPFSNAP_WARM_SPARES": "3"},
               "-sp1": {"IPFSNAP_WARM_SPARES": "1"},
               # used spares replaced at once (during the pull), as before the refill
-              "-refill0": {"IPFSNAP_REFILL_QUIET": "0"}}
+              "-refill0": {"IPFSNAP_REFILL_QUIET": "0"},
+              # neighbour chunks stored before the read that fetched them is answered (as
+              # before the fifth session; default: after)
+              "-nbnow": {"IPFSNAP_NEIGHBOURS_LATER": "0"}}
 IMPORTS = ("import json, decimal, email.parser, http.client, xml.etree.ElementTree, asyncio, "
            "unittest, argparse, logging, sqlite3; print('imports ok')")
 #: workload -> (command, what its output must contain)

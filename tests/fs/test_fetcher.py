@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
 from pathlib import Path
 
 import pyfuse3
@@ -265,3 +267,64 @@ def test_zstd_chunked_layer_reads_every_file(tmp_path: Path) -> None:
         assert node is not None
         assert trio.run(layer.read, node, 0, node.size + 1) == it.data, it.name
     assert src.bytes_read <= blob.size
+
+
+class GatedCache(ChunkCache):
+    """Storing a neighbour chunk (``remember=False`` on a foreground read) waits for
+    ``gate``; it records what it stored."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.gate = threading.Event()
+        self.stored: list[str] = []
+
+    def put(self, digest: str, data: bytes, remember: bool = True) -> bool:
+        if not remember:
+            assert self.gate.wait(30), "gate never opened"
+        self.stored.append(digest)
+        return super().put(digest, data, remember)
+
+
+@pytest.mark.parametrize("deferred", [True, False])
+def test_a_read_is_answered_before_its_neighbours_are_stored(
+        every_type_blob: Blob, tmp_path: Path, deferred: bool) -> None:
+    """With a nursery to spawn into (a mounted layer), a read returns once its own chunks
+    are verified; the neighbours that came in the same request are cached afterwards, and a
+    read of one of them meanwhile waits for it instead of fetching it again. Without one
+    (prefetch), the read returns only once every chunk is stored."""
+    with open(every_type_blob.path, "rb") as f:
+        index = open_layer(FileRangeReader(f), every_type_blob.size,
+                           toc_digest=every_type_blob.toc_digest)
+    src = CountingSource(every_type_blob.path)
+    cache = GatedCache(tmp_path / "cache")
+    layer = LazyLayer(index, src, cache, decompress=decompress_chunk, neighbour_span=1 << 20)
+    one = layer.table.get(layer.table.by_path["etc/one"])
+    host = layer.table.get(layer.table.by_path["etc/hostname"])
+    assert one is not None and host is not None
+    order: list[str] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            if deferred:
+                layer.fetcher.spawn = nursery.start_soon
+            else:
+                # nothing may be answered before the gate opens: open it a bit later
+                nursery.start_soon(trio.to_thread.run_sync, lambda: (time.sleep(0.3),
+                                                                     order.append("gate"),
+                                                                     cache.gate.set()))
+            assert await layer.read(one, 0, 10) == b"x"
+            order.append("read")
+            if deferred:
+                assert not cache.gate.is_set() and layer.fetcher.busy(
+                    index.chunks("etc/hostname")[0].chunk_digest)
+                # the neighbour is in flight: this read waits for it (no second request)
+                nursery.start_soon(trio.to_thread.run_sync, cache.gate.set)
+            assert await layer.read(host, 0, 100) == data_of("etc/hostname")
+            layer.fetcher.spawn = None
+
+    trio.run(main)
+    assert len(src.calls) == 1
+    assert order == (["read"] if deferred else ["gate", "read"])
+    assert not layer.fetcher._inflight
+    for path in ("etc/hostname", "etc/one"):
+        assert cache.get(index.chunks(path)[0].chunk_digest) is not None

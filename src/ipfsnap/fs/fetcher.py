@@ -27,6 +27,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -322,6 +323,13 @@ class ChunkFetcher:
         #: bytes can be fetched in parallel ranges), ``[blob] read_split_size`` sets it for
         #: on-demand reads
         self.split_size = 0
+        #: set while the layer is mounted (the worker's nursery ``start_soon``): chunks that
+        #: came only as neighbours of a request are decompressed, verified and cached after
+        #: the requested ones are answered, in a task of their own. A 256 KiB window can
+        #: hold hundreds of tiny files (/usr/share/zoneinfo): storing them all first made a
+        #: 114-byte read wait 0.26 s after its fetch (docs/benchmarks.md, hello-bench).
+        #: None: stored before the call returns (prefetch, tests)
+        self.spawn: Callable[[Callable[[], Awaitable[None]]], None] | None = None
 
     # -- priority -------------------------------------------------------------------------
     async def wait_foreground_idle(self) -> None:
@@ -456,9 +464,40 @@ class ChunkFetcher:
                 mine[c.chunk_digest][1].resolve(None, exc)
             return
 
+        wanted = [c for c in run if c.chunk_digest in requested]
+        others = [c for c in run if c.chunk_digest not in requested]
+        await self._store(wanted, blob, start, mine, background, requested)
+        if not others:
+            return
+        if self.spawn is None:
+            await self._store(others, blob, start, mine, background, requested)
+            return
+        # the neighbours' waiters move to a task of their own: this call (and the read
+        # waiting on it) ends now
+        owned = {c.chunk_digest: mine.pop(c.chunk_digest) for c in others}
+        self.spawn(partial(self._store_later, others, blob, start, owned, background,
+                           requested))
+
+    async def _store_later(self, chunks: list[Chunk], blob: bytes, start: int,
+                           owned: dict[str, tuple[Chunk, _Pending]], background: bool,
+                           requested: set[str]) -> None:
+        try:
+            await self._store(chunks, blob, start, owned, background, requested)
+        finally:
+            for d, (_, pending) in owned.items():
+                pending.resolve(None, FetchError(f"{self.source.name}: fetch of {d} aborted"))
+                if self._inflight.get(d) is pending:
+                    del self._inflight[d]
+
+    async def _store(self, chunks: list[Chunk], blob: bytes, start: int,
+                     mine: dict[str, tuple[Chunk, _Pending]], background: bool,
+                     requested: set[str]) -> None:
+        """Decompress and verify ``chunks`` (their bytes in ``blob``, which starts at blob
+        offset ``start``), cache them and answer their waiters."""
+
         def verify_and_store() -> list[tuple[Chunk, bytes | None, IpfsnapError | None, bool]]:
             out: list[tuple[Chunk, bytes | None, IpfsnapError | None, bool]] = []
-            for c in run:
+            for c in chunks:
                 try:
                     data = self._decompress(
                         self.compression, blob[c.offset - start : c.end - start], c

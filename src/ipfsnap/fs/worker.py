@@ -48,6 +48,9 @@ from ipfsnap.fs.tablecache import TableCache, TableKey, limits_key
 
 log = logging.getLogger(__name__)
 
+#: "0": a mounted layer stores neighbour chunks before answering the read that fetched them
+NEIGHBOURS_LATER_ENV = "IPFSNAP_NEIGHBOURS_LATER"
+
 FSNAME = "ipfsnap"
 #: uncompressed bytes one chunk of a lazy layer may claim: 16x the 4 MiB chunks writers make
 #: by default (the reference's and ipfsnap's builders). A read inflates and hashes the
@@ -302,7 +305,15 @@ class Worker:
                 nursery.start_soon(layer.activity_loop)
                 if not spec.no_background_fetch:
                     nursery.start_soon(layer.background_fetch)
-                await pyfuse3.main()
+                # neighbour chunks are stored after the reads that brought them are answered
+                # (IPFSNAP_NEIGHBOURS_LATER=0: before, as until the fifth session; kept for
+                # the side-by-side benchmark, hello-bench suffix -nbnow)
+                if os.environ.get(NEIGHBOURS_LATER_ENV, "1") != "0":
+                    layer.fetcher.spawn = nursery.start_soon
+                try:
+                    await pyfuse3.main()
+                finally:
+                    layer.fetcher.spawn = None
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=self._terminated)
