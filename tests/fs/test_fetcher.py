@@ -328,3 +328,39 @@ def test_a_read_is_answered_before_its_neighbours_are_stored(
     assert not layer.fetcher._inflight
     for path in ("etc/hostname", "etc/one"):
         assert cache.get(index.chunks(path)[0].chunk_digest) is not None
+
+
+def test_a_failure_storing_neighbours_spares_the_mount(every_type_blob: Blob,
+                                                       tmp_path: Path) -> None:
+    """An unexpected error while the neighbours are stored in the background is logged: the
+    read that fetched them was answered, the nursery (the mount) goes on, and a later read
+    of a neighbour fetches it again."""
+
+    class BrokenCache(ChunkCache):
+        def put(self, digest: str, data: bytes, remember: bool = True) -> bool:
+            if not remember:
+                raise RuntimeError("disk on fire")
+            return super().put(digest, data, remember)
+
+    with open(every_type_blob.path, "rb") as f:
+        index = open_layer(FileRangeReader(f), every_type_blob.size,
+                           toc_digest=every_type_blob.toc_digest)
+    src = CountingSource(every_type_blob.path)
+    layer = LazyLayer(index, src, BrokenCache(tmp_path / "cache"), decompress=decompress_chunk,
+                      neighbour_span=1 << 20)
+    one = layer.table.get(layer.table.by_path["etc/one"])
+    host = layer.table.get(layer.table.by_path["etc/hostname"])
+    assert one is not None and host is not None
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            layer.fetcher.spawn = nursery.start_soon
+            assert await layer.read(one, 0, 10) == b"x"
+            await trio.sleep(0.5)  # the neighbours' task has failed by now
+            assert not layer.fetcher._inflight
+            layer.neighbour_span = 0
+            assert await layer.read(host, 0, 100) == data_of("etc/hostname")
+            layer.fetcher.spawn = None
+
+    trio.run(main)
+    assert len(src.calls) == 2

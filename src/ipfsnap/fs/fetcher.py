@@ -483,6 +483,10 @@ class ChunkFetcher:
                            requested: set[str]) -> None:
         try:
             await self._store(chunks, blob, start, owned, background, requested)
+        except Exception:  # in the worker's nursery it would end the mount
+            # only chunks nobody asked for are lost; their waiters get the error below
+            log.exception("%s: storing %d neighbour chunks failed", self.source.name,
+                          len(chunks))
         finally:
             for d, (_, pending) in owned.items():
                 pending.resolve(None, FetchError(f"{self.source.name}: fetch of {d} aborted"))
