@@ -393,10 +393,7 @@ class ChunkFetcher:
             try:
                 await self._load(mine, background, requested, extra)
             finally:
-                for d, (_, pending) in mine.items():
-                    pending.resolve(None, FetchError(f"{self.source.name}: fetch of {d} aborted"))
-                    if self._inflight.get(d) is pending:
-                        del self._inflight[d]
+                self._release(mine)
             waiting.update({d: p for d, (_, p) in mine.items() if d in requested})
         for d, pending in waiting.items():
             await pending.event.wait()
@@ -488,10 +485,15 @@ class ChunkFetcher:
             log.exception("%s: storing %d neighbour chunks failed", self.source.name,
                           len(chunks))
         finally:
-            for d, (_, pending) in owned.items():
-                pending.resolve(None, FetchError(f"{self.source.name}: fetch of {d} aborted"))
-                if self._inflight.get(d) is pending:
-                    del self._inflight[d]
+            self._release(owned)
+
+    def _release(self, table: dict[str, tuple[Chunk, _Pending]]) -> None:
+        """Fail the waiters of ``table``'s chunks still unanswered (a fetch that ended
+        without them) and forget the fetches: a later read fetches them again."""
+        for d, (_, pending) in table.items():
+            pending.resolve(None, FetchError(f"{self.source.name}: fetch of {d} aborted"))
+            if self._inflight.get(d) is pending:
+                del self._inflight[d]
 
     async def _store(self, chunks: list[Chunk], blob: bytes, start: int,
                      mine: dict[str, tuple[Chunk, _Pending]], background: bool,

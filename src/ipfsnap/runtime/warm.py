@@ -150,18 +150,21 @@ class ExecWarmer:
         self._skipped = 0
         self._started = 0.0
         self._ended: float | None = None
+        #: the process's environment (PATH, LD_LIBRARY_PATH), set by :meth:`start`
+        self._env: Sequence[str] = ()
 
     # -- public -----------------------------------------------------------------------------
 
     def start(self, args: Sequence[str], env: Sequence[str], cwd: str = "/") -> None:
         """Begin warming for the process ``args`` with environment ``env`` in ``cwd``."""
         self._started = time.monotonic()
+        self._env = env
         if not args or self._budget <= 0:
             self._ended = self._started
             return
         for t in self._threads:
             t.start()
-        self._submit(lambda: self._command(args[0], env, cwd))
+        self._submit(lambda: self._command(args[0], cwd))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Whether every read finished within ``timeout`` seconds."""
@@ -223,11 +226,11 @@ class ExecWarmer:
 
     # -- steps --------------------------------------------------------------------------------
 
-    def _command(self, argv0: str, env: Sequence[str], cwd: str) -> None:
+    def _command(self, argv0: str, cwd: str) -> None:
         if "/" in argv0:
-            self._visit(str(PurePosixPath(cwd, argv0)), depth=0, program=None, env=env)
+            self._visit(str(PurePosixPath(cwd, argv0)), depth=0, program=None)
             return
-        for d in (_env_value(env, "PATH") or DEFAULT_PATH).split(":"):
+        for d in (_env_value(self._env, "PATH") or DEFAULT_PATH).split(":"):
             # runc's lookup: a relative PATH entry is relative to the working directory
             candidate = str(PurePosixPath(cwd, d or ".", argv0))
             real = resolve_in_root(self.root, candidate)
@@ -236,12 +239,11 @@ class ExecWarmer:
             except OSError:
                 continue
             if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
-                self._visit(candidate, depth=0, program=None, env=env)
+                self._visit(candidate, depth=0, program=None)
                 return
         self._skip(f"{argv0}: not found in the container's PATH")
 
-    def _lib(self, name: str, dirs: Sequence[str], program: ElfInfo,
-             env: Sequence[str]) -> None:
+    def _lib(self, name: str, dirs: Sequence[str], program: ElfInfo) -> None:
         for d in dirs:
             path = str(PurePosixPath(d, name))
             fd = self._open(resolve_in_root(self.root, path))
@@ -255,12 +257,11 @@ class ExecWarmer:
             finally:
                 os.close(fd)
             if program.same_kind(info):
-                self._visit(path, depth=0, program=program, env=env)
+                self._visit(path, depth=0, program=program)
                 return
         self._skip(f"shared object {name}: not found")
 
-    def _visit(self, path: str, *, depth: int, program: ElfInfo | None,
-               env: Sequence[str]) -> None:
+    def _visit(self, path: str, *, depth: int, program: ElfInfo | None) -> None:
         """Open the file at container ``path``, queue what it needs, then its reads."""
         real = resolve_in_root(self.root, path)
         with self._lock:
@@ -284,29 +285,26 @@ class ExecWarmer:
             if head.startswith(b"#!") and depth < MAX_SCRIPT_DEPTH:
                 interp = _shebang(head)
                 if interp:
-                    self._submit(lambda: self._visit(interp, depth=depth + 1, program=None,
-                                                     env=env))
+                    self._submit(lambda: self._visit(interp, depth=depth + 1, program=None))
             elif is_elf(head):
                 info = parse_elf(_reader(fd), size, here)
-                self._dependencies(info, here, program or info, env)
+                self._dependencies(info, here, program or info)
         finally:
             os.close(fd)
 
-    def _dependencies(self, info: ElfInfo, here: str, program: ElfInfo,
-                      env: Sequence[str]) -> None:
+    def _dependencies(self, info: ElfInfo, here: str, program: ElfInfo) -> None:
         if info.interpreter:
-            self._submit(partial(self._visit, info.interpreter, depth=0, program=program,
-                                 env=env))
+            self._submit(partial(self._visit, info.interpreter, depth=0, program=program))
             # glibc's ld.so reads its cache before it looks for a library in the directories
             # (musl's has none: then a file not found, skipped)
-            self._submit(partial(self._visit, LD_SO_CACHE, depth=0, program=program, env=env))
+            self._submit(partial(self._visit, LD_SO_CACHE, depth=0, program=program))
         if info.needed:
-            dirs = library_dirs(info, str(PurePosixPath(here).parent), env)
+            dirs = library_dirs(info, str(PurePosixPath(here).parent), self._env)
             for name in info.needed:
                 if "/" in name:  # a path, loaded as given
-                    self._submit(partial(self._visit, name, depth=0, program=program, env=env))
+                    self._submit(partial(self._visit, name, depth=0, program=program))
                 else:
-                    self._submit(partial(self._lib, name, dirs, program, env))
+                    self._submit(partial(self._lib, name, dirs, program))
 
     def _queue_reads(self, real: Path, size: int) -> None:
         with self._lock:
