@@ -28,7 +28,9 @@ suffix's environment goes to the snapshotter too),
 ``-nbnow`` (neighbour chunks stored before the read that fetched them is answered:
 ``IPFSNAP_NEIGHBOURS_LATER=0``),
 ``-nowarm`` (``run`` reads nothing of the command's executable and libraries ahead:
-``[run] warm_bytes = 0``), e.g. ``lazy-nobg-nb``.
+``[run] warm_bytes = 0``; also turns off the next), ``-nopw`` (rpull does not ask the
+snapshotter to read the image's command ahead: ``[run] warm_on_pull = false``), e.g.
+``lazy-nobg-nb``.
 
 Workloads (``--workload``, default ``hello``): ``hello`` = ``python3 -c
 'print("Hello, World!")'``; ``imports`` = ``python3 -c`` importing several stdlib packages
@@ -189,6 +191,9 @@ SUFFIXES = {
     "-mc4": ("", "max_concurrency = 4"),
     # run reads nothing ahead of the command's exec (as before the fifth session)
     "-nowarm": ("config.run", "warm_bytes = 0"),
+    # rpull does not ask the snapshotter to read the image's command ahead (as before the
+    # sixth session; run still warms its own command)
+    "-nopw": ("config.run", "warm_on_pull = false"),
 }
 #: the config tables of suffix kinds ("run" is taken: a suffix that changes the run itself)
 CONFIG_TABLES = {"blob": "[blob]", "config.run": "[run]"}

@@ -79,6 +79,10 @@ class RunConfig:
     #: with its libraries is ~10 MB, so 32 MiB covers a big program's start
     #: (runtime/warm.py; measured in docs/benchmarks.md, hello-bench)
     warm_bytes: int = 32 << 20
+    #: ``image rpull --snapshotter=stargz`` asks the snapshotter to read the image's own
+    #: command (Entrypoint + Cmd) ahead the same way, right after the pull, so its files
+    #: cross the network while the pull exits and the run starts (service/warmups.py)
+    warm_on_pull: bool = True
 
 
 @dataclass

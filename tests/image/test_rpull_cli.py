@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ import pytest
 
 from ipfsnap.content import ImageStore
 from ipfsnap.content.sample import SampleImage
+from ipfsnap.estargz import open_layer
+from ipfsnap.estargz.types import BytesRangeReader
 from ipfsnap.image.resolve import fetching_line
 from ipfsnap.image.snapshotters import snapshotter_root
 from ipfsnap.image.unpack import chain_ids
@@ -20,8 +23,8 @@ from ipfsnap.ipfs import IPFSClient
 from ipfsnap.service.client import SnapshotterClient
 from ipfsnap.snapshot import REMOTE_LABEL, Kind, SnapshotStore
 from ipfsnap.snapshot.mount import is_mountpoint, mount_points
-from tests.fs.layers import Item, make_tar
-from tests.image.rpull_helpers import push, unmount_state
+from tests.fs.layers import Item, make_tar, pseudo_random
+from tests.image.rpull_helpers import CHUNK, push, unmount_state
 from tests.support import require_fuse, require_tool
 
 pytestmark = pytest.mark.integration
@@ -99,6 +102,63 @@ def test_rpull_mount_unmount(ipfs_pair: Any, state: Path, tmp_path: Path) -> Non
     assert p.returncode != 0 and "no image is mounted" in p.stderr
     p = ipfsnap(state, api, "image", "rpull", image.cid)
     assert p.returncode == 2 and "--ipfs" in p.stderr
+
+
+def test_rpull_has_the_snapshotter_read_the_images_command_ahead(
+    ipfs_pair: Any, state: Path, tmp_path: Path
+) -> None:
+    """After a lazy rpull, the image's command (Cmd /bin/sh: a script whose interpreter is in
+    the lower layer) and the user database are fetched by the snapshotter with no container
+    (service/warmups.py); ``[run] warm_on_pull = false`` sends no such request."""
+    interp = pseudo_random(3 * CHUNK + 5, 7)
+    tars = [
+        make_tar([Item("etc", "dir", mode=0o755), Item("etc/passwd", "file", b"root:x:0:0::/:\n"),
+                  Item("usr/bin/interp", "file", interp, mode=0o755),
+                  Item("usr/bin/unrelated", "file", pseudo_random(2 * CHUNK, 8))]),
+        make_tar([Item("bin/sh", "file", b"#!/usr/bin/interp -e\n", mode=0o755)]),
+    ]
+    with IPFSClient(ipfs_pair.a.api_url) as a:
+        image = push(a, tars, [True, True])
+    ipfs_pair.connect()
+    api = ipfs_pair.b.api_url
+    exact = tmp_path / "exact.toml"
+    exact.write_text("noprefetch = true\nno_background_fetch = true\n[blob]\n"
+                     "neighbour_span = 0\n")
+    def extents(layer: int, *paths: str) -> int:
+        blob = image.blobs[image.layers[layer].digest]
+        index = open_layer(BytesRangeReader(blob), len(blob))
+        return sum(c.end - c.offset for p in paths for c in index.chunks(p))
+
+    # the command's files and /etc/passwd, nothing else (/etc/group is not in the image)
+    want = {image.layers[0].digest: extents(0, "usr/bin/interp", "etc/passwd"),
+            image.layers[1].digest: extents(1, "bin/sh")}
+
+    p = ipfsnap(state, api, "--config", str(exact), "-v", "image", "rpull", "--ipfs", image.cid)
+    assert p.returncode == 0, p.stderr
+    assert "the snapshotter reads the files of '/bin/sh' ahead" in p.stderr
+    with SnapshotterClient(state) as snaps:
+        deadline = time.monotonic() + 60
+        while True:
+            # (each worker rewrites its status about once a second)
+            fetched = {s.layer: s.fetched for s in snaps.status()}
+            if all(fetched.get(k, 0) >= v for k, v in want.items()):
+                break
+            assert time.monotonic() < deadline, fetched
+            time.sleep(0.1)
+    assert fetched == want
+    unmount_state(state)
+
+    off = tmp_path / "off.toml"
+    off.write_text(exact.read_text().replace("[blob]", "[run]\nwarm_on_pull = false\n[blob]"))
+    state2 = tmp_path / "state2"
+    state2.mkdir()
+    try:
+        p = ipfsnap(state2, api, "--config", str(off), "-v", "image", "rpull", "--ipfs",
+                    image.cid)
+        assert p.returncode == 0, p.stderr
+        assert "the snapshotter reads" not in p.stderr
+    finally:
+        unmount_state(state2)
 
 
 def test_seed_workflow_busybox_two_nodes(

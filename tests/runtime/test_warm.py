@@ -13,11 +13,12 @@ import pytest
 from ipfsnap.estargz import FileRangeReader, open_layer
 from ipfsnap.runtime import warm
 from ipfsnap.runtime.elf import ELFCLASS32
+from ipfsnap.runtime.layers import LayeredTree
 from ipfsnap.runtime.warm import ExecWarmer, WarmStats, library_dirs
 from tests.fs.layers import Blob, Item, build_blob, pseudo_random
 from tests.fs.mounts import fresh_status, labels_for, make_mounter, mounted
 from tests.runtime.elfs import EM_AARCH64, ElfSpec, build_elf
-from tests.support import require_fuse
+from tests.support import require_fuse, require_root
 
 MULTIARCH = "/usr/lib/x86_64-linux-gnu"
 LD = "ld-linux-x86-64.so.2"
@@ -154,6 +155,34 @@ def test_stop_ends_every_thread(tmp_path: Path) -> None:
         time.sleep(0.01)
     assert not any(t.is_alive() for t in w._threads)
     assert w.stats().bytes <= 64 << 20
+
+
+def test_warming_the_layers_of_an_image_before_any_container(tmp_path: Path) -> None:
+    """What the snapshotter does after a pull: the same closure found through the layers as
+    overlayfs would merge them; a whiteout in an upper layer hides a library (and what only
+    it needs)."""
+    require_root()  # a whiteout is a device node
+    files = program_files()
+    upper = {r: d for r, d in files.items() if r.startswith("usr/bin/")}
+    top = make_rootfs(tmp_path / "top", upper)
+    low = make_rootfs(tmp_path / "low", {r: d for r, d in files.items() if r not in upper})
+    os.unlink(top / "lib64")  # one layer has it: the lower one's
+    layered = LayeredTree([top, low])
+    w = ExecWarmer(layered, 64 << 20)
+    w.start(["prog"], ["PATH=/usr/bin"])
+    assert w.wait(30)
+    st = w.stop()
+    assert set(st.paths) == PROG_CLOSURE and st.skipped == 0
+    assert st.bytes == sum(len(d) for r, d in files.items() if "unrelated" not in r)
+
+    (top / "usr/lib/prog").mkdir(parents=True)
+    os.mknod(top / "usr/lib/prog/libfoo.so.1", stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    w = ExecWarmer(LayeredTree([top, low]), 64 << 20)
+    w.start(["prog"], ["PATH=/usr/bin"])
+    assert w.wait(30)
+    st = w.stop()
+    assert set(st.paths) == PROG_CLOSURE - {"/usr/lib/prog/libfoo.so.1", f"{MULTIARCH}/libbar.so"}
+    assert st.skipped == 1  # libfoo.so.1: not found
 
 
 # -- a real lazy layer ------------------------------------------------------------------------

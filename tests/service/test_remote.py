@@ -21,9 +21,10 @@ from ipfsnap.fs.mounter import is_mountpoint
 from ipfsnap.fs.spec import read_status
 from ipfsnap.ipfs import IPFSClient
 from ipfsnap.service import LayerState, SnapshotterClient, connect_or_start
+from ipfsnap.service.errors import ProtocolError
 from ipfsnap.snapshot import REMOTE_LABEL, TARGET_SNAPSHOT_LABEL, Kind, mount_all, unmount
-from ipfsnap.snapshot.errors import SnapshotExists
-from tests.fs.layers import Blob, expected_tree, snapshot_tree
+from ipfsnap.snapshot.errors import SnapshotExists, SnapshotNotFound
+from tests.fs.layers import CHUNK, Blob, expected_tree, snapshot_tree
 from tests.fs.test_ipfs import extents
 from tests.service.conftest import Svc, remote_labels
 from tests.support import require_fuse
@@ -258,3 +259,38 @@ def test_remote_layer_from_ipfs_through_the_daemon(
         st = _fresh_status(svc, client, mp)
         assert st.read_bytes == extents(layer_blob, "data/exact")
         assert snapshot_tree(mp) == expected_tree(layer_blob.items)
+
+
+def test_warm_request_reads_the_command_in_a_lazy_layer_then_removal_works(
+    make_svc: Callable[..., Svc], layer_blob: Blob
+) -> None:
+    """The ``warm`` request rpull sends (service/warmups.py): exactly the command's chunks
+    fetched by the daemon with no container; bad requests named; the layer still removable."""
+    require_fuse()
+    svc = make_svc(config_text=NO_FETCH_AHEAD)
+    with connect_or_start(svc.config) as client:
+        mp = _remote_layer(client, layer_blob)
+        assert _status(client, mp).fetched == 0
+        assert client.warm("layer1", ["/data/big", "--flag"], ["PATH=/bin"])
+        want = extents(layer_blob, "data/big")
+        st = _wait_status(client, mp, lambda s: s.fetched >= want)
+        assert st.fetched == want  # nothing else: the start files are not in this layer
+        log = svc.state / "snapshotter.log"
+        deadline = time.monotonic() + 30
+        while "pull of layer1: warmed" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert (f"pull of layer1: warmed 1 files of the command ({5 * CHUNK + 123} bytes, "
+                "2 skipped)") in log.read_text()
+
+        client.prepare("active", parent="layer1")
+        with pytest.raises(ProtocolError, match="warm 'active': not a committed snapshot"):
+            client.warm("active", ["/data/big"])
+        with pytest.raises(SnapshotNotFound):
+            client.warm("ghost", ["/data/big"])
+        with pytest.raises(ProtocolError, match="'args' must be a list of strings"):
+            client.call("warm", {"key": "layer1", "args": "/data/big"})
+        assert not client.warm("layer1", [])  # no command: nothing to do
+        client.remove("active")
+        client.remove("layer1")
+        assert not is_mountpoint(mp)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ipfsnap.cli.common import Context, print_line
-from ipfsnap.errors import NotFoundError, UsageError
+from ipfsnap.errors import IpfsnapError, NotFoundError, UsageError
 from ipfsnap.image.snapshotters import SNAPSHOTTERS, STARGZ, is_lazy, snapshotter_root
 
 # What a command runs is imported when it runs: parsing the command line must not load the
@@ -198,10 +198,34 @@ def pull(ctx: Context, ref: str, snapshotter: str | None,
 
         images = ImageStore(ctx.config.state_dir)
         client = stack.enter_context(ipfs_client(ctx.config))
-        return rpull(ref, snaps, client=client, images=images, platform=platform,
-                     lazy=snapshotter is not None and is_lazy(snapshotter),
-                     prefetch_size=_prefetch(ctx.config), report=print_line,
-                     progress=progress_for())
+        lazy = snapshotter is not None and is_lazy(snapshotter)
+        pulled = rpull(ref, snaps, client=client, images=images, platform=platform,
+                       lazy=lazy, prefetch_size=_prefetch(ctx.config), report=print_line,
+                       progress=progress_for())
+        if lazy and snaps is not None:
+            warm_command(ctx.config, snaps(), pulled)
+        return pulled
+
+
+def warm_command(config: Config, snaps: Snapshotter, pulled: PulledImage) -> bool:
+    """Ask the snapshotter to read ahead the files the image's own command will exec
+    (service/warmups.py; ``[run] warm_on_pull``); never fails the pull."""
+    from ipfsnap.service.client import SnapshotterClient
+
+    top = pulled.unpacked.top if pulled.unpacked is not None else ""
+    cfg = pulled.config
+    args = [*(cfg.entrypoint or []), *(cfg.cmd or [])]  # what `run` runs without a command
+    if not (config.run.warm_on_pull and config.run.warm_bytes > 0 and top and args
+            and isinstance(snaps, SnapshotterClient)):
+        return False
+    try:
+        started = snaps.warm(top, args, cfg.env, cfg.working_dir or "/")
+    except IpfsnapError as exc:  # e.g. a snapshotter of an older version still running
+        log.info("image %s: its command is not read ahead: %s", pulled.name, exc)
+        return False
+    if started:
+        log.info("image %s: the snapshotter reads the files of %r ahead", pulled.name, args[0])
+    return started
 
 
 def layer_snapshots(

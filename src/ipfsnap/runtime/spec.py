@@ -416,18 +416,31 @@ def image_container_config(
 class SymlinkLoop(ImageConfigError):
     """Resolving a path in the rootfs met more than MAX_SYMLINKS symlinks."""
 
-    def __init__(self, root: Path, path: str) -> None:
+    def __init__(self, root: Path | str, path: str) -> None:
         #: the problem alone, for callers that name the field themselves
         self.problem = f"too many symlinks (over {MAX_SYMLINKS}; a loop?)"
         super().__init__(f"rootfs {root}: {path}: {self.problem}")
 
 
-def resolve_in_root(root: Path, path: str) -> Path:
-    """``path`` inside ``root`` with every symlink resolved as if ``root`` were ``/``.
+class Tree(Protocol):
+    """A directory tree seen as a rootfs: one directory, or a stack of layers
+    (runtime/layers.py). ``parts`` are a path's components below the root, already free of
+    symlinks and ``..``."""
 
-    An image's /etc/passwd may be a symlink (even an absolute one); following it naively would
-    read the host's file. The result never leaves ``root``.
-    """
+    def lstat(self, parts: Sequence[str]) -> os.stat_result | None:
+        """The entry's status without following a final symlink; None if it is absent."""
+        ...
+
+    def readlink(self, parts: Sequence[str]) -> str:
+        """The target of the symlink at ``parts``."""
+        ...
+
+
+def resolve_links(tree: Tree, path: str, *, what: Path | str) -> list[str]:
+    """The components of ``path`` below the root of ``tree`` with every symlink resolved as
+    if the root were ``/``: the result never leaves the root (``..`` stops there, an absolute
+    target starts again at the root). Components that do not exist are kept as given.
+    ``what`` names the root in the error for a symlink loop."""
     parts = [p for p in PurePosixPath(path).parts if p not in ("/", ".")]
     resolved: list[str] = []
     links = 0
@@ -437,10 +450,8 @@ def resolve_in_root(root: Path, path: str) -> Path:
             if resolved:
                 resolved.pop()
             continue
-        candidate = root.joinpath(*resolved, name)
-        try:
-            st = candidate.lstat()
-        except OSError:
+        st = tree.lstat([*resolved, name])
+        if st is None:
             # missing: the rest cannot exist either; keep it for the caller's error message
             resolved.append(name)
             resolved.extend(p for p in parts if p != "..")
@@ -448,14 +459,42 @@ def resolve_in_root(root: Path, path: str) -> Path:
         if stat.S_ISLNK(st.st_mode):
             links += 1
             if links > MAX_SYMLINKS:
-                raise SymlinkLoop(root, path)
-            target = os.readlink(candidate)
+                raise SymlinkLoop(what, path)
+            target = tree.readlink([*resolved, name])
             if target.startswith("/"):
                 resolved = []
             parts = [p for p in PurePosixPath(target).parts if p not in ("/", ".")] + parts
             continue
         resolved.append(name)
-    return root.joinpath(*resolved)
+    return resolved
+
+
+@dataclass(frozen=True)
+class DirTree:
+    """One directory as a :class:`Tree`."""
+
+    root: Path
+
+    def lstat(self, parts: Sequence[str]) -> os.stat_result | None:
+        try:
+            return self.root.joinpath(*parts).lstat()
+        except OSError:
+            return None
+
+    def readlink(self, parts: Sequence[str]) -> str:
+        return os.readlink(self.root.joinpath(*parts))
+
+    def host_path(self, parts: Sequence[str]) -> Path | None:
+        return self.root.joinpath(*parts)
+
+
+def resolve_in_root(root: Path, path: str) -> Path:
+    """``path`` inside ``root`` with every symlink resolved as if ``root`` were ``/``.
+
+    An image's /etc/passwd may be a symlink (even an absolute one); following it naively would
+    read the host's file. The result never leaves ``root``.
+    """
+    return root.joinpath(*resolve_links(DirTree(root), path, what=root))
 
 
 def resolve_container_path(root: Path, path: str) -> str:

@@ -20,7 +20,7 @@ open or parse is skipped, logged at debug level) and stops when the container ex
 
 Only regular files are opened, with ``O_PATH`` first (opening a device node of the image as
 root could act on the host's device) and paths are resolved inside the rootfs
-(spec.resolve_in_root). The container runs while the warm-up reads and could swap a directory
+(spec.resolve_links). The container runs while the warm-up reads and could swap a directory
 for a symlink between the lookup and the open: the worst it gets is this process reading (and
 discarding) some host file's bytes, bounded by the budget.
 """
@@ -37,10 +37,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
+from typing import Protocol
 
 from ipfsnap.errors import IpfsnapError
 from ipfsnap.runtime.elf import ElfInfo, is_elf, parse_elf
-from ipfsnap.runtime.spec import resolve_in_root
+from ipfsnap.runtime.spec import DirTree, Tree, resolve_links
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,14 @@ class WarmStats:
     paths: tuple[str, ...] = ()
 
 
+class RootTree(Tree, Protocol):
+    """A rootfs the warm-up reads: a ``spec.Tree`` that also says which host file holds an
+    entry (``spec.DirTree``: a mounted rootfs; ``layers.LayeredTree``: a pulled image's
+    layers before any container exists)."""
+
+    def host_path(self, parts: Sequence[str]) -> Path | None: ...
+
+
 def _env_value(env: Sequence[str], key: str) -> str | None:
     """The last ``key=`` entry of ``env`` (the one a process sees), or None."""
     value = None
@@ -131,9 +140,10 @@ class ExecWarmer:
     once the warm-up is no longer useful); ``wait`` is for tests and benchmarks.
     """
 
-    def __init__(self, root: Path, budget: int, *, threads: int = THREADS,
+    def __init__(self, root: Path | RootTree, budget: int, *, threads: int = THREADS,
                  window: int = WINDOW, name: str = "") -> None:
-        self.root = root
+        #: the rootfs: a mounted directory, or layers read as one (runtime/layers.py)
+        self.tree: RootTree = DirTree(root) if isinstance(root, Path) else root
         self.name = name or str(root)
         self._budget = budget
         self._window = window
@@ -155,16 +165,21 @@ class ExecWarmer:
 
     # -- public -----------------------------------------------------------------------------
 
-    def start(self, args: Sequence[str], env: Sequence[str], cwd: str = "/") -> None:
-        """Begin warming for the process ``args`` with environment ``env`` in ``cwd``."""
+    def start(self, args: Sequence[str], env: Sequence[str], cwd: str = "/", *,
+              first: Sequence[str] = ()) -> None:
+        """Begin warming for the process ``args`` with environment ``env`` in ``cwd``;
+        the files at the container paths ``first`` are asked for before the command's."""
         self._started = time.monotonic()
         self._env = env
         if not args or self._budget <= 0:
             self._ended = self._started
             return
+        for path in first:
+            # data files (at the depth limit: a #! line in them is not followed)
+            self._submit(partial(self._visit, path, depth=MAX_SCRIPT_DEPTH, program=None))
+        self._submit(lambda: self._command(args[0], cwd))
         for t in self._threads:
             t.start()
-        self._submit(lambda: self._command(args[0], cwd))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Whether every read finished within ``timeout`` seconds."""
@@ -233,12 +248,8 @@ class ExecWarmer:
         for d in (_env_value(self._env, "PATH") or DEFAULT_PATH).split(":"):
             # runc's lookup: a relative PATH entry is relative to the working directory
             candidate = str(PurePosixPath(cwd, d or ".", argv0))
-            real = resolve_in_root(self.root, candidate)
-            try:
-                st = real.stat()
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
+            st = self.tree.lstat(resolve_links(self.tree, candidate, what=self.name))
+            if st is not None and stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
                 self._visit(candidate, depth=0, program=None)
                 return
         self._skip(f"{argv0}: not found in the container's PATH")
@@ -246,7 +257,7 @@ class ExecWarmer:
     def _lib(self, name: str, dirs: Sequence[str], program: ElfInfo) -> None:
         for d in dirs:
             path = str(PurePosixPath(d, name))
-            fd = self._open(resolve_in_root(self.root, path))
+            fd = self._open(self._locate(path)[1])
             if fd is None:
                 continue
             try:
@@ -263,7 +274,11 @@ class ExecWarmer:
 
     def _visit(self, path: str, *, depth: int, program: ElfInfo | None) -> None:
         """Open the file at container ``path``, queue what it needs, then its reads."""
-        real = resolve_in_root(self.root, path)
+        # here: the container path of the file itself, for $ORIGIN and messages
+        here, real = self._locate(path)
+        if real is None:
+            self._skip(f"{path}: not found")
+            return
         with self._lock:
             if real in self._seen or len(self._seen) >= MAX_FILES:
                 return
@@ -274,8 +289,6 @@ class ExecWarmer:
             return
         try:
             size = os.fstat(fd).st_size
-            # the container path of the file itself, for $ORIGIN and messages
-            here = "/" + str(real.relative_to(self.root))
             with self._lock:
                 self._paths.append(here)
             # every part of the file is asked for before its headers are parsed: the
@@ -330,12 +343,20 @@ class ExecWarmer:
         finally:
             os.close(fd)
 
-    def _open(self, real: Path) -> int | None:
+    def _locate(self, path: str) -> tuple[str, Path | None]:
+        """The container path ``path`` names once symlinks are resolved, and the host path
+        of its file (None: there is none)."""
+        parts = resolve_links(self.tree, path, what=self.name)
+        return "/" + "/".join(parts), self.tree.host_path(parts)
+
+    def _open(self, real: Path | None) -> int | None:
         """A read-only descriptor of ``real`` if it is a regular file, else None.
 
         Opened as ``O_PATH`` first and checked: opening a device node or fifo for reading
         could act on the host's device or block.
         """
+        if real is None:
+            return None
         try:
             pfd = os.open(real, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:

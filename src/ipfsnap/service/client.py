@@ -238,6 +238,15 @@ class SnapshotterClient:
             raise ProtocolError(f"snapshotter {self.socket_path}: bad ping answer")
         return result
 
+    def warm(self, key: str, args: Sequence[str], env: Sequence[str] = (),
+             cwd: str = "/") -> bool:
+        """Ask the snapshotter to read ahead the files the process ``args`` (with ``env``,
+        in ``cwd``) will exec, in the layers of committed snapshot ``key``
+        (service/warmups.py); whether a warm-up was started."""
+        result = self.call("warm", {"key": key, "args": list(args), "env": list(env),
+                                    "cwd": cwd}, timeout=QUICK_TIMEOUT * 3)
+        return bool(isinstance(result, dict) and result.get("started"))
+
     def status(self) -> list[LayerState]:
         result = self.call("status", timeout=QUICK_TIMEOUT * 3)
         if not isinstance(result, list):

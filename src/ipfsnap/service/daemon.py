@@ -55,6 +55,7 @@ from ipfsnap.service.protocol import (
     read_message,
     usage_to_json,
 )
+from ipfsnap.service.warmups import GuardedRemote, WarmRequest, WarmUps
 from ipfsnap.snapshot import REMOTE_LABEL, TARGET_SNAPSHOT_LABEL, Kind, SnapshotStore
 from ipfsnap.snapshot.errors import SnapshotNotFound
 
@@ -83,6 +84,13 @@ def _str(args: Mapping[str, Any], name: str, default: str | None = None) -> str:
         raise ProtocolError(f"snapshotter request: missing argument {name!r}")
     if not isinstance(value, str):
         raise ProtocolError(f"snapshotter request: argument {name!r} must be a string")
+    return value
+
+
+def _str_list(args: Mapping[str, Any], name: str) -> list[str]:
+    value = args.get(name) or []
+    if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise ProtocolError(f"snapshotter request: argument {name!r} must be a list of strings")
     return value
 
 
@@ -118,6 +126,9 @@ class Daemon:
         # the layer workers log at debug level too when the snapshotter does (-vv)
         debug = {"log_level": "DEBUG"} if log.isEnabledFor(logging.DEBUG) else None
         self.mounter = mounter or LayerMounter(config, extra=debug)
+        #: pulled images' commands read ahead (the ``warm`` request); a layer is unmounted
+        #: only once no warm-up reads it
+        self.warmups = WarmUps(config.run.warm_bytes)
         self.store: SnapshotStore | None = None
         self._lock_fd: int | None = None
         self._listener: socket.socket | None = None
@@ -179,7 +190,8 @@ class Daemon:
         self._prepare_state_dir()
         self._take_lock()
         try:
-            self.store = SnapshotStore(self.root, remote=self.mounter, restore=False)
+            self.store = SnapshotStore(self.root, remote=GuardedRemote(self.mounter, self.warmups),
+                                       restore=False)
             failures = self.store.restore_remote()
             restored = sum(
                 1 for i in self.store.walk() if REMOTE_LABEL in i.labels and i.name not in failures
@@ -380,7 +392,22 @@ class Daemon:
             return [s.to_json() for s in self.layer_states()]
         if op == "stop":
             return {"pid": os.getpid()}
+        if op == "warm":
+            return {"started": self._warm(a)}
         raise ProtocolError(f"snapshotter: unknown request {op!r}")  # pragma: no cover
+
+    def _warm(self, a: Mapping[str, Any]) -> bool:
+        """Start reading ahead the files of the process ``a`` describes in the layers of the
+        committed snapshot ``a["key"]`` (service/warmups.py)."""
+        store = self.store
+        assert store is not None
+        key = _str(a, "key")
+        args, env = _str_list(a, "args"), _str_list(a, "env")
+        cwd = _str(a, "cwd", "/")
+        if store.stat(key).kind != Kind.COMMITTED:
+            raise ProtocolError(f"snapshotter request: warm {key!r}: not a committed snapshot")
+        layers = (store.path(key), *store.parent_paths(key))
+        return self.warmups.start(WarmRequest(key, layers, tuple(args), tuple(env), cwd))
 
     # ---- status -------------------------------------------------------------------------
 
@@ -429,6 +456,7 @@ class Daemon:
         """Stop listening, wait (bounded) for requests in flight, close the store
         (unmounting every remote layer after a ``stop`` request), release the lock."""
         self._stopping.set()
+        self.warmups.stop_all()
         if self._listener is not None:
             with contextlib.suppress(OSError):
                 self._listener.close()

@@ -70,6 +70,8 @@ OPS = (
     "usage",
     "status",
     "stop",
+    # ipfsnap's own: read a pulled image's command ahead (service/warmups.py)
+    "warm",
 )
 
 
