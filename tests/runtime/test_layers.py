@@ -5,13 +5,14 @@ across layers stay inside."""
 from __future__ import annotations
 
 import os
+import random
 import stat
 from pathlib import Path
 
 import pytest
 
 from ipfsnap.runtime.layers import OPAQUE_XATTR, LayeredTree, is_whiteout
-from ipfsnap.runtime.spec import SymlinkLoop, resolve_links
+from ipfsnap.runtime.spec import DirTree, SymlinkLoop, Tree, resolve_links
 from ipfsnap.snapshot import Mount
 from ipfsnap.snapshot.mount import mount_all, unmount
 from tests.support import require_root
@@ -166,3 +167,103 @@ def test_directory_lookups_are_cached(layers: list[Path], monkeypatch: pytest.Mo
     for name in names:
         tree.host_path(["usr", "lib", name])
     assert len(calls) == first
+
+
+def _make(rng: random.Random, p: Path, content: str, names: list[str]) -> None:
+    kind = rng.choice(["file", "file", "dir", "link", "whiteout", "opaque"])
+    if kind == "file":
+        p.write_bytes(content.encode())
+    elif kind == "dir":
+        p.mkdir()
+    elif kind == "opaque":
+        p.mkdir()
+        os.setxattr(p, OPAQUE_XATTR, b"y")
+    elif kind == "whiteout":
+        os.mknod(p, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    else:
+        os.symlink(rng.choice(["/" + "/".join(rng.choice(names) for _ in range(2)),
+                               rng.choice(names), "../" + rng.choice(names), "/nope"]), p)
+
+
+def _random_layers(rng: random.Random, base: Path, count: int) -> list[Path]:
+    """``count`` layers (topmost first) of random entries over a small name space, so that
+    names collide across layers: files, directories, symlinks (relative, absolute, dangling,
+    upward), whiteouts and opaque directories."""
+    names = ["a", "b", "c"]
+    layers = []
+    for i in range(count):
+        root = base / f"l{i}"
+        root.mkdir()
+        for _ in range(rng.randint(3, 12)):
+            parts = [rng.choice(names) for _ in range(rng.randint(1, 3))]
+            # never through a symlink of the layer (an absolute one would lead to the host):
+            # every ancestor must be a real directory of this layer, or is made one
+            where = root
+            for name in parts[:-1]:
+                where = where / name
+                if not os.path.lexists(where):
+                    where.mkdir()
+                elif not stat.S_ISDIR(where.lstat().st_mode):
+                    break
+            else:
+                p = where / parts[-1]
+                if not os.path.lexists(p):
+                    _make(rng, p, f"{i}:{'/'.join(parts)}", names)
+        layers.append(root)
+    return layers
+
+
+def _all_paths(max_depth: int = 3) -> list[list[str]]:
+    out: list[list[str]] = [[]]
+    frontier: list[list[str]] = [[]]
+    for _ in range(max_depth):
+        frontier = [[*f, n] for f in frontier for n in ("a", "b", "c", "d")]
+        out += frontier
+    return out
+
+
+def _resolved(tree: Tree, path: str) -> list[str] | str:
+    try:
+        return resolve_links(tree, path, what="t")
+    except SymlinkLoop:
+        return "loop"
+
+
+def test_random_layer_stacks_match_the_kernels_overlay(tmp_path: Path) -> None:
+    """40 random stacks of 2-4 layers: every lookup (type, content, link target) and every
+    symlink resolution inside the stack agree with overlayfs mounting the same layers."""
+    require_root()
+    rng = random.Random(20261128)
+    for case in range(40):
+        base = tmp_path / f"case{case}"
+        base.mkdir()
+        layers = _random_layers(rng, base, rng.randint(2, 4))
+        tree = LayeredTree(layers)
+        target = base / "merged"
+        target.mkdir()
+        mount_all([Mount("overlay", "overlay",
+                         ["ro", "lowerdir=" + ":".join(str(p) for p in layers)])], target)
+        try:
+            for parts in _all_paths():
+                rel = "/".join(parts)
+                where = f"case {case}: /{rel}"
+                # the same resolution (or loop) through the merged mount as a plain directory
+                assert (_resolved(tree, "/" + rel) == _resolved(DirTree(target), "/" + rel)), where
+                if any((target / "/".join(parts[:i])).is_symlink() for i in range(1, len(parts))):
+                    continue  # lookups take symlink-free paths (what resolve_links gives)
+                try:
+                    st = (target / rel).lstat() if parts else target.lstat()
+                except OSError:
+                    assert tree.lstat(parts) is None, where
+                    continue
+                got = tree.lstat(parts)
+                assert got is not None, where
+                assert stat.S_IFMT(got.st_mode) == stat.S_IFMT(st.st_mode), where
+                if stat.S_ISREG(st.st_mode):
+                    host = tree.host_path(parts)
+                    assert host is not None, where
+                    assert host.read_bytes() == (target / rel).read_bytes(), where
+                elif stat.S_ISLNK(st.st_mode):
+                    assert tree.readlink(parts) == os.readlink(target / rel), where
+        finally:
+            unmount(target)
