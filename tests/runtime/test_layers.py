@@ -4,9 +4,11 @@ across layers stay inside."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -78,32 +80,42 @@ PATHS = ["etc/passwd", "etc/gone", "usr/lib/a.so", "usr/lib/b.so", "usr/lib/c.so
          "usr/bin/python3", "usr/bin/python3.11", "lib64", "escape", "nope", "usr/nope/x", ""]
 
 
-def test_lookups_match_a_real_overlay_mount(layers: list[Path], tmp_path: Path) -> None:
-    tree = LayeredTree(layers)
-    target = tmp_path / "merged"
+@contextlib.contextmanager
+def merged(layers: list[Path], target: Path) -> Iterator[Path]:
+    """The kernel's view of ``layers`` (topmost first): a read-only overlay at ``target``."""
     target.mkdir()
     mount_all([Mount("overlay", "overlay",
                      ["ro", "lowerdir=" + ":".join(str(p) for p in layers)])], target)
     try:
-        for rel in PATHS:
-            want = target / rel
-            try:
-                st = want.lstat()
-            except OSError:
-                assert tree.lstat(rel.split("/") if rel else []) is None, rel
-                assert tree.host_path(rel.split("/") if rel else []) is None, rel
-                continue
-            parts = rel.split("/") if rel else []
-            got = tree.lstat(parts)
-            assert got is not None, rel
-            assert stat.S_IFMT(got.st_mode) == stat.S_IFMT(st.st_mode), rel
-            if stat.S_ISREG(st.st_mode):
-                host = tree.host_path(parts)
-                assert host is not None and host.read_bytes() == want.read_bytes(), rel
-            if stat.S_ISLNK(st.st_mode):
-                assert tree.readlink(parts) == os.readlink(want), rel
+        yield target
     finally:
         unmount(target)
+
+
+def assert_same_entry(tree: LayeredTree, target: Path, parts: list[str], where: str) -> None:
+    """The lookup of ``parts`` (a symlink-free path) in ``tree`` agrees with the mount."""
+    want = target.joinpath(*parts)
+    try:
+        st = want.lstat()
+    except OSError:
+        assert tree.lstat(parts) is None, where
+        assert tree.host_path(parts) is None, where
+        return
+    got = tree.lstat(parts)
+    assert got is not None, where
+    assert stat.S_IFMT(got.st_mode) == stat.S_IFMT(st.st_mode), where
+    if stat.S_ISREG(st.st_mode):
+        host = tree.host_path(parts)
+        assert host is not None and host.read_bytes() == want.read_bytes(), where
+    elif stat.S_ISLNK(st.st_mode):
+        assert tree.readlink(parts) == os.readlink(want), where
+
+
+def test_lookups_match_a_real_overlay_mount(layers: list[Path], tmp_path: Path) -> None:
+    tree = LayeredTree(layers)
+    with merged(layers, tmp_path / "merged") as target:
+        for rel in PATHS:
+            assert_same_entry(tree, target, rel.split("/") if rel else [], rel)
 
 
 def test_the_rules_by_name(layers: list[Path]) -> None:
@@ -239,11 +251,7 @@ def test_random_layer_stacks_match_the_kernels_overlay(tmp_path: Path) -> None:
         base.mkdir()
         layers = _random_layers(rng, base, rng.randint(2, 4))
         tree = LayeredTree(layers)
-        target = base / "merged"
-        target.mkdir()
-        mount_all([Mount("overlay", "overlay",
-                         ["ro", "lowerdir=" + ":".join(str(p) for p in layers)])], target)
-        try:
+        with merged(layers, base / "merged") as target:
             for parts in _all_paths():
                 rel = "/".join(parts)
                 where = f"case {case}: /{rel}"
@@ -251,19 +259,4 @@ def test_random_layer_stacks_match_the_kernels_overlay(tmp_path: Path) -> None:
                 assert (_resolved(tree, "/" + rel) == _resolved(DirTree(target), "/" + rel)), where
                 if any((target / "/".join(parts[:i])).is_symlink() for i in range(1, len(parts))):
                     continue  # lookups take symlink-free paths (what resolve_links gives)
-                try:
-                    st = (target / rel).lstat() if parts else target.lstat()
-                except OSError:
-                    assert tree.lstat(parts) is None, where
-                    continue
-                got = tree.lstat(parts)
-                assert got is not None, where
-                assert stat.S_IFMT(got.st_mode) == stat.S_IFMT(st.st_mode), where
-                if stat.S_ISREG(st.st_mode):
-                    host = tree.host_path(parts)
-                    assert host is not None, where
-                    assert host.read_bytes() == (target / rel).read_bytes(), where
-                elif stat.S_ISLNK(st.st_mode):
-                    assert tree.readlink(parts) == os.readlink(target / rel), where
-        finally:
-            unmount(target)
+                assert_same_entry(tree, target, parts, where)
