@@ -150,3 +150,30 @@ def test_the_real_warm_up_reads_start_files_then_the_command(tmp_path: Path) -> 
     # one reader thread: the order is the order asked
     assert stats.paths == ("/etc/passwd", "/etc/group", "/bin/prog", "/usr/bin/interp")
     assert stats.bytes == 26 + 10 + 21 + 5000
+
+
+def test_a_warm_up_stopped_before_it_began_never_starts() -> None:
+    """A removal right after the pull can stop a warm-up whose thread has not run yet: it
+    must not start reading (or leave reader threads behind) afterwards."""
+    events: list[str] = []
+    w = GatedWarmer(events)
+    warmups = WarmUps(1 << 20, make_warmer=lambda r, b: w)
+    gate = threading.Lock()
+    gate.acquire()
+    real_run = warmups._run
+
+    def held_run(warm: object) -> None:
+        with gate:  # the warm-up's thread waits here until the stop below is done
+            real_run(warm)  # type: ignore[arg-type]
+
+    warmups._run = held_run  # type: ignore[method-assign]
+    assert warmups.start(request("early", "1"))
+    running = warmups._snapshot()
+    for warm in running:
+        warm.halt()
+    gate.release()
+    for warm in running:
+        assert warm.thread is not None
+        warm.thread.join(10)
+    assert w.stops == 1 and w.args is None  # stopped once, never started
+    assert warmups.running() == []

@@ -171,7 +171,7 @@ class ExecWarmer:
         the files at the container paths ``first`` are asked for before the command's."""
         self._started = time.monotonic()
         self._env = env
-        if not args or self._budget <= 0:
+        if not args or self._budget <= 0 or self._stopping.is_set():
             self._ended = self._started
             return
         for path in first:

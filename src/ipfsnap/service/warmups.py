@@ -84,8 +84,12 @@ class _WarmUp:
 
     def run(self, deadline: float) -> None:
         try:
-            self.warmer.start(self.request.args, self.request.env, self.request.cwd,
-                              first=START_FILES)
+            with self._lock:
+                if self._halted:  # stopped before it began (a removal right after the pull)
+                    return
+                # under the lock: a halt() now waits until its reader threads exist to stop
+                self.warmer.start(self.request.args, self.request.env, self.request.cwd,
+                                  first=START_FILES)
             if not self.warmer.wait(deadline):
                 log.info("%s: warm-up stopped after %.0f s", self.request.key, deadline)
         except Exception:  # a warm-up never fails anything
