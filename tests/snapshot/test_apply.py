@@ -17,7 +17,7 @@ import zstandard
 from ipfsnap import estargz
 from ipfsnap.errors import FormatError, IntegrityError
 from ipfsnap.snapshot import ESTARGZ_METADATA, SnapshotStore, apply_layer, mount_all, unmount
-from ipfsnap.snapshot.errors import DiffIDMismatch, LayerFormatError
+from ipfsnap.snapshot.errors import DiffIDMismatch, LayerFormatError, LayerTooLarge
 from tests.snapshot.tarbuild import E, make_tar
 from tests.support import require_root
 
@@ -333,3 +333,38 @@ def test_estargz_blob_unpacks_to_the_original_tree(tmp_path: Path, compression: 
     assert res.size == built.uncompressed_size
     assert _snapshot_tree(lazy_equiv) == _snapshot_tree(plain)
     assert not (lazy_equiv / estargz.TOC_TAR_NAME).exists()
+
+
+def _claims_more_than_it_has(kind: bytes, size: int) -> bytes:
+    """A layer whose only entry's header claims ``size`` bytes of data, then ends."""
+    ti = tarfile.TarInfo("f")
+    ti.type = kind
+    ti.linkname = "target"
+    ti.pax_headers = {"size": str(size)}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        tf.addfile(ti)
+    return buf.getvalue()[:2048]  # no data, no end-of-archive blocks
+
+
+@pytest.mark.parametrize("kind", [tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.REGTYPE, b"Z"])
+def test_an_entry_claiming_more_than_the_limit_is_refused_from_its_header(
+        tmp_path: Path, kind: bytes) -> None:
+    require_root()
+    with pytest.raises(LayerTooLarge, match=r"entry 'f' claims 1099511627776 bytes, over the"):
+        apply_layer(tmp_path, io.BytesIO(_claims_more_than_it_has(kind, 1 << 40)), layer="L")
+
+
+@pytest.mark.parametrize(("kind", "why"), [
+    (tarfile.REGTYPE, "unexpected end of data"),  # its data is read
+    (b"Z", "the tar stream ended 2048 bytes in, inside an entry"),  # its data is skipped
+])
+def test_an_entry_claiming_data_past_the_end_fails_at_once(
+        tmp_path: Path, kind: bytes, why: str) -> None:
+    # tarfile skips an entry's data block by block without noticing the end of the stream:
+    # an entry of an unsupported type claiming 1 TiB in a 1.5 KiB layer spun ~10^8 empty
+    # reads (the fuzz campaign's hang, reproducer finding-timeout-c9e4ee867cdf12ae); under
+    # the size limit the reads past the end now stop after a few
+    require_root()
+    with pytest.raises(LayerFormatError, match=f"unreadable tar stream at entry 'f': {why}"):
+        apply_layer(tmp_path, io.BytesIO(_claims_more_than_it_has(kind, 32 << 30)), layer="L")

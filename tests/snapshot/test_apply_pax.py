@@ -17,7 +17,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ipfsnap.oci.tarheaders import MAX_SPECIAL_CHAIN, BoundedTarInfo, _pax_records
+from ipfsnap.oci.tarheaders import (
+    MAX_EMPTY_READS,
+    MAX_SPECIAL_CHAIN,
+    BoundedTarInfo,
+    EndGuard,
+    _pax_records,
+)
 from ipfsnap.snapshot import apply_layer
 from ipfsnap.snapshot.errors import LayerFormatError
 from tests.snapshot.tarbuild import BLOCK, END, pad, pax_record, special_header, ustar_member
@@ -245,3 +251,22 @@ def test_pax_record_parser_ends_and_reads_what_it_is_given(pieces: list[bytes]) 
     # records end at the header's end or at a NUL (padding: what follows is not read)
     assert buf.startswith(again) and buf[len(again):len(again) + 1] in (b"", b"\0")
     assert all(k and b"=" not in k for k, _ in records)
+
+
+def test_end_guard_passes_a_stream_through_and_stops_endless_reads_past_its_end() -> None:
+    data = bytes(range(256)) * 40
+    guard = EndGuard(io.BytesIO(data))
+    assert guard.read(1000) + guard.read(-1) == data and guard.count == len(data)
+    for _ in range(MAX_EMPTY_READS):
+        assert guard.read(512) == b""  # a few reads at the end are normal
+    with pytest.raises(EOFError, match=f"ended {len(data)} bytes in, inside an entry"):
+        guard.read(512)
+    # the same stream through tarfile, as a whole archive: the same members as without it
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name in ("a", "b/c"):
+            ti = tarfile.TarInfo(name)
+            ti.size = 3
+            tf.addfile(ti, io.BytesIO(b"xyz"))
+    with tarfile.open(fileobj=EndGuard(io.BytesIO(raw.getvalue())), mode="r|") as tf:
+        assert [m.name for m in tf] == ["a", "b/c"]

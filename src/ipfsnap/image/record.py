@@ -37,6 +37,7 @@ import subprocess
 import tarfile
 import threading
 import time
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +46,11 @@ from typing import IO, Any
 from ipfsnap.content import ImageStore, ResolvedImage
 from ipfsnap.docparse import MalformedDocument, parse_json
 from ipfsnap.errors import UsageError
-from ipfsnap.image.errors import RecordError
+from ipfsnap.image.errors import RecordError, UnpackError
 from ipfsnap.image.snapshotters import OVERLAYFS, snapshotter_root
 from ipfsnap.image.unpack import unpack_layers
 from ipfsnap.oci import Descriptor, mediatypes
+from ipfsnap.oci.tarheaders import BoundedTarInfo, EndGuard
 from ipfsnap.runtime import ContainerStore, Runc, image_args
 from ipfsnap.runtime.containers import ContainerRecord
 from ipfsnap.runtime.spec import image_container_config
@@ -386,41 +388,49 @@ def merged_tree(images: ImageStore, layers: Sequence[Descriptor]) -> dict[str, _
     """Every path of the image's root filesystem (clean, relative) -> the layer providing it."""
     tree: dict[str, _Node] = {}
     for i, desc in enumerate(layers):
-        with _layer_stream(images, desc) as stream, \
-                tarfile.open(fileobj=stream, mode="r|") as tar:
-            this_layer: set[str] = set()
-            for member in tar:
-                name = _clean(member.name)
-                if not name:
-                    continue
-                parent, _, base = name.rpartition("/")
-                if base == _OPAQUE:
-                    prefix = parent + "/" if parent else ""
-                    for p in [p for p in tree if p.startswith(prefix) and p not in this_layer]:
-                        del tree[p]
-                    continue
-                if base.startswith(_WHITEOUT):
-                    gone = (parent + "/" if parent else "") + base[len(_WHITEOUT):]
-                    for p in [p for p in tree if p == gone or p.startswith(gone + "/")]:
-                        del tree[p]
-                    continue
-                if name in tree and tree[name].kind == "dir" and not member.isdir():
-                    # a non-directory replaces a directory and everything below it
-                    for p in [p for p in tree if p.startswith(name + "/")]:
-                        del tree[p]
-                if member.isreg():
-                    node = _Node(i, "reg")
-                elif member.isdir():
-                    node = _Node(i, "dir")
-                elif member.issym():
-                    node = _Node(i, "symlink", member.linkname)
-                elif member.islnk():
-                    node = _Node(i, "hardlink", member.linkname)
-                else:
-                    node = _Node(i, "other")
-                tree[name] = node
-                this_layer.add(name)
+        try:
+            _merge_layer(tree, i, images, desc)
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            raise UnpackError(f"layer {desc.digest}: unreadable tar stream: {exc}") from exc
     return tree
+
+
+def _merge_layer(tree: dict[str, _Node], i: int, images: ImageStore, desc: Descriptor) -> None:
+    """Apply layer ``i`` to ``tree`` (its tar is bounded as the unpacker's: snapshot/apply)."""
+    with _layer_stream(images, desc) as stream, \
+            tarfile.open(fileobj=EndGuard(stream), mode="r|", tarinfo=BoundedTarInfo) as tar:
+        this_layer: set[str] = set()
+        for member in tar:
+            name = _clean(member.name)
+            if not name:
+                continue
+            parent, _, base = name.rpartition("/")
+            if base == _OPAQUE:
+                prefix = parent + "/" if parent else ""
+                for p in [p for p in tree if p.startswith(prefix) and p not in this_layer]:
+                    del tree[p]
+                continue
+            if base.startswith(_WHITEOUT):
+                gone = (parent + "/" if parent else "") + base[len(_WHITEOUT):]
+                for p in [p for p in tree if p == gone or p.startswith(gone + "/")]:
+                    del tree[p]
+                continue
+            if name in tree and tree[name].kind == "dir" and not member.isdir():
+                # a non-directory replaces a directory and everything below it
+                for p in [p for p in tree if p.startswith(name + "/")]:
+                    del tree[p]
+            if member.isreg():
+                node = _Node(i, "reg")
+            elif member.isdir():
+                node = _Node(i, "dir")
+            elif member.issym():
+                node = _Node(i, "symlink", member.linkname)
+            elif member.islnk():
+                node = _Node(i, "hardlink", member.linkname)
+            else:
+                node = _Node(i, "other")
+            tree[name] = node
+            this_layer.add(name)
 
 
 def _resolve(tree: dict[str, _Node], path: str, visit: list[str]) -> str | None:

@@ -5,14 +5,16 @@ memory, follows chains of them recursively and, before Python 3.11.10 (CVE-2024-
 parses PAX records with regexes that backtrack. :class:`BoundedTarInfo` (pass it as
 ``tarfile.open(..., tarinfo=BoundedTarInfo)``) keeps tarfile's results for every archive
 real writers produce and refuses, with ``tarfile.ReadError``, what would cost more than
-the bounds below. Used by the layer unpacker (``snapshot.apply``) and the image archive
+the bounds below; :class:`EndGuard` stops tarfile's stream mode from reading past the end of
+a stream forever. Used by the layer unpacker (``snapshot.apply``) and the image archive
 importer (``content.archive``): both read tars an attacker may have written.
 """
 
 from __future__ import annotations
 
+import io
 import tarfile
-from typing import IO, Any, cast
+from typing import IO, Any, Protocol, cast
 
 #: bytes of one special header (PAX extended header, GNU long name or link): 1 MiB, Go's
 #: archive/tar limit (so containerd's). tarfile reads such a header into memory whole: a
@@ -30,6 +32,51 @@ MAX_SPECIAL_CHAIN = 32
 #: decimal digits of a PAX record's length: a record lies inside a header of at most
 #: MAX_SPECIAL_HEADER (1 MiB, 7 digits) bytes; leading zeros beyond this are refused too
 _PAX_LENGTH_DIGITS = len(str(MAX_SPECIAL_HEADER))
+
+
+#: reads past the end of a stream allowed before it is an error (:class:`EndGuard`). A
+#: well-formed stream is read past its end a few times at most (tarfile's end-of-archive
+#: check, a caller's final drain).
+MAX_EMPTY_READS = 16
+
+
+class _Reader(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+class EndGuard(io.RawIOBase):
+    """``inner`` for ``tarfile.open(fileobj=..., mode="r|")``, refusing to be read on and on
+    past its end.
+
+    tarfile's stream mode skips an entry's data block by block (an entry of a type it does
+    not know, or one nobody reads) and does not stop at the end of the stream: an entry
+    claiming 1 TiB in a 1.5 KiB layer spun through ~10^8 empty reads (the CI fuzz
+    campaign's hang, 2026-11-28). After :data:`MAX_EMPTY_READS` reads that found the end,
+    the next one raises ``EOFError``.
+    """
+
+    def __init__(self, inner: _Reader) -> None:
+        self.inner = inner
+        #: bytes read so far
+        self.count = 0
+        self._empty = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.inner.read(n)
+        if not data and n:
+            self._empty += 1
+            if self._empty > MAX_EMPTY_READS:
+                raise EOFError(f"the tar stream ended {self.count} bytes in, inside an entry")
+        self.count += len(data)
+        return data
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
 
 
 class BoundedTarInfo(tarfile.TarInfo):

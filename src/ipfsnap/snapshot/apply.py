@@ -45,7 +45,7 @@ import zstandard
 
 from ipfsnap.errors import IpfsnapError
 from ipfsnap.estargz.types import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME
-from ipfsnap.oci.tarheaders import MAX_SPECIAL_HEADER, BoundedTarInfo  # noqa: F401 (its bound, named by tests from here)
+from ipfsnap.oci.tarheaders import MAX_SPECIAL_HEADER, BoundedTarInfo, EndGuard  # noqa: F401 (its bound, named by tests from here)
 from ipfsnap.snapshot.errors import (
     DiffIDMismatch,
     LayerFormatError,
@@ -607,7 +607,7 @@ def _run(writer: _Writer, stream: BinaryIO, name: str, limits: ApplyLimits) -> A
         hashing = _HashingReader(plain, limits.max_size, name)
         log.debug("layer %s: %s compressed", name, compression)
         with tarfile.open(
-            fileobj=hashing, mode="r|", encoding="utf-8", errors="surrogateescape",
+            fileobj=EndGuard(hashing), mode="r|", encoding="utf-8", errors="surrogateescape",
             tarinfo=BoundedTarInfo,
         ) as tf:
             count = 0
@@ -616,6 +616,9 @@ def _run(writer: _Writer, stream: BinaryIO, name: str, limits: ApplyLimits) -> A
                 count += 1
                 if count > limits.max_entries:
                     raise LayerTooLarge(f"layer {name}: more than {limits.max_entries} entries")
+                if m.size > limits.max_size:  # of any type: its data is skipped or read
+                    raise LayerTooLarge(f"layer {name}: entry {m.name!r} claims {m.size} bytes, "
+                                        f"over the {limits.max_size} limit")
                 writer.entry(tf, m)
                 # The stream reader keeps every member; we need none of them.
                 tf.members.clear()  # type: ignore[attr-defined]
