@@ -399,10 +399,7 @@ class _Writer:
         if base.startswith(WHITEOUT_PREFIX):
             self.whiteout(dirs, base, m)
             return
-        if m.size > self.limits.max_size:
-            raise LayerTooLarge(
-                self.err(m.name, f"claims {m.size} bytes, over the {self.limits.max_size} limit")
-            )
+        # (an entry's size is checked against the limit in _run, before any entry is applied)
         with self.parent(dirs, m.name) as dfd:
             if m.isdir():
                 if not self.clear(dfd, base, keep_dir=True):
