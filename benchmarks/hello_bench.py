@@ -29,8 +29,9 @@ suffix's environment goes to the snapshotter too),
 ``IPFSNAP_NEIGHBOURS_LATER=0``),
 ``-nowarm`` (``run`` reads nothing of the command's executable and libraries ahead:
 ``[run] warm_bytes = 0``; also turns off the next), ``-nopw`` (rpull does not ask the
-snapshotter to read the image's command ahead: ``[run] warm_on_pull = false``), e.g.
-``lazy-nobg-nb``.
+snapshotter to read the image's command ahead: ``[run] warm_on_pull = false``), ``-nosf``
+(the warm-ups read the exec's files only, not the locale, zone and python start-up files:
+``[run] warm_start_files = false``), e.g. ``lazy-nobg-nb``.
 
 Workloads (``--workload``, default ``hello``): ``hello`` = ``python3 -c
 'print("Hello, World!")'``; ``imports`` = ``python3 -c`` importing several stdlib packages
@@ -194,6 +195,9 @@ SUFFIXES = {
     # rpull does not ask the snapshotter to read the image's command ahead (as before the
     # sixth session; run still warms its own command)
     "-nopw": ("config.run", "warm_on_pull = false"),
+    # the warm-ups read only the exec's files, not what the program's start reads after the
+    # loader (as before the seventh session)
+    "-nosf": ("config.run", "warm_start_files = false"),
 }
 #: the config tables of suffix kinds ("run" is taken: a suffix that changes the run itself)
 CONFIG_TABLES = {"blob": "[blob]", "config.run": "[run]"}

@@ -83,6 +83,11 @@ class RunConfig:
     #: command (Entrypoint + Cmd) ahead the same way, right after the pull, so its files
     #: cross the network while the pull exits and the run starts (service/warmups.py)
     warm_on_pull: bool = True
+    #: the warm-ups also read what the program's start reads after the loader: its C
+    #: library's locale and zone files and, for CPython, the start-up modules and the site
+    #: directories' ``.pth`` files (runtime/startfiles.py; a guess: a file the program does
+    #: not read costs one fetch)
+    warm_start_files: bool = True
 
 
 @dataclass

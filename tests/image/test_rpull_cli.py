@@ -25,6 +25,7 @@ from ipfsnap.snapshot import REMOTE_LABEL, Kind, SnapshotStore
 from ipfsnap.snapshot.mount import is_mountpoint, mount_points
 from tests.fs.layers import Item, make_tar, pseudo_random
 from tests.image.rpull_helpers import CHUNK, push, unmount_state
+from tests.runtime.elfs import ElfSpec, build_elf
 from tests.support import require_fuse, require_tool
 
 pytestmark = pytest.mark.integration
@@ -107,15 +108,26 @@ def test_rpull_mount_unmount(ipfs_pair: Any, state: Path, tmp_path: Path) -> Non
 def test_rpull_has_the_snapshotter_read_the_images_command_ahead(
     ipfs_pair: Any, state: Path, tmp_path: Path
 ) -> None:
-    """After a lazy rpull, the image's command (Cmd /bin/sh: a script whose interpreter is in
-    the lower layer) and the user database are fetched by the snapshotter with no container
+    """After a lazy rpull, the image's command (Cmd /bin/sh: a script whose interpreter, a
+    python3.11 ELF, is in the lower layer), the user database and the interpreter's start
+    files (runtime/startfiles.py, found across the layers: a ``.pth`` in a directory of the
+    upper one, the zone file) are fetched by the snapshotter with no container
     (service/warmups.py); ``[run] warm_on_pull = false`` sends no such request."""
-    interp = pseudo_random(3 * CHUNK + 5, 7)
+    interp = build_elf(ElfSpec(interpreter="/lib64/ld-linux-x86-64.so.2",
+                               body=pseudo_random(3 * CHUNK + 5, 7)))
+    lib = "usr/lib/python3.11"
+    site = "usr/lib/python3/dist-packages"
     tars = [
         make_tar([Item("etc", "dir", mode=0o755), Item("etc/passwd", "file", b"root:x:0:0::/:\n"),
-                  Item("usr/bin/interp", "file", interp, mode=0o755),
-                  Item("usr/bin/unrelated", "file", pseudo_random(2 * CHUNK, 8))]),
-        make_tar([Item("bin/sh", "file", b"#!/usr/bin/interp -e\n", mode=0o755)]),
+                  Item("usr/bin/python3.11", "file", interp, mode=0o755),
+                  Item("usr/bin/unrelated", "file", pseudo_random(2 * CHUNK, 8)),
+                  Item(f"{lib}/os.py", "file", pseudo_random(CHUNK, 9)),
+                  Item(f"{lib}/encodings/__init__.py", "file", pseudo_random(CHUNK, 10)),
+                  Item(f"{lib}/encodings/cp1252.py", "file", pseudo_random(CHUNK, 11)),
+                  Item(f"{site}/a.pth", "file", b"import a\n")]),
+        make_tar([Item("bin/sh", "file", b"#!/usr/bin/python3.11 -e\n", mode=0o755),
+                  Item(f"{site}/b.pth", "file", b"import b\n"),
+                  Item("etc/localtime", "file", b"TZif2" + bytes(100))]),
     ]
     with IPFSClient(ipfs_pair.a.api_url) as a:
         image = push(a, tars, [True, True])
@@ -129,9 +141,11 @@ def test_rpull_has_the_snapshotter_read_the_images_command_ahead(
         index = open_layer(BytesRangeReader(blob), len(blob))
         return sum(c.end - c.offset for p in paths for c in index.chunks(p))
 
-    # the command's files and /etc/passwd, nothing else (/etc/group is not in the image)
-    want = {image.layers[0].digest: extents(0, "usr/bin/interp", "etc/passwd"),
-            image.layers[1].digest: extents(1, "bin/sh")}
+    # the command's files, /etc/passwd and the start files, nothing else (/etc/group is not
+    # in the image, the loader is missing: skipped)
+    want = {image.layers[0].digest: extents(0, "usr/bin/python3.11", "etc/passwd",
+                                            f"{lib}/encodings/__init__.py", f"{site}/a.pth"),
+            image.layers[1].digest: extents(1, "bin/sh", f"{site}/b.pth", "etc/localtime")}
 
     p = ipfsnap(state, api, "--config", str(exact), "-v", "image", "rpull", "--ipfs", image.cid)
     assert p.returncode == 0, p.stderr

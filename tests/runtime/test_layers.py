@@ -1,6 +1,6 @@
-"""runtime/layers.py: layer directories read as the tree overlayfs shows, checked against a
-real read-only overlay mount of the same layers (the kernel is the oracle); symlinks resolved
-across layers stay inside."""
+"""runtime/layers.py: layer directories read as the tree overlayfs shows (lookups and
+listings), checked against a real read-only overlay mount of the same layers (the kernel is
+the oracle); symlinks resolved across layers stay inside."""
 
 from __future__ import annotations
 
@@ -109,6 +109,11 @@ def assert_same_entry(tree: LayeredTree, target: Path, parts: list[str], where: 
         assert host is not None and host.read_bytes() == want.read_bytes(), where
     elif stat.S_ISLNK(st.st_mode):
         assert tree.readlink(parts) == os.readlink(want), where
+    # a directory lists the names the mount has (the kernel's readdir also shows a whiteout
+    # in a directory only one layer holds, whose lookup then fails); anything else nothing
+    listed = sorted(n for n in os.listdir(want) if os.path.lexists(want / n)) \
+        if stat.S_ISDIR(st.st_mode) else []
+    assert sorted(tree.listdir(parts)) == listed, where
 
 
 def test_lookups_match_a_real_overlay_mount(layers: list[Path], tmp_path: Path) -> None:
@@ -136,6 +141,13 @@ def test_the_rules_by_name(layers: list[Path]) -> None:
     with pytest.raises(FileNotFoundError):
         tree.readlink(["nope"])
     assert is_whiteout((mid / "etc/gone").lstat())
+    # listings: merged, without whiteouts, stopped by an opaque directory or a non-directory
+    assert sorted(tree.listdir(["usr", "lib"])) == ["a.so", "b.so", "c.so"]
+    assert tree.listdir(["etc"]) == ["passwd"]
+    assert tree.listdir(["opt", "app"]) == ["new"]
+    assert tree.listdir(["srv", "data"]) == [] and tree.listdir(["var"]) == []
+    assert tree.listdir(["nope"]) == []
+    assert "var" not in tree.listdir([]) and "escape" in tree.listdir([])
 
 
 def test_symlinks_resolve_across_layers_and_never_leave(layers: list[Path]) -> None:
@@ -242,8 +254,9 @@ def _resolved(tree: Tree, path: str) -> list[str] | str:
 
 
 def test_random_layer_stacks_match_the_kernels_overlay(tmp_path: Path) -> None:
-    """40 random stacks of 2-4 layers: every lookup (type, content, link target) and every
-    symlink resolution inside the stack agree with overlayfs mounting the same layers."""
+    """40 random stacks of 2-4 layers: every lookup (type, content, link target, a
+    directory's listing) and every symlink resolution inside the stack agree with overlayfs
+    mounting the same layers."""
     require_root()
     rng = random.Random(20261128)
     for case in range(40):

@@ -45,6 +45,29 @@ PROG_CLOSURE = {"/usr/bin/prog", "/usr/lib/prog/libfoo.so.1", f"{MULTIARCH}/libb
                 f"{MULTIARCH}/libc.so.6", f"{MULTIARCH}/{LD}", "/etc/ld.so.cache"}
 
 
+def python_files(body: int = 0) -> dict[str, bytes]:
+    """``program_files`` with the program named as CPython 3.11, and what its start reads
+    after the loader under ``LANG=C.UTF-8`` (runtime/startfiles.py)."""
+    files = program_files(body)
+    files["usr/bin/python3.11"] = files.pop("usr/bin/prog")
+    files.update({
+        "usr/lib/python3.11/os.py": b"# the landmark\n",
+        "usr/lib/python3.11/encodings/__init__.py": pseudo_random(3000, 4),
+        "usr/lib/python3.11/encodings/utf_8.py": pseudo_random(900, 5),
+        "usr/lib/python3/dist-packages/x.pth": b"import site\n",
+        "usr/lib/locale/C.utf8/LC_CTYPE": pseudo_random(40 << 10, 6),
+        "usr/lib/python3.11/encodings/cp1252.py": pseudo_random(1000, 7),  # not read
+    })
+    return files
+
+
+#: what warming ``python3.11`` must open besides its exec closure
+PY_START = {"/usr/lib/locale/C.utf8/LC_CTYPE", "/usr/lib/python3.11/encodings/__init__.py",
+            "/usr/lib/python3.11/encodings/utf_8.py", "/usr/lib/python3/dist-packages/x.pth"}
+PY_CLOSURE = PROG_CLOSURE - {"/usr/bin/prog"} | {"/usr/bin/python3.11"}
+PY_ENV = ["PATH=/usr/bin", "LANG=C.UTF-8"]
+
+
 def make_rootfs(root: Path, files: dict[str, bytes]) -> Path:
     for rel, data in files.items():
         p = root / rel
@@ -58,8 +81,8 @@ def make_rootfs(root: Path, files: dict[str, bytes]) -> Path:
 
 
 def warm_in(root: Path, args: list[str], env: list[str] | None = None, cwd: str = "/",
-            budget: int = 64 << 20) -> WarmStats:
-    w = ExecWarmer(root, budget)
+            budget: int = 64 << 20, start_files: bool = True) -> WarmStats:
+    w = ExecWarmer(root, budget, start_files=start_files)
     w.start(args, env if env is not None else ["PATH=/usr/local/bin:/usr/bin:/bin"], cwd)
     assert w.wait(30), "the warm-up did not finish"
     return w.stop()
@@ -71,6 +94,23 @@ def test_program_interpreter_and_libraries_found_as_the_loader_does(tmp_path: Pa
     assert set(st.paths) == PROG_CLOSURE and st.skipped == 0
     assert st.paths[0] == "/usr/bin/prog"  # the executable first: the exec reads it first
     assert st.bytes == sum(len(d) for r, d in program_files().items() if "unrelated" not in r)
+
+
+def test_then_what_the_programs_start_reads(tmp_path: Path) -> None:
+    """After the exec's files, the C library's and python's start files (not other ones of
+    the standard library); none with ``start_files`` off, nor for a script's arguments."""
+    root = make_rootfs(tmp_path / "root", python_files())
+    st = warm_in(root, ["python3.11", "-c", "pass"], PY_ENV)
+    assert set(st.paths) == PY_CLOSURE | PY_START and st.skipped == 0
+    assert set(warm_in(root, ["python3.11", "-S"], PY_ENV).paths) == (
+        PY_CLOSURE | PY_START) - {"/usr/lib/python3/dist-packages/x.pth"}
+    assert set(warm_in(root, ["python3.11"], PY_ENV, start_files=False).paths) == PY_CLOSURE
+    # through a #! script: the interpreter's start files, its options not taken from the
+    # script's arguments
+    (root / "usr/bin/tool").write_bytes(b"#!/usr/bin/python3.11\nprint(1)\n")
+    (root / "usr/bin/tool").chmod(0o755)
+    st = warm_in(root, ["tool", "-S"], PY_ENV)
+    assert set(st.paths) == PY_CLOSURE | PY_START | {"/usr/bin/tool"}
 
 
 def test_absolute_and_relative_commands(tmp_path: Path) -> None:
@@ -217,3 +257,22 @@ def test_on_a_lazy_mount_exactly_the_execs_chunks_are_fetched(tmp_path: Path) ->
             if "unrelated" not in rel:
                 assert (mp / rel).read_bytes() == data
         assert fresh_status(m, mp)["fetched_bytes"] == want
+
+
+def test_on_a_lazy_mount_the_start_files_are_fetched_too(tmp_path: Path) -> None:
+    """With a python program: the exec's and the start's chunks, and not the chunks of the
+    library's other files."""
+    require_fuse()
+    files = python_files(body=300 << 10)
+    dirs = sorted({str(Path(rel).parents[i]) for rel in files
+                   for i in range(len(Path(rel).parts) - 1)})
+    items = [Item(d, "dir", mode=0o755) for d in dirs]
+    items += [Item(rel, "file", data, mode=0o755) for rel, data in files.items()]
+    items.append(Item("lib64", "symlink", link=MULTIARCH, mode=0o777))
+    blob = build_blob(items, tmp_path / "layer.blob")
+    m = make_mounter(tmp_path / "state", background=False)
+    with mounted(m, tmp_path / "mp", labels_for(blob)) as mp:
+        st = warm_in(mp, ["python3.11", "-c", "pass"], PY_ENV)
+        assert set(st.paths) == PY_CLOSURE | PY_START
+        want = extents(blob, {p.lstrip("/") for p in PY_CLOSURE | PY_START})
+        assert want < extents(blob, set(files)) and fresh_status(m, mp)["fetched_bytes"] == want

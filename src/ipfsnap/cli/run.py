@@ -435,7 +435,8 @@ def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
         # the exec's files are read ahead only where a first read waits for IPFS
         warm = ctx.config.run.warm_bytes if args.snapshotter == STARGZ and not args.rootfs else 0
         code = store.run(record, cfg, mount_rootfs=mount_rootfs,
-                         release=release_for(ctx, session), warm_bytes=warm)
+                         release=release_for(ctx, session), warm_bytes=warm,
+                         warm_start_files=ctx.config.run.warm_start_files)
     except Interrupted as exc:
         sys.stderr.write(f"ipfsnap: run {cid}: {exc}\n")
         return 128 + exc.signum

@@ -339,6 +339,7 @@ class ContainerStore:
         stdout: IO[Any] | int | None = None,
         stderr: IO[Any] | int | None = None,
         warm_bytes: int = 0,
+        warm_start_files: bool = True,
     ) -> int:
         """Mount the rootfs, write the bundle and run the container created by :meth:`create`.
 
@@ -349,7 +350,9 @@ class ContainerStore:
 
         ``warm_bytes`` > 0: once the rootfs is mounted, up to that many bytes of the files the
         command's exec reads (executable, interpreter, shared libraries) are read ahead, while
-        the bundle is written and runc starts (runtime/warm.py; for lazily mounted rootfs).
+        the bundle is written and runc starts (runtime/warm.py; for lazily mounted rootfs),
+        with ``warm_start_files`` also what the program's start reads next
+        (runtime/startfiles.py).
         """
         d = self.path(record.id)
         started = False
@@ -362,7 +365,8 @@ class ContainerStore:
                     raise BadRunOption("-d with --rm: no monitor would remove it; use rm later")
                 mount_rootfs(d / "rootfs")
                 if warm_bytes > 0:
-                    warmer = ExecWarmer(d / "rootfs", warm_bytes, name=f"container {record.id}")
+                    warmer = ExecWarmer(d / "rootfs", warm_bytes, name=f"container {record.id}",
+                                        start_files=warm_start_files)
                     warmer.start(cfg.args, cfg.env, cfg.cwd)
                 write_bundle(
                     d,

@@ -96,6 +96,44 @@ class LayeredTree:
             raise FileNotFoundError(os.path.join("/", *parts))
         return os.readlink(path)
 
+    def listdir(self, parts: Sequence[str]) -> list[str]:
+        """The names overlayfs lists in the directory at ``parts``: the layers' copies of it
+        merged from the top down to an opaque one (or one above a layer whose entry there is
+        not a directory), the topmost entry of a name deciding, whiteouts left out (the
+        kernel's readdir shows a whiteout in a directory only one layer holds, and a lookup of
+        that name then fails: here a listed name is one a lookup finds)."""
+        key = tuple(parts)
+        seen: set[str] = set()
+        names: list[str] = []
+        for index in range(len(self.layers)):
+            last = False
+            for depth in range(1, len(key) + 1):
+                state = self._dir_state(index, key[:depth])
+                if state == _HIDES:
+                    return names
+                if state == _ABSENT:
+                    break
+                if state == _OPAQUE_DIR:
+                    last = True
+            else:
+                try:
+                    entries = list(os.scandir(self.layers[index].joinpath(*key)))
+                except OSError:
+                    entries = []
+                for entry in entries:
+                    if entry.name in seen:
+                        continue
+                    seen.add(entry.name)
+                    try:
+                        hidden = is_whiteout(entry.stat(follow_symlinks=False))
+                    except OSError:
+                        hidden = True
+                    if not hidden:
+                        names.append(entry.name)
+            if last:
+                break
+        return names
+
     def _find(self, parts: tuple[str, ...]) -> tuple[Path, os.stat_result] | None:
         for index in range(len(self.layers)):
             last = False

@@ -487,6 +487,12 @@ class DirTree:
     def host_path(self, parts: Sequence[str]) -> Path | None:
         return self.root.joinpath(*parts)
 
+    def listdir(self, parts: Sequence[str]) -> list[str]:
+        try:
+            return os.listdir(self.root.joinpath(*parts))
+        except OSError:
+            return []
+
 
 def resolve_in_root(root: Path, path: str) -> Path:
     """``path`` inside ``root`` with every symlink resolved as if ``root`` were ``/``.

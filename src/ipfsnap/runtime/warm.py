@@ -41,7 +41,8 @@ from typing import Protocol
 
 from ipfsnap.errors import IpfsnapError
 from ipfsnap.runtime.elf import ElfInfo, is_elf, parse_elf
-from ipfsnap.runtime.spec import DirTree, Tree, resolve_links
+from ipfsnap.runtime.spec import DirTree, resolve_links
+from ipfsnap.runtime.startfiles import ListingTree, start_files
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,10 @@ class WarmStats:
     paths: tuple[str, ...] = ()
 
 
-class RootTree(Tree, Protocol):
-    """A rootfs the warm-up reads: a ``spec.Tree`` that also says which host file holds an
-    entry (``spec.DirTree``: a mounted rootfs; ``layers.LayeredTree``: a pulled image's
-    layers before any container exists)."""
+class RootTree(ListingTree, Protocol):
+    """A rootfs the warm-up reads: a ``spec.Tree`` that lists directories and says which
+    host file holds an entry (``spec.DirTree``: a mounted rootfs; ``layers.LayeredTree``: a
+    pulled image's layers before any container exists)."""
 
     def host_path(self, parts: Sequence[str]) -> Path | None: ...
 
@@ -141,12 +142,14 @@ class ExecWarmer:
     """
 
     def __init__(self, root: Path | RootTree, budget: int, *, threads: int = THREADS,
-                 window: int = WINDOW, name: str = "") -> None:
+                 window: int = WINDOW, name: str = "", start_files: bool = True) -> None:
         #: the rootfs: a mounted directory, or layers read as one (runtime/layers.py)
         self.tree: RootTree = DirTree(root) if isinstance(root, Path) else root
         self.name = name or str(root)
         self._budget = budget
         self._window = window
+        #: also read what the program's start reads after the loader (runtime/startfiles.py)
+        self._start_files_too = start_files
         self._threads = [threading.Thread(target=self._work, name=f"warm-{i}", daemon=True)
                          for i in range(max(1, threads))]
         self._tasks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
@@ -160,7 +163,9 @@ class ExecWarmer:
         self._skipped = 0
         self._started = 0.0
         self._ended: float | None = None
-        #: the process's environment (PATH, LD_LIBRARY_PATH), set by :meth:`start`
+        #: the process's arguments and environment (PATH, LD_LIBRARY_PATH, the locale),
+        #: set by :meth:`start`
+        self._args: Sequence[str] = ()
         self._env: Sequence[str] = ()
 
     # -- public -----------------------------------------------------------------------------
@@ -170,6 +175,7 @@ class ExecWarmer:
         """Begin warming for the process ``args`` with environment ``env`` in ``cwd``;
         the files at the container paths ``first`` are asked for before the command's."""
         self._started = time.monotonic()
+        self._args = args
         self._env = env
         if not args or self._budget <= 0 or self._stopping.is_set():
             self._ended = self._started
@@ -302,6 +308,11 @@ class ExecWarmer:
             elif is_elf(head):
                 info = parse_elf(_reader(fd), size, here)
                 self._dependencies(info, here, program or info)
+                if program is None and self._start_files_too:
+                    # the executable itself: after the loader's files, what its start reads;
+                    # its options only when it is the command (not a #! line's interpreter)
+                    args = self._args if depth == 0 else (here,)
+                    self._submit(partial(self._start_files, here, info, args))
         finally:
             os.close(fd)
 
@@ -318,6 +329,14 @@ class ExecWarmer:
                     self._submit(partial(self._visit, name, depth=0, program=program))
                 else:
                     self._submit(partial(self._lib, name, dirs, program))
+
+    def _start_files(self, here: str, info: ElfInfo, args: Sequence[str]) -> None:
+        paths = start_files(self.tree, here, info, args, self._env,
+                            MULTIARCH.get(info.machine, ()), what=self.name)
+        for path in paths:
+            # data files: at the depth limit a #! line in them is not followed, and as
+            # program-less visits an ELF among them would not start another round
+            self._submit(partial(self._visit, path, depth=MAX_SCRIPT_DEPTH, program=info))
 
     def _queue_reads(self, real: Path, size: int) -> None:
         with self._lock:

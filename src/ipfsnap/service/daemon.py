@@ -33,6 +33,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -55,7 +56,7 @@ from ipfsnap.service.protocol import (
     read_message,
     usage_to_json,
 )
-from ipfsnap.service.warmups import GuardedRemote, WarmRequest, WarmUps
+from ipfsnap.service.warmups import GuardedRemote, WarmRequest, WarmUps, exec_warmer
 from ipfsnap.snapshot import REMOTE_LABEL, TARGET_SNAPSHOT_LABEL, Kind, SnapshotStore
 from ipfsnap.snapshot.errors import SnapshotNotFound
 
@@ -128,7 +129,8 @@ class Daemon:
         self.mounter = mounter or LayerMounter(config, extra=debug)
         #: pulled images' commands read ahead (the ``warm`` request); a layer is unmounted
         #: only once no warm-up reads it
-        self.warmups = WarmUps(config.run.warm_bytes)
+        self.warmups = WarmUps(config.run.warm_bytes, make_warmer=partial(
+            exec_warmer, start_files=config.run.warm_start_files))
         self.store: SnapshotStore | None = None
         self._lock_fd: int | None = None
         self._listener: socket.socket | None = None

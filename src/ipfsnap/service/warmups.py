@@ -106,12 +106,14 @@ class _WarmUp:
         self.warmer.stop()
 
 
-def _exec_warmer(request: WarmRequest, budget: int) -> _Warmer:
+def exec_warmer(request: WarmRequest, budget: int, *, start_files: bool = True) -> _Warmer:
+    """The real warm-up of ``request``: runtime.warm.ExecWarmer over its layers."""
     # imported with the first warm-up: the snapshotter's start does not pay for it
     from ipfsnap.runtime.layers import LayeredTree
     from ipfsnap.runtime.warm import ExecWarmer
 
-    return ExecWarmer(LayeredTree(request.layers), budget, name=f"pull of {request.key}")
+    return ExecWarmer(LayeredTree(request.layers), budget, name=f"pull of {request.key}",
+                      start_files=start_files)
 
 
 class WarmUps:
@@ -121,7 +123,7 @@ class WarmUps:
                  deadline: float = DEADLINE,
                  make_warmer: Callable[[WarmRequest, int], _Warmer] | None = None) -> None:
         self.budget = budget
-        self._make_warmer = make_warmer or _exec_warmer
+        self._make_warmer = make_warmer or exec_warmer
         self.max_running = max_running
         self.deadline = deadline
         self._lock = threading.Lock()
