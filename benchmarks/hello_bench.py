@@ -24,7 +24,7 @@ lazy layer's only, the default: ``IPFSNAP_TOC_AHEAD=first``), ``-noahead`` (none
 ``-refill0`` (a used spare replaced at once, during the pull: ``IPFSNAP_REFILL_QUIET=0``; a
 suffix's environment goes to the snapshotter too),
 ``-cold`` (this mode's snapshotter started on demand inside the timed pull, as
-``--cold-snapshotter`` does for every mode), ``-mc4`` (``max_concurrency = 4``),
+``--cold-snapshotter`` does for every mode), ``-mc4``/``-mc8`` (``max_concurrency = 4``/``8``),
 ``-nbnow`` (neighbour chunks stored before the read that fetched them is answered:
 ``IPFSNAP_NEIGHBOURS_LATER=0``),
 ``-nowarm`` (``run`` reads nothing of the command's executable and libraries ahead:
@@ -190,6 +190,8 @@ SUFFIXES = {
     "-cold": ("run", ""),
     # four concurrent fetches per layer (default 2, the reference's value)
     "-mc4": ("", "max_concurrency = 4"),
+    # eight (the reference bounds only background fetches, not on-demand reads)
+    "-mc8": ("", "max_concurrency = 8"),
     # run reads nothing ahead of the command's exec (as before the fifth session)
     "-nowarm": ("config.run", "warm_bytes = 0"),
     # rpull does not ask the snapshotter to read the image's command ahead (as before the

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -276,3 +277,49 @@ def test_on_a_lazy_mount_the_start_files_are_fetched_too(tmp_path: Path) -> None
         assert set(st.paths) == PY_CLOSURE | PY_START
         want = extents(blob, {p.lstrip("/") for p in PY_CLOSURE | PY_START})
         assert want < extents(blob, set(files)) and fresh_status(m, mp)["fetched_bytes"] == want
+
+
+def test_the_start_files_wait_until_each_library_asked_for_its_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer serves a few fetches at once: a start file must not take a library's place.
+    While the open of one library the program needs hangs, no start file is opened; then
+    all of them are."""
+    root = make_rootfs(tmp_path / "root", python_files())
+    release = threading.Event()
+    real_open = ExecWarmer._open
+
+    def slow_open(self: ExecWarmer, real: Path | None) -> int | None:
+        if real is not None and real.name == "libfoo.so.1":
+            release.wait(30)
+        return real_open(self, real)
+
+    monkeypatch.setattr(ExecWarmer, "_open", slow_open)
+    w = ExecWarmer(root, 64 << 20)
+    w.start(["python3.11", "-c", "pass"], PY_ENV)
+    deadline = time.monotonic() + 30
+    while not {f"{MULTIARCH}/libc.so.6", "/etc/ld.so.cache"} <= set(w.stats().paths):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.3)
+    assert not set(w.stats().paths) & PY_START
+    release.set()
+    assert w.wait(30)
+    assert set(w.stop().paths) == PY_CLOSURE | PY_START
+
+
+def test_gate_fires_once_after_close_and_every_ticket() -> None:
+    fired: list[int] = []
+    gate = warm._Gate(lambda: fired.append(1))
+    a, b = gate.ticket(), gate.ticket()
+    a.punch()
+    a.punch()  # once per ticket
+    gate.close()
+    assert fired == []
+    b.punch()
+    assert fired == [1]
+    b.punch()
+    gate.close()
+    assert fired == [1]
+    empty = warm._Gate(lambda: fired.append(2))
+    empty.close()
+    assert fired == [1, 2]

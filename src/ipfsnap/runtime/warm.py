@@ -260,7 +260,16 @@ class ExecWarmer:
                 return
         self._skip(f"{argv0}: not found in the container's PATH")
 
-    def _lib(self, name: str, dirs: Sequence[str], program: ElfInfo) -> None:
+    def _lib(self, name: str, dirs: Sequence[str], program: ElfInfo,
+             ticket: _Ticket | None = None) -> None:
+        try:
+            self._find_lib(name, dirs, program, ticket)
+        finally:
+            if ticket is not None:
+                ticket.punch()
+
+    def _find_lib(self, name: str, dirs: Sequence[str], program: ElfInfo,
+                  ticket: _Ticket | None) -> None:
         for d in dirs:
             path = str(PurePosixPath(d, name))
             fd = self._open(self._locate(path)[1])
@@ -268,6 +277,8 @@ class ExecWarmer:
                 continue
             try:
                 size = os.fstat(fd).st_size
+                if ticket is not None:
+                    ticket.punch()  # its first read follows
                 info = parse_elf(_reader(fd), size, path)
             except IpfsnapError:
                 continue  # not a loadable object here: ld.so goes on to the next directory
@@ -278,8 +289,19 @@ class ExecWarmer:
                 return
         self._skip(f"shared object {name}: not found")
 
-    def _visit(self, path: str, *, depth: int, program: ElfInfo | None) -> None:
-        """Open the file at container ``path``, queue what it needs, then its reads."""
+    def _visit(self, path: str, *, depth: int, program: ElfInfo | None,
+               ticket: _Ticket | None = None) -> None:
+        """Open the file at container ``path``, queue what it needs, then its reads;
+        ``ticket`` is punched once its first read is about to be asked for (or it is
+        skipped)."""
+        try:
+            self._visit_file(path, depth=depth, program=program, ticket=ticket)
+        finally:
+            if ticket is not None:
+                ticket.punch()
+
+    def _visit_file(self, path: str, *, depth: int, program: ElfInfo | None,
+                    ticket: _Ticket | None) -> None:
         # here: the container path of the file itself, for $ORIGIN and messages
         here, real = self._locate(path)
         if real is None:
@@ -300,6 +322,8 @@ class ExecWarmer:
             # every part of the file is asked for before its headers are parsed: the
             # headers' chunk is one of many the exec needs, and the parse waits for it
             self._queue_reads(real, size)
+            if ticket is not None:
+                ticket.punch()
             head = os.pread(fd, SHEBANG_BYTES, 0)
             if head.startswith(b"#!") and depth < MAX_SCRIPT_DEPTH:
                 interp = _shebang(head)
@@ -307,28 +331,46 @@ class ExecWarmer:
                     self._submit(lambda: self._visit(interp, depth=depth + 1, program=None))
             elif is_elf(head):
                 info = parse_elf(_reader(fd), size, here)
-                self._dependencies(info, here, program or info)
+                gate = None
                 if program is None and self._start_files_too:
-                    # the executable itself: after the loader's files, what its start reads;
-                    # its options only when it is the command (not a #! line's interpreter)
+                    # the executable itself: after the loader's files, what its start reads
+                    # (its options only when it is the command, not a #! line's
+                    # interpreter). Asked for once each of the loader's files for it (ld.so,
+                    # its cache, the DT_NEEDED libraries; not theirs, found only once their
+                    # headers are in) has asked for its first bytes: a layer serves
+                    # max_concurrency fetches at once, node A sends blocks in the order they
+                    # were wanted, and the exec needs every library before the program
+                    # reads any of these
                     args = self._args if depth == 0 else (here,)
-                    self._submit(partial(self._start_files, here, info, args))
+                    gate = _Gate(partial(self._submit, partial(self._start_files, here, info,
+                                                               args)))
+                self._dependencies(info, here, program or info, gate)
+                if gate is not None:
+                    gate.close()
         finally:
             os.close(fd)
 
-    def _dependencies(self, info: ElfInfo, here: str, program: ElfInfo) -> None:
+    def _dependencies(self, info: ElfInfo, here: str, program: ElfInfo,
+                      gate: _Gate | None = None) -> None:
+        """Queue the loader's files for ``info``; each task holds a ticket of ``gate``."""
+        def ticket() -> _Ticket | None:
+            return gate.ticket() if gate is not None else None
+
         if info.interpreter:
-            self._submit(partial(self._visit, info.interpreter, depth=0, program=program))
+            self._submit(partial(self._visit, info.interpreter, depth=0, program=program,
+                                 ticket=ticket()))
             # glibc's ld.so reads its cache before it looks for a library in the directories
             # (musl's has none: then a file not found, skipped)
-            self._submit(partial(self._visit, LD_SO_CACHE, depth=0, program=program))
+            self._submit(partial(self._visit, LD_SO_CACHE, depth=0, program=program,
+                                 ticket=ticket()))
         if info.needed:
             dirs = library_dirs(info, str(PurePosixPath(here).parent), self._env)
             for name in info.needed:
                 if "/" in name:  # a path, loaded as given
-                    self._submit(partial(self._visit, name, depth=0, program=program))
+                    self._submit(partial(self._visit, name, depth=0, program=program,
+                                         ticket=ticket()))
                 else:
-                    self._submit(partial(self._lib, name, dirs, program))
+                    self._submit(partial(self._lib, name, dirs, program, ticket()))
 
     def _start_files(self, here: str, info: ElfInfo, args: Sequence[str]) -> None:
         paths = start_files(self.tree, here, info, args, self._env,
@@ -391,6 +433,52 @@ class ExecWarmer:
         log.debug("%s: warm-up: %s", self.name, why)
         with self._lock:
             self._skipped += 1
+
+
+class _Gate:
+    """Runs ``then`` once it is closed and every ticket it gave out has been punched."""
+
+    def __init__(self, then: Callable[[], None]) -> None:
+        self._then = then
+        self._lock = threading.Lock()
+        self._open_tickets = 0
+        self._closed = False
+        self._fired = False
+
+    def ticket(self) -> _Ticket:
+        with self._lock:
+            self._open_tickets += 1
+        return _Ticket(self)
+
+    def close(self) -> None:
+        """No more tickets: fire once the ones given out are punched."""
+        with self._lock:
+            self._closed = True
+        self._maybe_fire()
+
+    def _punched(self) -> None:
+        with self._lock:
+            self._open_tickets -= 1
+        self._maybe_fire()
+
+    def _maybe_fire(self) -> None:
+        with self._lock:
+            if self._fired or not self._closed or self._open_tickets:
+                return
+            self._fired = True
+        self._then()
+
+
+class _Ticket:
+    """One task's part of a :class:`_Gate`; punching it again does nothing."""
+
+    def __init__(self, gate: _Gate) -> None:
+        self._gate: _Gate | None = gate
+
+    def punch(self) -> None:
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate._punched()
 
 
 def _reader(fd: int) -> Callable[[int, int], bytes]:
