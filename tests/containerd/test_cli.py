@@ -1,5 +1,5 @@
 """``ipfsnap --containerd`` error paths that need no containerd: one line naming the
-problem, the exit code of its error family."""
+problem, the exit code of its error family; containerd's names of snapshots in the proxy."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from ipfsnap.cli.containerd import backend_key
 from ipfsnap.cli.main import main
 
 CID = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
@@ -34,3 +35,13 @@ def test_grpc_address_needs_foreground(tmp_path: Path,
                  str(tmp_path / "g.sock")])
     assert code == 2 and "--foreground" in capsys.readouterr().err
     assert not (tmp_path / "g.sock").exists()
+
+
+def test_containerds_names_of_a_chain_in_the_proxy_snapshotter() -> None:
+    chain = "sha256:" + "ab" * 32
+    assert backend_key(f"default/12/{chain}", "default", chain)
+    assert not backend_key(f"other/12/{chain}", "default", chain)
+    assert not backend_key(f"default/x/{chain}", "default", chain)
+    assert not backend_key(f"default/12/{chain}x", "default", chain)
+    assert not backend_key(chain, "default", chain)
+    assert not backend_key(f"default/{chain}", "default", chain)

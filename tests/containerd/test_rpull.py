@@ -1,13 +1,16 @@
 """``ipfsnap --containerd SOCK image rpull --ipfs CID`` into a private containerd, run with
 ``ctr run --snapshotter ipfsnap``: the rootfs equals a plain overlayfs import of the same
-layers; eStargz layers are mounted lazily, the others fetched whole; restarting the
-snapshotter under a running containerd keeps every snapshot and lazy mount."""
+layers; eStargz layers are mounted lazily, the others fetched whole; the snapshotter reads
+the image's command ahead; restarting the snapshotter under a running containerd keeps
+every snapshot and lazy mount."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,6 +79,13 @@ def test_rpull_through_containerd_runs_lazily_and_matches_overlayfs(
     assert remote_label(env, chains[0]) == "remote snapshot"
     assert remote_label(env, chains[1]) is None
     assert len(lazy_mountpoints(env.state)) == 1
+    # as for its own pulls, rpull had the snapshotter read the image's command (/bin/sh ->
+    # busybox in the lazy layer) ahead, in the top snapshot under containerd's name for it
+    deadline = time.monotonic() + 60
+    while not re.search(rf"pull of {env.namespace}/\d+/{chains[1]}: warmed [1-9]",
+                        env.snapshotter_log()):
+        assert time.monotonic() < deadline, env.snapshotter_log()[-4000:]
+        time.sleep(0.1)
 
     lazy = env.ctr("run", "--rm", "--snapshotter", "ipfsnap", pushed.cid, "lazy1",
                    "/bin/busybox", "sh", "-c", LIST_ROOTFS).stdout

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from ipfsnap.content import ResolvedImage
     from ipfsnap.image.rpull import PulledImage
     from ipfsnap.ipfs.client import IPFSClient
-    from ipfsnap.oci import Platform
+    from ipfsnap.oci import ImageConfig, Platform
     from ipfsnap.snapshot import Snapshotter
 
 log = logging.getLogger(__name__)
@@ -203,17 +203,19 @@ def pull(ctx: Context, ref: str, snapshotter: str | None,
                        lazy=lazy, prefetch_size=_prefetch(ctx.config), report=print_line,
                        progress=progress_for())
         if lazy and snaps is not None:
-            warm_command(ctx.config, snaps(), pulled)
+            top = pulled.unpacked.top if pulled.unpacked is not None else ""
+            warm_command(ctx.config, snaps(), top, pulled.config, pulled.name)
         return pulled
 
 
-def warm_command(config: Config, snaps: Snapshotter, pulled: PulledImage) -> bool:
-    """Ask the snapshotter to read ahead the files the image's own command will exec
-    (service/warmups.py; ``[run] warm_on_pull``); never fails the pull."""
+def warm_command(config: Config, snaps: Snapshotter, top: str, image_config: ImageConfig,
+                 name: str) -> bool:
+    """Ask the snapshotter to read ahead the files the image's own command will exec, in
+    its committed snapshot ``top`` (service/warmups.py; ``[run] warm_on_pull``); never fails
+    the pull."""
     from ipfsnap.service.client import SnapshotterClient
 
-    top = pulled.unpacked.top if pulled.unpacked is not None else ""
-    cfg = pulled.config
+    cfg = image_config
     args = [*(cfg.entrypoint or []), *(cfg.cmd or [])]  # what `run` runs without a command
     if not (config.run.warm_on_pull and config.run.warm_bytes > 0 and top and args
             and isinstance(snaps, SnapshotterClient)):
@@ -221,10 +223,10 @@ def warm_command(config: Config, snaps: Snapshotter, pulled: PulledImage) -> boo
     try:
         started = snaps.warm(top, args, cfg.env, cfg.working_dir or "/")
     except IpfsnapError as exc:  # e.g. a snapshotter of an older version still running
-        log.info("image %s: its command is not read ahead: %s", pulled.name, exc)
+        log.info("image %s: its command is not read ahead: %s", name, exc)
         return False
     if started:
-        log.info("image %s: the snapshotter reads the files of %r ahead", pulled.name, args[0])
+        log.info("image %s: the snapshotter reads the files of %r ahead", name, args[0])
     return started
 
 

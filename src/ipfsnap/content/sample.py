@@ -45,6 +45,7 @@ from ipfsnap.oci import (
     parse_reference,
     sha256_digest,
 )
+from ipfsnap.whiteouts import OPAQUE_WHITEOUT, OPAQUE_XATTR
 
 log = logging.getLogger(__name__)
 
@@ -517,11 +518,11 @@ def upperdir_to_tar(upper: Path, lower: Path, out: Path) -> None:
                     tar.addfile(info)
                 if stat.S_ISDIR(st.st_mode):
                     try:
-                        opaque = os.getxattr(full, "trusted.overlay.opaque", follow_symlinks=False)
+                        opaque = os.getxattr(full, OPAQUE_XATTR, follow_symlinks=False)
                     except OSError:
                         opaque = b""
                     if opaque == b"y" and (lower / rel).is_dir():
-                        wh = tarfile.TarInfo(str(rel / ".wh..wh..opq"))
+                        wh = tarfile.TarInfo(str(rel / OPAQUE_WHITEOUT))
                         wh.mtime = SAMPLE_MTIME
                         tar.addfile(wh)
 

@@ -24,13 +24,12 @@ from typing import Protocol
 import msgspec
 
 from ipfsnap.estargz.types import LANDMARKS, TOC_TAR_NAME, TOCEntry
+from ipfsnap.whiteouts import OPAQUE_WHITEOUT, OPAQUE_XATTR, WHITEOUT_PREFIX
 
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
-OPAQUE_XATTR = "trusted.overlay.opaque"
+OPAQUE_MARKER = OPAQUE_WHITEOUT
 #: the xattr namespace of overlayfs' own metadata
 OVERLAY_XATTRS = "trusted.overlay."
 

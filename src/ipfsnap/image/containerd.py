@@ -44,7 +44,7 @@ from ipfsnap.image.resolve import (
     resolve_remote,
 )
 from ipfsnap.image.unpack import UnpackResult, chain_ids, unpack
-from ipfsnap.oci import Descriptor, Platform, mediatypes
+from ipfsnap.oci import Descriptor, ImageConfig, Platform, mediatypes
 from ipfsnap.progress import Progress
 from ipfsnap.service.proto import (
     content_pb2,
@@ -330,6 +330,8 @@ class ContainerdPull:
     unpacked: UnpackResult
     #: descriptors of the blobs fetched from IPFS, in order
     fetched: tuple[Descriptor, ...]
+    #: the image's config (its command, environment and working directory)
+    config: ImageConfig
 
 
 def _gc_refs(prefix: str, children: Sequence[Descriptor]) -> dict[str, str]:
@@ -382,4 +384,4 @@ def rpull_containerd(
              name, ctd.address, namespace, snapshotter,
              ", ".join(f"{r.digest[:19]} {r.how}" for r in result.layers))
     return ContainerdPull(name, namespace, snapshotter, remote.target, result,
-                          tuple(fetcher.fetched))
+                          tuple(fetcher.fetched), remote.config)

@@ -54,6 +54,7 @@ from ipfsnap.oci.tarheaders import BoundedTarInfo, EndGuard
 from ipfsnap.runtime import ContainerStore, Runc, image_args
 from ipfsnap.runtime.containers import ContainerRecord
 from ipfsnap.runtime.spec import image_container_config
+from ipfsnap.whiteouts import OPAQUE_WHITEOUT, WHITEOUT_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -362,8 +363,8 @@ def _absolute(cwd: str, path: str) -> str:
 
 # -- from container paths to the layers that provide them ----------------------------------------
 
-_WHITEOUT = ".wh."
-_OPAQUE = ".wh..wh..opq"
+_WHITEOUT = WHITEOUT_PREFIX
+_OPAQUE = OPAQUE_WHITEOUT
 
 
 def _clean(name: str) -> str:

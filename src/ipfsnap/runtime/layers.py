@@ -25,8 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: the xattr overlayfs reads to make a directory opaque (what ``.wh..wh..opq`` becomes)
-OPAQUE_XATTR = "trusted.overlay.opaque"
+from ipfsnap.whiteouts import OPAQUE_XATTR
 
 
 def is_whiteout(st: os.stat_result) -> bool:

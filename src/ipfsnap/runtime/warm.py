@@ -11,8 +11,12 @@ itself, concurrently, while the bundle is written and runc creates the container
 executable (found through the container's PATH, as runc does), a ``#!`` script's interpreter,
 the ELF program interpreter and every ``DT_NEEDED`` shared object, recursively (runtime/elf.py).
 Their data lands in the layer filesystem's chunk cache and the page cache, so the exec finds
-it there. The reference has no counterpart (without a prefetch landmark in the image it
-fetches nothing before the container reads it).
+it there. Then (``start_files``, ``[run] warm_start_files``) what the program's start reads
+after the loader, as far as the image tells (runtime/startfiles.py: the C library's locale
+and zone files, CPython's start-up modules and site files), asked for only once each of the
+loader's files has asked for its first bytes, so they queue behind the libraries. The
+reference has no counterpart (without a prefetch landmark in the image it fetches nothing
+before the container reads it).
 
 Bounds: at most ``budget`` bytes are read in all (``[run] warm_bytes``, a file's first bytes
 first), at most :data:`MAX_FILES` files; the warm-up never fails a run (a file it cannot find,

@@ -53,14 +53,13 @@ from ipfsnap.snapshot.errors import (
     LayerUnsafeEntry,
     LayerWriteError,
 )
+from ipfsnap.whiteouts import OPAQUE_WHITEOUT, OPAQUE_XATTR, WHITEOUT_PREFIX
 
 log = logging.getLogger(__name__)
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_WHITEOUT = ".wh..wh..opq"
-OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
+OVERLAY_OPAQUE_XATTR = OPAQUE_XATTR
 #: The entries an eStargz layer adds to the image's files (TOC and prefetch landmarks).
 ESTARGZ_METADATA = frozenset({TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
 _GIB = 1 << 30
