@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from ipfsnap.estargz import FileRangeReader, open_layer
 from ipfsnap.estargz.reader import LayerIndex
 from ipfsnap.estargz.types import DEFAULT_LIMITS, TOCEntry
-from ipfsnap.fs.inodes import OPAQUE_XATTR, InodeTable, parse_modtime
+from ipfsnap.fs.inodes import InodeTable, parse_modtime
+from ipfsnap.whiteouts import OPAQUE_XATTR
 from tests.fs.layers import MTIME, Blob, Item, build_blob, every_type_items
 
 

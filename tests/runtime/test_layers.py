@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from ipfsnap.runtime.layers import OPAQUE_XATTR, LayeredTree, is_whiteout
+from ipfsnap.runtime.layers import LayeredTree, is_whiteout
 from ipfsnap.runtime.spec import DirTree, SymlinkLoop, Tree, resolve_links
 from ipfsnap.snapshot import Mount
 from ipfsnap.snapshot.mount import mount_all, unmount
+from ipfsnap.whiteouts import OPAQUE_XATTR
 from tests.support import require_root
 
 
