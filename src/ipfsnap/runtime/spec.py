@@ -288,6 +288,16 @@ def parse_env(items: Iterable[str]) -> list[str]:
     return out
 
 
+def env_value(env: Sequence[str], key: str) -> str | None:
+    """The last ``key=`` entry of ``env`` (the one a process sees), or None."""
+    value = None
+    for item in env:
+        k, sep, v = item.partition("=")
+        if sep and k == key:
+            value = v
+    return value
+
+
 def merge_env(*layers: Sequence[str]) -> list[str]:
     """Later layers override earlier ones key by key; the first position of a key is kept."""
     merged: dict[str, str] = {}

@@ -45,7 +45,7 @@ from pathlib import PurePosixPath
 from typing import Protocol
 
 from ipfsnap.runtime.elf import ElfInfo
-from ipfsnap.runtime.spec import Tree, resolve_links
+from ipfsnap.runtime.spec import Tree, env_value, resolve_links
 
 #: the basenames of glibc's program interpreters (x86-64, i386, arm, aarch64, riscv:
 #: ``ld-linux*``; ppc64le and s390x: ``ld64.so.*``); musl's is ``ld-musl-*``
@@ -83,16 +83,6 @@ class ListingTree(Tree, Protocol):
         """The names in the directory at ``parts`` (no ``.``/``..``); empty if it is not
         one."""
         ...
-
-
-def _env(env: Sequence[str], key: str) -> str | None:
-    """The last ``key=`` entry of ``env`` (the one a process sees), or None."""
-    value = None
-    for item in env:
-        k, sep, v = item.partition("=")
-        if sep and k == key:
-            value = v
-    return value
 
 
 class _Finder:
@@ -150,7 +140,7 @@ def locale_names(name: str) -> list[str]:
 def _glibc(find: _Finder, env: Sequence[str], multiarch: Sequence[str]) -> None:
     locale = None
     for key in ("LC_ALL", "LC_CTYPE", "LANG"):
-        value = _env(env, key)
+        value = env_value(env, key)
         if value:
             locale = value
             break
@@ -160,11 +150,11 @@ def _glibc(find: _Finder, env: Sequence[str], multiarch: Sequence[str]) -> None:
             and ".." not in locale:
         find.add_first([f"{LOCALE_DIR}/{n}/LC_CTYPE" for n in locale_names(locale)])
         find.add(LOCALE_ALIAS)
-        gconv = _env(env, "GCONV_PATH")
+        gconv = env_value(env, "GCONV_PATH")
         dirs = [d for d in (gconv or "").split(":") if d.startswith("/")]
         dirs += [f"/usr/lib/{t}/gconv" for t in multiarch]
         find.add_first([f"{d}/gconv-modules.cache" for d in dirs])
-    tz = _env(env, "TZ")
+    tz = env_value(env, "TZ")
     if tz is None:
         find.add(LOCALTIME)
     else:
@@ -187,7 +177,7 @@ def _python(find: _Finder, program: str, args: Sequence[str], env: Sequence[str]
     version = f"{m.group(1)}.{m.group(2)}"
     minor = int(m.group(2))
     tag = f"cpython-3{minor}"
-    home = (_env(env, "PYTHONHOME") or "").split(":")[0]
+    home = (env_value(env, "PYTHONHOME") or "").split(":")[0]
     if not home.startswith("/"):
         home = str(PurePosixPath(program).parent.parent)
     stdlib = f"{home.rstrip('/')}/lib/python{version}"

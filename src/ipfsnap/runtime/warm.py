@@ -45,7 +45,7 @@ from typing import Protocol
 
 from ipfsnap.errors import IpfsnapError
 from ipfsnap.runtime.elf import ElfInfo, is_elf, parse_elf
-from ipfsnap.runtime.spec import DirTree, resolve_links
+from ipfsnap.runtime.spec import DirTree, env_value, resolve_links
 from ipfsnap.runtime.startfiles import ListingTree, start_files
 
 log = logging.getLogger(__name__)
@@ -107,16 +107,6 @@ class RootTree(ListingTree, Protocol):
     def host_path(self, parts: Sequence[str]) -> Path | None: ...
 
 
-def _env_value(env: Sequence[str], key: str) -> str | None:
-    """The last ``key=`` entry of ``env`` (the one a process sees), or None."""
-    value = None
-    for item in env:
-        k, sep, v = item.partition("=")
-        if sep and k == key:
-            value = v
-    return value
-
-
 def library_dirs(info: ElfInfo, origin: str, env: Sequence[str]) -> list[str]:
     """Directories searched for ``info``'s DT_NEEDED names, in the loader's order.
 
@@ -129,7 +119,7 @@ def library_dirs(info: ElfInfo, origin: str, env: Sequence[str]) -> list[str]:
         entry = entry.replace("${ORIGIN}", origin).replace("$ORIGIN", origin)
         if "$" not in entry:
             dirs.append(entry)
-    dirs.extend(p for p in (_env_value(env, "LD_LIBRARY_PATH") or "").split(":") if p)
+    dirs.extend(p for p in (env_value(env, "LD_LIBRARY_PATH") or "").split(":") if p)
     for triplet in MULTIARCH.get(info.machine, ()):
         dirs += [f"/lib/{triplet}", f"/usr/lib/{triplet}"]
     if info.elf_class == 2:
@@ -255,7 +245,7 @@ class ExecWarmer:
         if "/" in argv0:
             self._visit(str(PurePosixPath(cwd, argv0)), depth=0, program=None)
             return
-        for d in (_env_value(self._env, "PATH") or DEFAULT_PATH).split(":"):
+        for d in (env_value(self._env, "PATH") or DEFAULT_PATH).split(":"):
             # runc's lookup: a relative PATH entry is relative to the working directory
             candidate = str(PurePosixPath(cwd, d or ".", argv0))
             st = self.tree.lstat(resolve_links(self.tree, candidate, what=self.name))
