@@ -12,7 +12,12 @@ import pytest
 from ipfsnap.runtime import startfiles
 from ipfsnap.runtime.elf import ElfInfo
 from ipfsnap.runtime.spec import DirTree
-from ipfsnap.runtime.startfiles import locale_names, normalize_codeset, start_files
+from ipfsnap.runtime.startfiles import (
+    locale_names,
+    normalize_codeset,
+    python_flags,
+    start_files,
+)
 
 MULTIARCH = ("x86_64-linux-gnu",)
 GLIBC = ElfInfo(elf_class=2, byte_order=1, machine=62,
@@ -152,6 +157,10 @@ def test_python_home_the_landmark_and_older_versions(root: Path) -> None:
     assert files(root, ["PYTHONHOME=/opt/py:/opt/exec"]) == [
         "/etc/localtime", "/opt/py/lib/python3.11/encodings/__init__.py",
         "/opt/py/lib/python3.11/site-packages/z.pth"]
+    # -E and -I: python ignores PYTHONHOME
+    for flag in ("-E", "-I", "-BE"):
+        assert files(root, ["PYTHONHOME=/opt/py"], ["python3", flag, "-c", "pass"]) == [
+            "/etc/localtime", *PY_START, *PY_SITE], flag
     # the official images' layout: /usr/local, site-packages
     for rel in ("usr/local/bin/python3.9", "usr/local/lib/python3.9/os.py",
                 "usr/local/lib/python3.9/__pycache__/site.cpython-39.pyc",
@@ -192,3 +201,12 @@ def test_locale_name_rules() -> None:
     assert locale_names("en_US.UTF-8@euro") == ["en_US.utf8@euro", "en_US.UTF-8@euro"]
     assert locale_names("C.utf8") == ["C.utf8"]
     assert locale_names("de_DE") == ["de_DE"]
+
+
+def test_python_flags_end_where_python_stops_reading_options() -> None:
+    assert python_flags(["python3", "-B", "-SE", "-c", "-I"]) == {"B", "S", "E"}
+    assert python_flags(["python3", "-cS"]) == set()
+    assert python_flags(["python3", "-X", "S", "-W", "I", "-O", "x.py", "-E"]) == {"O"}
+    assert python_flags(["python3", "-Xfrozen_modules=off", "-I"]) == {"I"}
+    assert python_flags(["python3", "--version", "-S"]) == set()
+    assert python_flags(["python3"]) == set()

@@ -21,9 +21,10 @@ Which of those a program reads is knowable from the image alone, as far as this 
   ``/usr/lib/locale/locale-archive`` are not followed: glibc maps that file and reads parts of
   it that only its own index says.
 - **CPython 3** (the executable's real name is ``pythonX.Y``; its standard library found as
-  the interpreter does, from ``PYTHONHOME`` or two levels above the executable, by the
-  ``os.py`` landmark): the ``encodings`` package, its aliases and the UTF-8 codec (python's
-  start-up imports them from disk in every version; 3.7+ runs a C locale in UTF-8); before
+  the interpreter does, from ``PYTHONHOME`` (not with ``-E``/``-I``) or two levels above
+  the executable, by the ``os.py`` landmark): the ``encodings`` package, its aliases and
+  the UTF-8 codec (python's start-up imports them from disk in every version; 3.7+ runs a
+  C locale in UTF-8); before
   3.11, also the modules 3.11 freezes into the interpreter (os, site, codecs, io and what
   they import); unless ``-S`` is given, ``sitecustomize`` and the ``.pth`` files of the site
   directories, which ``site`` reads in name order. What a ``.pth`` line then imports is not
@@ -177,7 +178,9 @@ def _python(find: _Finder, program: str, args: Sequence[str], env: Sequence[str]
     version = f"{m.group(1)}.{m.group(2)}"
     minor = int(m.group(2))
     tag = f"cpython-3{minor}"
-    home = (env_value(env, "PYTHONHOME") or "").split(":")[0]
+    flags = python_flags(args)
+    # -E and -I make python ignore PYTHON* variables
+    home = "" if flags & {"E", "I"} else (env_value(env, "PYTHONHOME") or "").split(":")[0]
     if not home.startswith("/"):
         home = str(PurePosixPath(program).parent.parent)
     stdlib = f"{home.rstrip('/')}/lib/python{version}"
@@ -185,7 +188,7 @@ def _python(find: _Finder, program: str, args: Sequence[str], env: Sequence[str]
         return  # not laid out as python finds its library: nothing is guessed
     for package, module in PYTHON_START + (PYTHON_UNFROZEN if minor < 11 else ()):
         _pyc(find, stdlib, package, module, tag)
-    if _no_site(args):
+    if "S" in flags:
         return
     prefix = home.rstrip("/")
     site_dirs = [f"{prefix}/lib/python{version}/site-packages",
@@ -203,24 +206,25 @@ def _python(find: _Finder, program: str, args: Sequence[str], env: Sequence[str]
             find.add(f"{d}/{name}")
 
 
-def _no_site(args: Sequence[str]) -> bool:
-    """Whether python's options before its script, ``-c`` or ``-m`` include ``-S``."""
+def python_flags(args: Sequence[str]) -> set[str]:
+    """The one-letter options python's command line ``args`` gives before its script, ``-c``
+    or ``-m`` (``-X``/``-W`` values and what follows ``-c``/``-m`` are not options)."""
+    flags: set[str] = set()
     i = 1
     while i < len(args):
         arg = args[i]
         if not arg.startswith("-") or arg in ("-", "--") or arg.startswith("--"):
-            return False
+            break
         for j, flag in enumerate(arg[1:], 1):
-            if flag == "S":
-                return True
             if flag in "cm":
-                return False  # what follows is the command or module, not options
+                return flags  # what follows is the command or module
             if flag in "XW":
                 if j == len(arg) - 1:
                     i += 1  # the value is the next word
                 break  # else the rest of this word is the value
+            flags.add(flag)
         i += 1
-    return False
+    return flags
 
 
 def start_files(tree: ListingTree, program: str, info: ElfInfo, args: Sequence[str],
