@@ -385,41 +385,71 @@ def _layer_stream(images: ImageStore, desc: Descriptor) -> IO[bytes]:
     return f
 
 
-def merged_tree(images: ImageStore, layers: Sequence[Descriptor]) -> dict[str, _Node]:
-    """Every path of the image's root filesystem (clean, relative) -> the layer providing it."""
-    tree: dict[str, _Node] = {}
-    for i, desc in enumerate(layers):
-        try:
-            _merge_layer(tree, i, images, desc)
-        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
-            raise UnpackError(f"layer {desc.digest}: unreadable tar stream: {exc}") from exc
-    return tree
+class MergedTree:
+    """The image's paths while its layers are merged: ``nodes`` (clean relative path -> the
+    layer providing it), with every path's children indexed, so that a whiteout or an opaque
+    directory touches only what is below it. (Scanning every path for each whiteout made a
+    layer of many whiteouts over a big tree quadratic.) The index may keep paths that no
+    longer have a node (below an opaque directory, ancestors of what the layer keeps); they
+    cost a look, never a wrong answer."""
 
+    def __init__(self) -> None:
+        self.nodes: dict[str, _Node] = {}
+        self._children: dict[str, set[str]] = {}
 
-def _merge_layer(tree: dict[str, _Node], i: int, images: ImageStore, desc: Descriptor) -> None:
-    """Apply layer ``i`` to ``tree`` (its tar is bounded as the unpacker's: snapshot/apply)."""
-    with _layer_stream(images, desc) as stream, \
-            tarfile.open(fileobj=EndGuard(stream), mode="r|", tarinfo=BoundedTarInfo) as tar:
+    def add(self, path: str, node: _Node) -> None:
+        self.nodes[path] = node
+        child = path
+        while child:
+            parent = child.rpartition("/")[0]
+            kids = self._children.setdefault(parent, set())
+            if child in kids:
+                break  # its ancestors are indexed already
+            kids.add(child)
+            child = parent
+
+    def below(self, path: str) -> list[str]:
+        """Every indexed path strictly below ``path`` ("" = the root: all of them)."""
+        out: list[str] = []
+        stack = [path]
+        while stack:
+            for child in self._children.get(stack.pop(), ()):
+                out.append(child)
+                stack.append(child)
+        return out
+
+    def delete_subtree(self, path: str) -> None:
+        """``path`` and everything below it, index included."""
+        for p in [path, *self.below(path)]:
+            self.nodes.pop(p, None)
+            self._children.pop(p, None)
+        self._children.get(path.rpartition("/")[0], set()).discard(path)
+
+    def merge_layer(self, i: int, members: Iterable[tarfile.TarInfo]) -> None:
+        """Apply the tar entries of layer ``i`` (bottom first) as overlayfs shows them."""
         this_layer: set[str] = set()
-        for member in tar:
+        opaqued: set[str] = set()
+        for member in members:
             name = _clean(member.name)
             if not name:
                 continue
             parent, _, base = name.rpartition("/")
             if base == _OPAQUE:
-                prefix = parent + "/" if parent else ""
-                for p in [p for p in tree if p.startswith(prefix) and p not in this_layer]:
-                    del tree[p]
+                # what the lower layers have below it goes; this layer's own entries stay
+                # (a second marker for the same directory finds nothing more to remove)
+                if parent not in opaqued:
+                    opaqued.add(parent)
+                    for p in self.below(parent):
+                        if p not in this_layer:
+                            self.nodes.pop(p, None)
                 continue
             if base.startswith(_WHITEOUT):
-                gone = (parent + "/" if parent else "") + base[len(_WHITEOUT):]
-                for p in [p for p in tree if p == gone or p.startswith(gone + "/")]:
-                    del tree[p]
+                self.delete_subtree((parent + "/" if parent else "") + base[len(_WHITEOUT):])
                 continue
-            if name in tree and tree[name].kind == "dir" and not member.isdir():
+            old = self.nodes.get(name)
+            if old is not None and old.kind == "dir" and not member.isdir():
                 # a non-directory replaces a directory and everything below it
-                for p in [p for p in tree if p.startswith(name + "/")]:
-                    del tree[p]
+                self.delete_subtree(name)
             if member.isreg():
                 node = _Node(i, "reg")
             elif member.isdir():
@@ -430,8 +460,26 @@ def _merge_layer(tree: dict[str, _Node], i: int, images: ImageStore, desc: Descr
                 node = _Node(i, "hardlink", member.linkname)
             else:
                 node = _Node(i, "other")
-            tree[name] = node
+            self.add(name, node)
             this_layer.add(name)
+
+
+def merged_tree(images: ImageStore, layers: Sequence[Descriptor]) -> dict[str, _Node]:
+    """Every path of the image's root filesystem (clean, relative) -> the layer providing it."""
+    tree = MergedTree()
+    for i, desc in enumerate(layers):
+        try:
+            _merge_layer(tree, i, images, desc)
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            raise UnpackError(f"layer {desc.digest}: unreadable tar stream: {exc}") from exc
+    return tree.nodes
+
+
+def _merge_layer(tree: MergedTree, i: int, images: ImageStore, desc: Descriptor) -> None:
+    """Apply layer ``i`` to ``tree`` (its tar is bounded as the unpacker's: snapshot/apply)."""
+    with _layer_stream(images, desc) as stream, \
+            tarfile.open(fileobj=EndGuard(stream), mode="r|", tarinfo=BoundedTarInfo) as tar:
+        tree.merge_layer(i, tar)
 
 
 def _resolve(tree: dict[str, _Node], path: str, visit: list[str]) -> str | None:
