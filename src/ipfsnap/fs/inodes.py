@@ -29,7 +29,6 @@ from ipfsnap.whiteouts import OPAQUE_WHITEOUT, OPAQUE_XATTR, WHITEOUT_PREFIX
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
-OPAQUE_MARKER = OPAQUE_WHITEOUT
 #: the xattr namespace of overlayfs' own metadata
 OVERLAY_XATTRS = "trusted.overlay."
 
@@ -376,7 +375,7 @@ class InodeTable:
             return
         parent = self._dir(parent_path)
         assert parent.children is not None
-        if name == OPAQUE_MARKER:
+        if name == OPAQUE_WHITEOUT:
             if parent.xattrs is None:
                 parent.xattrs = {}
             parent.xattrs[OPAQUE_XATTR] = b"y"

@@ -363,9 +363,6 @@ def _absolute(cwd: str, path: str) -> str:
 
 # -- from container paths to the layers that provide them ----------------------------------------
 
-_WHITEOUT = WHITEOUT_PREFIX
-_OPAQUE = OPAQUE_WHITEOUT
-
 
 def _clean(name: str) -> str:
     """A tar member name as a clean relative path ("" for the root)."""
@@ -434,7 +431,7 @@ class MergedTree:
             if not name:
                 continue
             parent, _, base = name.rpartition("/")
-            if base == _OPAQUE:
+            if base == OPAQUE_WHITEOUT:
                 # what the lower layers have below it goes; this layer's own entries stay
                 # (a second marker for the same directory finds nothing more to remove)
                 if parent not in opaqued:
@@ -443,8 +440,8 @@ class MergedTree:
                         if p not in this_layer:
                             self.nodes.pop(p, None)
                 continue
-            if base.startswith(_WHITEOUT):
-                self.delete_subtree((parent + "/" if parent else "") + base[len(_WHITEOUT):])
+            if base.startswith(WHITEOUT_PREFIX):
+                self.delete_subtree((parent + "/" if parent else "") + base[len(WHITEOUT_PREFIX):])
                 continue
             old = self.nodes.get(name)
             if old is not None and old.kind == "dir" and not member.isdir():

@@ -195,12 +195,10 @@ def _python(find: _Finder, program: str, args: Sequence[str], env: Sequence[str]
                  f"{prefix}/local/lib/python{version}/dist-packages",
                  f"{prefix}/lib/python3/dist-packages",
                  f"{prefix}/lib/python{version}/dist-packages"]
-    for d in [stdlib, *site_dirs]:
-        if find.is_dir(d):
-            _pyc(find, d, "", "sitecustomize", tag)
-    for d in site_dirs:
-        if not find.is_dir(d):
-            continue
+    present = [d for d in site_dirs if find.is_dir(d)]
+    for d in [stdlib, *present]:
+        _pyc(find, d, "", "sitecustomize", tag)
+    for d in present:
         names = sorted(n for n in find.tree.listdir(find.parts(d)) if n.endswith(".pth"))
         for name in names[:MAX_PTH]:
             find.add(f"{d}/{name}")

@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-OVERLAY_OPAQUE_XATTR = OPAQUE_XATTR
 #: The entries an eStargz layer adds to the image's files (TOC and prefetch landmarks).
 ESTARGZ_METADATA = frozenset({TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
 _GIB = 1 << 30
@@ -499,7 +498,7 @@ class _Writer:
     def whiteout(self, dirs: list[str], base: str, m: tarfile.TarInfo) -> None:
         if base == OPAQUE_WHITEOUT:
             with self.parent(dirs, m.name) as dfd:
-                os.setxattr(dfd, OVERLAY_OPAQUE_XATTR, b"y")
+                os.setxattr(dfd, OPAQUE_XATTR, b"y")
             return
         if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
             # Other AUFS metadata (.wh..wh.plnk, .wh..wh.aufs): meaningless for overlayfs.
@@ -533,7 +532,7 @@ def _clear_dir(root_fd: int) -> None:
         else:
             os.unlink(name, dir_fd=root_fd)
     with contextlib.suppress(OSError):
-        os.removexattr(root_fd, OVERLAY_OPAQUE_XATTR)
+        os.removexattr(root_fd, OPAQUE_XATTR)
 
 
 def apply_layer(
