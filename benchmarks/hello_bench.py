@@ -6,6 +6,10 @@ every run starts from nothing local:
 * ``lazy``: the image pushed as eStargz; ``rpull --ipfs CID`` (stargz snapshotter) then
   ``run --snapshotter=stargz``: the layers are FUSE mounts whose chunks come from IPFS on
   demand.
+* ``lazy-plain``: as ``lazy`` but pushed with ``ipfs-push --layout=plain``: every layer in
+  its own order, as the reference's ipfs-push converts it (``lazy``'s default push puts the
+  files the image's own command reads at its start first, image/startup.py, since
+  2026-11-29).
 * ``lazy-opt``: the image pushed with ``ipfs-push --optimize --args <the workload>``: the
   files the workload read when recorded come first in each layer, before
   ``.prefetch.landmark``, and the lazy mount prefetches them before the container starts.
@@ -167,7 +171,7 @@ BIG_LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 #: lazy modes use the default configuration (background fetch on, as users run it) unless
 #: a suffix says otherwise (see :func:`mode_config`)
 DEFAULT_MODES = ("full", "lazy", "lazy-opt")
-BASE_MODES = ("full", "lazy-opt", "lazy")
+BASE_MODES = ("full", "lazy-opt", "lazy-plain", "lazy")
 SUFFIXES = {
     "-nobg": ("", "no_background_fetch = true"),
     "-nb": ("blob", "neighbour_span = 262144"),
@@ -712,9 +716,11 @@ def _mkdir(path: Path) -> Path:
 
 @contextlib.contextmanager
 def setup(archive: Path, work: Path, workloads: Sequence[str] = ("hello",),
-          optimized: bool = False, full: bool = True) -> Iterator[Bench]:
-    """Node A with the image pushed as eStargz (lazy), plain (full, if ``full``) and, if
-    ``optimized``, optimized for each workload (lazy-opt)."""
+          optimized: bool = False, full: bool = True, plain: bool = False
+          ) -> Iterator[Bench]:
+    """Node A with the image pushed as eStargz (lazy), not converted (full, if ``full``),
+    as eStargz in the layers' own order (lazy-plain, if ``plain``) and, if ``optimized``,
+    optimized for each workload (lazy-opt)."""
     key = generate_swarm_key()
     repo_a = work / "node-a"
     write_swarm_key(repo_a, key)
@@ -737,6 +743,8 @@ def setup(archive: Path, work: Path, workloads: Sequence[str] = ("hello",),
         push("lazy", "--estargz=true")
         if full:
             push("full", "--estargz=false")
+        if plain:
+            push("lazy-plain", "--estargz=true", "--layout=plain")
         if optimized:
             for w in workloads:
                 push(f"lazy-opt:{w}", "--optimize", "--args", json.dumps(WORKLOADS[w][0]))
@@ -975,6 +983,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
     optimized = any(parse_mode(m)[0] == "lazy-opt" for m in modes)
+    plain = any(parse_mode(m)[0] == "lazy-plain" for m in modes)
     try:
         t0 = time.monotonic()
         archive = build_big_image() if which == "big" else small_image()
@@ -986,7 +995,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         runs: list[Run] = []
         with tempfile.TemporaryDirectory(prefix="hello-bench-", dir="/var/tmp") as tmp, \
-                setup(archive, Path(tmp), workloads, optimized, "full" in modes) as bench:
+                setup(archive, Path(tmp), workloads, optimized, "full" in modes,
+                      plain) as bench:
             bench.keep_logs = args.keep_logs
             bench.cold_snapshotter = args.cold_snapshotter
             # full fetches the whole image whatever the workload: it runs for the first

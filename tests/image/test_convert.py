@@ -99,13 +99,16 @@ def make_image(
     *,
     docker: bool = False,
     diff_ids: Sequence[str] | None = None,
+    process: dict[str, object] | None = None,
 ) -> Descriptor:
-    """Write config, layers and manifest into ``store`` and name the manifest ``name``."""
+    """Write config, layers and manifest into ``store`` and name the manifest ``name``;
+    ``process`` is the config's ``config`` object (Cmd, Env...)."""
     plat = host_platform()
     config = {
         "architecture": plat.architecture,
         "os": plat.os,
-        "config": {"Cmd": ["/bin/sh"], "Labels": {"a&b": "<x>"}},
+        "config": process if process is not None else {"Cmd": ["/bin/sh"],
+                                                       "Labels": {"a&b": "<x>"}},
         "rootfs": {
             "type": "layers",
             "diff_ids": list(diff_ids or [sha256_digest(layer.tar) for layer in layers]),

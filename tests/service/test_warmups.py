@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from ipfsnap.runtime.layers import LayeredTree
+from ipfsnap.runtime.startfiles import RUNTIME_FILES
 from ipfsnap.runtime.warm import ExecWarmer, WarmStats
-from ipfsnap.service.warmups import START_FILES, GuardedRemote, WarmRequest, WarmUps
+from ipfsnap.service.warmups import GuardedRemote, WarmRequest, WarmUps
 
 
 class GatedWarmer:
@@ -77,7 +78,7 @@ def test_a_layer_is_unmounted_only_after_its_warm_ups_stopped(
     assert warmups.start(request("b", "9"))
     for w in warmers:
         assert w.started.wait(10)
-    assert warmers[0].args == (["python3"], list(START_FILES))
+    assert warmers[0].args == (["python3"], list(RUNTIME_FILES))
     remote = GuardedRemote(RecordingRemote(events), warmups)
     remote.mount(Path("/snap/4"), {})
     remote.unmount(Path("/snap/2"))

@@ -81,6 +81,16 @@ def cmd_ipfs_push(args: argparse.Namespace, ctx: Context) -> int:
                 output=sys.stderr.fileno(),
             )
             options = replace(options, convert=plan.options)
+        elif args.estargz and args.layout == "startup" and not args.prioritize:
+            # the files the image's own command reads at its start first (image/startup.py)
+            from ipfsnap.image.convert import state_paths
+            from ipfsnap.image.startup import startup_layout
+
+            image = store.resolve(args.ref, platforms[0] if platforms else None)
+            per_layer = startup_layout(store, image, tmp_dir=state_paths(cfg.state_dir)[1])
+            options = replace(options, convert=replace(options.convert,
+                                                       prioritize_per_layer=per_layer,
+                                                       rebuild_prioritized=False))
         result = push_image(
             store, args.ref, client, options, state_dir=cfg.state_dir, progress=progress_for()
         )
@@ -121,6 +131,15 @@ def register(group: argparse._SubParsersAction[Any]) -> None:
         action="append",
         metavar="PATH",
         help="file to put first in its layer, for prefetch (repeatable)",
+    )
+    p.add_argument(
+        "--layout",
+        choices=("startup", "plain"),
+        default="startup",
+        help="startup (default): the files the image's own command (Entrypoint + Cmd) reads "
+        "at its start go first in each layer, so a lazy mount prefetches them; plain: the "
+        "layers' own order (as the reference's ipfs-push). --prioritize and --optimize "
+        "replace it",
     )
     p.add_argument(
         "--level",

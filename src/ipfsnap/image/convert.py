@@ -120,6 +120,9 @@ class ConvertOptions:
     #: layer listed here uses its own list instead of ``prioritize`` and is rebuilt even when
     #: it already is eStargz
     prioritize_per_layer: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: whether a layer of ``prioritize_per_layer`` that already is eStargz is rebuilt with
+    #: its list (``image optimize``) or kept as it is (ipfs-push's start-up layout)
+    rebuild_prioritized: bool = True
 
     def prioritized(self, source_digest: str) -> tuple[str, ...]:
         """The files to put first in the layer whose source digest is ``source_digest``."""
@@ -129,7 +132,9 @@ class ConvertOptions:
         return self.prioritize
 
     def optimized(self, source_digest: str) -> bool:
-        return any(d == source_digest for d, _ in self.prioritize_per_layer)
+        """Whether the layer is rebuilt with its own list even when it is eStargz already."""
+        return self.rebuild_prioritized and any(
+            d == source_digest for d, _ in self.prioritize_per_layer)
 
     def cache_key(self, source_digest: str) -> str:
         """Everything that determines the converted bytes, hashed."""

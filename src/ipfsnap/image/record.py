@@ -105,12 +105,17 @@ class Recording:
 
 
 @dataclass
-class _Node:
+class Node:
     """One path of the merged image tree: which layer provides it and what it is."""
 
     layer: int
     kind: str  # "reg" | "dir" | "symlink" | "hardlink" | "other"
     link: str = ""
+    #: permission bits, and for a regular file (or a hardlink to one in the same layer) its
+    #: size and the offset of its bytes in the layer's uncompressed tar (-1: unknown)
+    mode: int = 0
+    size: int = 0
+    offset: int = -1
 
 
 @dataclass
@@ -391,10 +396,10 @@ class MergedTree:
     cost a look, never a wrong answer."""
 
     def __init__(self) -> None:
-        self.nodes: dict[str, _Node] = {}
+        self.nodes: dict[str, Node] = {}
         self._children: dict[str, set[str]] = {}
 
-    def add(self, path: str, node: _Node) -> None:
+    def add(self, path: str, node: Node) -> None:
         self.nodes[path] = node
         child = path
         while child:
@@ -404,6 +409,20 @@ class MergedTree:
                 break  # its ancestors are indexed already
             kids.add(child)
             child = parent
+
+    def children(self, path: str) -> list[str]:
+        """The indexed paths right below ``path`` ("" = the root); some may have no node."""
+        return list(self._children.get(path, ()))
+
+    def has_below(self, path: str) -> bool:
+        """Whether some path strictly below ``path`` has a node."""
+        stack = [path]
+        while stack:
+            for child in self._children.get(stack.pop(), ()):
+                if child in self.nodes:
+                    return True
+                stack.append(child)
+        return False
 
     def below(self, path: str) -> list[str]:
         """Every indexed path strictly below ``path`` ("" = the root: all of them)."""
@@ -448,20 +467,26 @@ class MergedTree:
                 # a non-directory replaces a directory and everything below it
                 self.delete_subtree(name)
             if member.isreg():
-                node = _Node(i, "reg")
+                node = Node(i, "reg", mode=member.mode, size=member.size,
+                            offset=member.offset_data)
             elif member.isdir():
-                node = _Node(i, "dir")
+                node = Node(i, "dir", mode=member.mode)
             elif member.issym():
-                node = _Node(i, "symlink", member.linkname)
+                node = Node(i, "symlink", member.linkname, mode=member.mode)
             elif member.islnk():
-                node = _Node(i, "hardlink", member.linkname)
+                node = Node(i, "hardlink", member.linkname, mode=member.mode)
+                target = self.nodes.get(_clean(member.linkname))
+                if target is not None and target.kind == "reg" and target.layer == i:
+                    # a tar hardlink names an earlier member of the same tar, which holds
+                    # the bytes
+                    node.size, node.offset = target.size, target.offset
             else:
-                node = _Node(i, "other")
+                node = Node(i, "other", mode=member.mode)
             self.add(name, node)
             this_layer.add(name)
 
 
-def merged_tree(images: ImageStore, layers: Sequence[Descriptor]) -> dict[str, _Node]:
+def merged_tree(images: ImageStore, layers: Sequence[Descriptor]) -> dict[str, Node]:
     """Every path of the image's root filesystem (clean, relative) -> the layer providing it."""
     tree = MergedTree()
     for i, desc in enumerate(layers):
@@ -479,7 +504,7 @@ def _merge_layer(tree: MergedTree, i: int, images: ImageStore, desc: Descriptor)
         tree.merge_layer(i, tar)
 
 
-def _resolve(tree: dict[str, _Node], path: str, visit: list[str]) -> str | None:
+def _resolve(tree: dict[str, Node], path: str, visit: list[str]) -> str | None:
     """Resolve container path ``path`` inside ``tree``; symlinks met go to ``visit``.
     Returns the final clean relative path, or None when it does not exist in the image."""
     todo = [c for c in path.split("/") if c not in ("", ".")]
@@ -495,6 +520,11 @@ def _resolve(tree: dict[str, _Node], path: str, visit: list[str]) -> str | None:
         candidate = "/".join([*current, comp])
         node = tree.get(candidate)
         if node is None:
+            if todo:
+                # a directory a tar implies by its entries below (tars need not hold their
+                # files' parent directories); if it does not exist, neither does the rest
+                current.append(comp)
+                continue
             return None
         if node.kind == "symlink":
             links += 1
@@ -516,8 +546,12 @@ def resolve_files(
 ) -> LayerFiles:
     """Assign each accessed path (and each symlink on its way) to the top-most layer that
     provides it; directories, missing paths and special files are left out."""
-    tree = merged_tree(images, layers)
-    files = LayerFiles([[] for _ in layers])
+    return assign_files(merged_tree(images, layers), len(layers), accessed)
+
+
+def assign_files(tree: dict[str, Node], layers: int, accessed: Iterable[str]) -> LayerFiles:
+    """:func:`resolve_files` over a merged ``tree`` of ``layers`` layers."""
+    files = LayerFiles([[] for _ in range(layers)])
     seen: set[str] = set()
 
     def add(p: str) -> None:

@@ -48,6 +48,13 @@ from typing import Protocol
 from ipfsnap.runtime.elf import ElfInfo
 from ipfsnap.runtime.spec import Tree, env_value, resolve_links
 
+#: what a container's start reads before its command runs: the runtime resolves the
+#: process's user and groups from the image's user database (runtime/spec.py for
+#: ``ipfsnap run``; containerd's CRI reads /etc/group for the additional groups). Two small
+#: files, but each a round trip on a lazy layer; the warm-ups read them first, ahead of the
+#: command's megabytes (an IPFS peer sends blocks in the order they were asked for; measured:
+#: docs/benchmarks.md, sixth session)
+RUNTIME_FILES = ("/etc/passwd", "/etc/group")
 #: the basenames of glibc's program interpreters (x86-64, i386, arm, aarch64, riscv:
 #: ``ld-linux*``; ppc64le and s390x: ``ld64.so.*``); musl's is ``ld-musl-*``
 GLIBC_LOADERS = re.compile(r"^(ld-linux[-.\w]*|ld64)\.so\.\d+$")

@@ -5,13 +5,14 @@ lazily and nothing of its files is local. The command that will most likely run 
 the image's own (Entrypoint + Cmd, e.g. ``python3`` for a python image), and its exec reads
 its files one round trip at a time (runtime/warm.py). The pull asks the snapshotter to read
 them right away (the ``warm`` request): first the two files a runtime reads before any
-command (:data:`START_FILES`), then the command's executable, interpreters and libraries, so
-they cross the network while the pull's command exits and ``ipfsnap run`` starts; the run
-finds them in the chunk cache. The order matters: an IPFS peer sends blocks in the order
-they were asked for, and the run's own read of ``/etc/passwd`` queued behind the command's
-megabytes made the start slower, not faster (docs/benchmarks.md). A run of another command
-loses nothing but the bytes read (bounded by ``[run] warm_bytes``). The files are looked up
-in the layers themselves (runtime/layers.py): no container, so no overlay mount, exists yet.
+command (``runtime.startfiles.RUNTIME_FILES``), then the command's executable, interpreters
+and libraries, so they cross the network while the pull's command exits and ``ipfsnap
+run`` starts; the run finds them in the chunk cache. The order matters: an IPFS peer sends
+blocks in the order they were asked for, and the run's own read of ``/etc/passwd`` queued
+behind the command's megabytes made the start slower, not faster (docs/benchmarks.md). A
+run of another command loses nothing but the bytes read (bounded by ``[run] warm_bytes``).
+The files are looked up in the layers themselves (runtime/layers.py): no container, so no
+overlay mount, exists yet.
 
 The snapshotter runs them (the pull's command exits at once) and owns the layers they read:
 a layer is unmounted only after every warm-up reading it has stopped (:class:`GuardedRemote`),
@@ -32,12 +33,6 @@ from ipfsnap.snapshot.types import RemoteFileSystem
 
 log = logging.getLogger(__name__)
 
-#: what a container's start reads before its command runs, read first: the runtime resolves
-#: the process's user and groups from the image's user database (runtime/spec.py for
-#: ``ipfsnap run``; containerd's CRI reads /etc/group for the additional groups). Two small
-#: files, but each a round trip, and a run's read of them would otherwise queue behind the
-#: command's megabytes at the IPFS peer (measured: docs/benchmarks.md, sixth session)
-START_FILES = ("/etc/passwd", "/etc/group")
 #: warm-ups at once: each has the warm-up's reader threads, and pulls come one at a time
 #: from a user; more than a few at once means a burst of pulls whose runs are not near
 MAX_RUNNING = 4
@@ -83,13 +78,16 @@ class _WarmUp:
         self._lock = threading.Lock()
 
     def run(self, deadline: float) -> None:
+        # imported with the first warm-up: the snapshotter's start does not pay for it
+        from ipfsnap.runtime.startfiles import RUNTIME_FILES
+
         try:
             with self._lock:
                 if self._halted:  # stopped before it began (a removal right after the pull)
                     return
                 # under the lock: a halt() now waits until its reader threads exist to stop
                 self.warmer.start(self.request.args, self.request.env, self.request.cwd,
-                                  first=START_FILES)
+                                  first=RUNTIME_FILES)
             if not self.warmer.wait(deadline):
                 log.info("%s: warm-up stopped after %.0f s", self.request.key, deadline)
         except Exception:  # a warm-up never fails anything
