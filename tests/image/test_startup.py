@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,12 +21,12 @@ from ipfsnap.estargz import open_layer
 from ipfsnap.estargz.types import BytesRangeReader
 from ipfsnap.image.convert import ConvertOptions, state_paths
 from ipfsnap.image.record import MergedTree
-from ipfsnap.image.startup import ImageTree, startup_files, startup_layout
+from ipfsnap.image.startup import ImageTree, push_layout, startup_files, startup_layout
 from ipfsnap.ipfs.node import ManagedNode
-from ipfsnap.oci import Descriptor
+from ipfsnap.oci import Descriptor, Index, host_platform, mediatypes, parse_platform
 from tests.fs.layers import Item, make_tar, pseudo_random
 from tests.image.test_convert import CHUNK, Layer, convert, gzip_layer, make_image
-from tests.runtime.elfs import ElfSpec, build_elf
+from tests.runtime.elfs import EM_AARCH64, ElfSpec, build_elf
 
 LIBDIR = "usr/lib/x86_64-linux-gnu"
 SITE = "usr/lib/python3/dist-packages"
@@ -238,3 +239,43 @@ def test_ipfs_push_uses_it_unless_told_plain(
     chosen = capsys.readouterr().out.strip()
     assert _prefetch_has(image_store, f"ipfs://{chosen}", 0, "usr/bin/unrelated")
     assert not _prefetch_has(image_store, f"ipfs://{chosen}", 1, "usr/bin/python3.11")
+
+
+def test_every_platform_the_push_keeps_gets_its_files(
+    image_store: ImageStore, state_dir: Path
+) -> None:
+    """An index of two platforms sharing the base layer: with --all-platforms each
+    platform's own layer gets its command's files and the shared base gets both lists;
+    without, only this machine's platform is looked up (as the conversion selects)."""
+    tars = _tars()
+    arm_tool = make_tar([Item("usr/bin/tool", "file", build_elf(ElfSpec(
+        machine=EM_AARCH64, interpreter="/lib/ld-linux-aarch64.so.1",
+        needed=("libc.so.6",))), 0o755),
+        Item("lib/ld-linux-aarch64.so.1", "file", build_elf(ElfSpec(machine=EM_AARCH64))),
+        Item("lib/aarch64-linux-gnu/libc.so.6", "file",
+             build_elf(ElfSpec(machine=EM_AARCH64)))])
+    amd = make_image(image_store, "test/amd:1", [gzip_layer(t) for t in tars],
+                     process=PROCESS)
+    arm = make_image(image_store, "test/arm:1", [gzip_layer(tars[0]), gzip_layer(arm_tool)],
+                     process={"Cmd": ["/usr/bin/tool"]})
+    host = host_platform()
+    other = parse_platform("linux/arm64" if str(host) != "linux/arm64" else "linux/amd64")
+    index = Index(mediatypes.OCI_INDEX, (replace(amd, platform=host),
+                                         replace(arm, platform=other)))
+    data = index.to_bytes()
+    image_store.put("test/multi:1", Descriptor(mediatypes.OCI_INDEX,
+                                               image_store.blobs.write(data), len(data)))
+    base = image_store.resolve("test/amd:1").layers[0].digest
+    tool = image_store.resolve("test/arm:1").layers[1].digest
+    tmp = state_dir / "tmp"
+
+    every = dict(push_layout(image_store, "test/multi:1", all_platforms=True, tmp_dir=tmp))
+    assert every[tool] == ("lib/aarch64-linux-gnu/libc.so.6", "lib/ld-linux-aarch64.so.1",
+                           "usr/bin/tool")
+    assert set(every[base]) == set(EXPECTED[0]) | {"etc/passwd"}  # the arm image's user db
+    assert len(every) == 4
+
+    mine = dict(push_layout(image_store, "test/multi:1", tmp_dir=tmp))
+    assert tool not in mine and set(mine[base]) == set(EXPECTED[0])
+    only = dict(push_layout(image_store, "test/multi:1", platforms=(other,), tmp_dir=tmp))
+    assert set(only) == {base, tool}

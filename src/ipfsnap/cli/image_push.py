@@ -84,10 +84,11 @@ def cmd_ipfs_push(args: argparse.Namespace, ctx: Context) -> int:
         elif args.estargz and args.layout == "startup" and not args.prioritize:
             # the files the image's own command reads at its start first (image/startup.py)
             from ipfsnap.image.convert import state_paths
-            from ipfsnap.image.startup import startup_layout
+            from ipfsnap.image.startup import push_layout
 
-            image = store.resolve(args.ref, platforms[0] if platforms else None)
-            per_layer = startup_layout(store, image, tmp_dir=state_paths(cfg.state_dir)[1])
+            per_layer = push_layout(store, args.ref, platforms=platforms,
+                                    all_platforms=args.all_platforms,
+                                    tmp_dir=state_paths(cfg.state_dir)[1])
             options = replace(options, convert=replace(options.convert,
                                                        prioritize_per_layer=per_layer,
                                                        rebuild_prioritized=False))

@@ -24,6 +24,9 @@ directory. The paths it visited, with the symlinks on their way, are given to th
 that provides each (image/record.assign_files) and the conversion builds every layer with its
 own list first, as ``image optimize`` does.
 
+Every platform the push keeps is looked up (``--all-platforms``, ``--platform``; by default
+this machine's); a layer two platforms share gets both lists.
+
 Best effort: an image without a command, a layer that cannot be read here: the push goes
 on with the plain layout (logged; a broken layer then fails the conversion, with its own
 error). Layers that already are eStargz are kept as they are (not rebuilt for this).
@@ -51,7 +54,7 @@ from ipfsnap.errors import IpfsnapError
 from ipfsnap.estargz.builder import open_tar_stream
 from ipfsnap.image.errors import UnpackError
 from ipfsnap.image.record import LayerFiles, MergedTree, Node, assign_files
-from ipfsnap.oci import Descriptor
+from ipfsnap.oci import Descriptor, Platform, mediatypes
 from ipfsnap.oci.tarheaders import BoundedTarInfo
 from ipfsnap.runtime import image_args
 from ipfsnap.runtime.startfiles import RUNTIME_FILES
@@ -245,5 +248,35 @@ def startup_layout(images: ImageStore, image: ResolvedImage, *, tmp_dir: Path
     return tuple((layer.digest, tuple(sorted(names)))
                  for layer, names in zip(image.layers, found.files.files, strict=True)
                  if names)
+
+
+def _platform_images(images: ImageStore, ref: str, platforms: Sequence[Platform],
+                     all_platforms: bool) -> list[ResolvedImage]:
+    """The images (one per manifest) a push of ``ref`` keeps: every manifest of its index
+    (``all_platforms``), else the best match of each of ``platforms`` (none: this
+    machine's), as the conversion selects them."""
+    if not all_platforms:
+        wanted: Sequence[Platform | None] = list(platforms) or [None]
+        return [images.resolve(ref, p) for p in wanted]
+    record = images.get(ref)
+    out = []
+    for desc in images.walk(record.target):
+        if mediatypes.is_manifest(desc.media_type) and images.blobs.exists(desc.digest):
+            manifest = images.read_manifest(desc)
+            out.append(ResolvedImage(record, desc, manifest,
+                                     images.read_config(manifest.config)))
+    return out
+
+
+def push_layout(images: ImageStore, ref: str, *, platforms: Sequence[Platform] = (),
+                all_platforms: bool = False, tmp_dir: Path
+                ) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """:func:`startup_layout` of every platform a push of ``ref`` keeps; a layer two
+    platforms share gets both lists (each platform's command finds its files first)."""
+    merged: dict[str, set[str]] = {}
+    for image in _platform_images(images, ref, platforms, all_platforms):
+        for digest, names in startup_layout(images, image, tmp_dir=tmp_dir):
+            merged.setdefault(digest, set()).update(names)
+    return tuple((digest, tuple(sorted(names))) for digest, names in merged.items())
 
 
