@@ -199,8 +199,8 @@ def startup_files(images: ImageStore, image: ResolvedImage, *, tmp_dir: Path,
                   for _ in image.layers]
         try:
             # decompression releases the GIL: the layers spool side by side
-            with ThreadPoolExecutor(max_workers=max(1, min(len(spools), os.cpu_count() or 1))
-                                    ) as pool:
+            cores = len(os.sched_getaffinity(0))
+            with ThreadPoolExecutor(max_workers=max(1, min(len(spools), cores))) as pool:
                 listed = list(pool.map(lambda i: _spool_layer(images, image.layers[i],
                                                               spools[i]),
                                        range(len(spools))))
